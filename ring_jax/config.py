@@ -80,7 +80,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
-    moe_tile: int = 16  # token tile of the dispatch path's grouped matmul
+    moe_tile: int = 0  # token tile of the dispatch path (0 = chosen from the routed work per call)
 
     def __post_init__(self):
         self.validate()

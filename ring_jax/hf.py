@@ -1,0 +1,310 @@
+"""Hugging Face interop: ``save_pretrained`` / ``load_pretrained`` in the upstream BailingMoe layout.
+
+Names and layouts are exactly those of the upstream ``modeling_bailing_moe.py`` state dict (torch ``Linear``
+weights are ``[out, in]``; ``attention.query_key_value`` fuses all Q heads, then K heads, then V heads).  ring_jax
+keeps q/k/v apart and experts stacked (``[E, in, out]``); this module is the only place that knows both layouts.
+
+Loading streams: the model is built abstractly, then filled one decoder layer at a time from the safetensors shards,
+so peak host memory stays near one copy of the parameters.  Missing, unexpected or wrongly shaped tensors and
+config fields the model cannot honour are errors that name the tensor or field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ring_jax.config import ConfigError, ModelConfig
+from ring_jax.model.transformer import BailingMoeForCausalLM, build_model
+
+INDEX_NAME = "model.safetensors.index.json"
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """An HF directory does not match the model its config.json describes."""
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ name mapping
+def layer_to_hf(cfg: ModelConfig, i: int, layer) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) of decoder layer ``i`` (a ring_jax DecoderLayer)."""
+    p = f"model.layers.{i}."
+    h, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+    at = layer.attention
+    yield p + "input_layernorm.weight", _np(layer.input_layernorm.weight[...])
+    qkv = [_np(w[...]).reshape(h, -1).T for w in (at.q_proj, at.k_proj, at.v_proj)]
+    yield p + "attention.query_key_value.weight", np.concatenate(qkv, axis=0)
+    if cfg.use_qkv_bias:
+        yield p + "attention.query_key_value.bias", np.concatenate(
+            [_np(b[...]).reshape(-1) for b in (at.q_bias, at.k_bias, at.v_bias)])
+    yield p + "attention.dense.weight", _np(at.o_proj[...]).reshape(nh * d, h).T
+    if cfg.use_bias:
+        yield p + "attention.dense.bias", _np(at.o_bias[...])
+    yield p + "post_attention_layernorm.weight", _np(layer.post_attention_layernorm.weight[...])
+    mlp = layer.mlp
+    if cfg.is_moe_layer(i):
+        yield p + "mlp.gate.weight", _np(mlp.gate[...]).T
+        wg, wu, wd = _np(mlp.experts_gate[...]), _np(mlp.experts_up[...]), _np(mlp.experts_down[...])
+        for e in range(cfg.num_experts):
+            yield p + f"mlp.experts.{e}.gate_proj.weight", wg[e].T
+            yield p + f"mlp.experts.{e}.up_proj.weight", wu[e].T
+            yield p + f"mlp.experts.{e}.down_proj.weight", wd[e].T
+        if cfg.num_shared_experts is not None:
+            if mlp.shared is None:  # num_shared_experts == 0: the reference holds a zero-width MLP
+                for n, shape in (("gate", (0, h)), ("up", (0, h)), ("down", (h, 0))):
+                    yield p + f"mlp.shared_experts.{n}_proj.weight", np.zeros(shape, np.float32)
+            else:
+                yield from _mlp_to_hf(p + "mlp.shared_experts.", mlp.shared)
+    else:
+        yield from _mlp_to_hf(p + "mlp.", mlp)
+
+
+def _mlp_to_hf(prefix, mlp):
+    for n in ("gate", "up", "down"):
+        yield prefix + f"{n}_proj.weight", _np(getattr(mlp, f"{n}_proj")[...]).T
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Every tensor name the reference's state dict holds, with its shape."""
+    h, nh, kvh, d, v = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size, cfg.vocab_size
+    out = {"model.word_embeddings.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "attention.query_key_value.weight"] = ((nh + 2 * kvh) * d, h)
+        if cfg.use_qkv_bias:
+            out[p + "attention.query_key_value.bias"] = ((nh + 2 * kvh) * d,)
+        out[p + "attention.dense.weight"] = (h, nh * d)
+        if cfg.use_bias:
+            out[p + "attention.dense.bias"] = (h,)
+        if cfg.is_moe_layer(i):
+            f = cfg.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                out[p + f"mlp.experts.{e}.gate_proj.weight"] = (f, h)
+                out[p + f"mlp.experts.{e}.up_proj.weight"] = (f, h)
+                out[p + f"mlp.experts.{e}.down_proj.weight"] = (h, f)
+            if cfg.num_shared_experts is not None:
+                fs = f * cfg.num_shared_experts
+                out[p + "mlp.shared_experts.gate_proj.weight"] = (fs, h)
+                out[p + "mlp.shared_experts.up_proj.weight"] = (fs, h)
+                out[p + "mlp.shared_experts.down_proj.weight"] = (h, fs)
+        else:
+            fi = cfg.intermediate_size
+            out[p + "mlp.gate_proj.weight"] = (fi, h)
+            out[p + "mlp.up_proj.weight"] = (fi, h)
+            out[p + "mlp.down_proj.weight"] = (h, fi)
+    return out
+
+
+def model_to_hf(model: BailingMoeForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
+    cfg = model.config
+    yield "model.word_embeddings.weight", _np(model.word_embeddings[...])
+    for i, layer in enumerate(model.layers):
+        yield from layer_to_hf(cfg, i, layer)
+    yield "model.norm.weight", _np(model.norm.weight[...])
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", _np(model.lm_head[...]).T
+
+
+# ------------------------------------------------------------------------------------------------ save
+def _parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    s = s.strip().upper()
+    for unit, mul in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mul)
+    return int(s)
+
+
+def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, dtype: str = "bfloat16",
+                    max_shard_size="2GB") -> str:
+    """Write ``config.json``, safetensors shards and ``model.safetensors.index.json`` (and the tokenizer, if given:
+    anything with ``save(dir)``).  Only JAX process 0 writes; the others return after the gathers."""
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {sorted(_NP_DTYPES)}")
+    np_dtype, limit = _NP_DTYPES[dtype], _parse_size(max_shard_size)
+    writer = jax.process_index() == 0
+    tmp = out_dir.rstrip("/") + ".partial"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    shard, shard_bytes, files, weight_map, total = {}, 0, [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard and writer:
+            name = f"shard-{len(files):05d}.tmp"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name, arr in model_to_hf(model):
+        arr = np.ascontiguousarray(arr.astype(np_dtype))
+        if shard and shard_bytes + arr.nbytes > limit:
+            flush()
+        shard[name] = arr
+        shard_bytes += arr.nbytes
+        total += arr.nbytes
+    flush()
+    if not writer:
+        return out_dir
+    n = len(files)
+    for j, (tmp_name, names) in enumerate(files):
+        final = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(os.path.join(tmp, tmp_name), os.path.join(tmp, final))
+        weight_map.update({k: final for k in names})
+    with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    cfg_dict = model.config.to_hf_dict()
+    cfg_dict["torch_dtype"] = dtype
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg_dict, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)  # replace atomically-ish: a crash leaves the old dir or the .partial
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ load
+class _Reader:
+    """Reads named tensors from the shards of an HF directory, opening each shard lazily."""
+
+    def __init__(self, hf_dir: str):
+        idx = os.path.join(hf_dir, INDEX_NAME)
+        single = os.path.join(hf_dir, "model.safetensors")
+        if os.path.exists(idx):
+            with open(idx) as f:
+                self.where = {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
+        elif os.path.exists(single):
+            with safe_open(single, framework="numpy") as f:
+                self.where = {k: single for k in f.keys()}
+        else:
+            raise CheckpointError(f"{hf_dir}: no {INDEX_NAME} or model.safetensors")
+        self.handles, self.used = {}, set()
+
+    def __call__(self, name: str, shape: tuple) -> np.ndarray:
+        if name not in self.where:
+            raise CheckpointError(f"missing tensor {name!r} (expected shape {shape})")
+        path = self.where[name]
+        if path not in self.handles:
+            if not os.path.exists(path):
+                raise CheckpointError(f"shard {path} (holding {name!r}) not found")
+            self.handles[path] = safe_open(path, framework="numpy")
+        arr = self.handles[path].get_tensor(name)
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        self.used.add(name)
+        return arr.astype(np.float32)
+
+    def unexpected(self) -> list[str]:
+        return sorted(set(self.where) - self.used)
+
+
+def _fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
+    p = f"model.layers.{i}."
+    shapes = expected_shapes(cfg)
+    r = lambda n: read(p + n, shapes[p + n])  # noqa: E731
+    h, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+    at = layer.attention
+    put(layer.input_layernorm.weight, r("input_layernorm.weight"))
+    put(layer.post_attention_layernorm.weight, r("post_attention_layernorm.weight"))
+    qkv = r("attention.query_key_value.weight")
+    q, k, v = np.split(qkv, [nh * d, (nh + kvh) * d], axis=0)
+    put(at.q_proj, q.T.reshape(h, nh, d))
+    put(at.k_proj, k.T.reshape(h, kvh, d))
+    put(at.v_proj, v.T.reshape(h, kvh, d))
+    if cfg.use_qkv_bias:
+        qb, kb, vb = np.split(r("attention.query_key_value.bias"), [nh * d, (nh + kvh) * d])
+        put(at.q_bias, qb.reshape(nh, d))
+        put(at.k_bias, kb.reshape(kvh, d))
+        put(at.v_bias, vb.reshape(kvh, d))
+    put(at.o_proj, r("attention.dense.weight").T.reshape(nh, d, h))
+    if cfg.use_bias:
+        put(at.o_bias, r("attention.dense.bias"))
+    mlp = layer.mlp
+    if cfg.is_moe_layer(i):
+        put(mlp.gate, r("mlp.gate.weight").T)
+        for n, attr in (("gate", "experts_gate"), ("up", "experts_up"), ("down", "experts_down")):
+            put(getattr(mlp, attr), np.stack([r(f"mlp.experts.{e}.{n}_proj.weight").T for e in range(cfg.num_experts)]))
+        if cfg.num_shared_experts is not None:
+            if mlp.shared is None:
+                for n in ("gate", "up", "down"):
+                    r(f"mlp.shared_experts.{n}_proj.weight")
+            else:
+                for n in ("gate", "up", "down"):
+                    put(getattr(mlp.shared, f"{n}_proj"), r(f"mlp.shared_experts.{n}_proj.weight").T)
+    else:
+        for n in ("gate", "up", "down"):
+            put(getattr(mlp, f"{n}_proj"), r(f"mlp.{n}_proj.weight").T)
+
+
+def load_config(hf_dir: str, **runtime) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{hf_dir}: no config.json")
+    return ModelConfig.from_json_file(path, **runtime)
+
+
+def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | None = None,
+                    shardings=None, **runtime) -> tuple[BailingMoeForCausalLM, ModelConfig]:
+    """Model and config from an HF directory written by ``save_pretrained`` or by the upstream code.
+
+    ``dtype``/``param_dtype`` choose compute and storage dtypes (default float32 both).  ``shardings``, when given,
+    is a callable ``(logical_axes, shape) -> jax.sharding.Sharding`` placing each parameter as it is loaded."""
+    if dtype is not None:
+        runtime["dtype"] = dtype
+    if param_dtype is not None:
+        runtime["param_dtype"] = param_dtype
+    elif dtype is not None:
+        runtime.setdefault("param_dtype", dtype)
+    cfg = load_config(hf_dir, **runtime)
+    model = nnx.eval_shape(lambda: build_model(cfg))
+    pdt = jnp.dtype(cfg.param_dtype)
+    read = _Reader(hf_dir)
+    shapes = expected_shapes(cfg)
+
+    def put(var: nnx.Param, arr: np.ndarray):
+        want = var.get_value().shape
+        if tuple(arr.shape) != tuple(want):
+            raise CheckpointError(f"internal layout mismatch: {arr.shape} vs {want}")
+        value = arr.astype(pdt) if pdt != jnp.bfloat16 else arr.astype(ml_dtypes.bfloat16)
+        if shardings is not None:
+            var.set_value(jax.device_put(value, shardings(var.logical_axes, value.shape)))
+        else:
+            var.set_value(jnp.asarray(value))
+
+    put(model.word_embeddings, read("model.word_embeddings.weight", shapes["model.word_embeddings.weight"]))
+    for i, layer in enumerate(model.layers):
+        _fill_layer(cfg, i, layer, read, put)
+    put(model.norm.weight, read("model.norm.weight", shapes["model.norm.weight"]))
+    if not cfg.tie_word_embeddings:
+        put(model.lm_head, read("lm_head.weight", shapes["lm_head.weight"]).T)
+    extra = [n for n in read.unexpected() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"unexpected tensors not used by the model: {extra[:8]}"
+                              + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+    return model, cfg
+
+
+__all__ = ["CheckpointError", "ConfigError", "expected_shapes", "load_config", "load_pretrained", "model_to_hf",
+           "save_pretrained"]

@@ -1,0 +1,98 @@
+"""Grouped-query attention with full-head RoPE, segment-aware causal masking and an optional KV cache.
+
+Masking rule (one rule for training, packing, padding and decoding): query i may attend key j iff both carry the same
+non-zero segment id and ``position[j] <= position[i]``.  Padding is segment 0.  The KV cache stores post-RoPE keys
+together with each slot's segment id and position, so a cached key obeys the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ring_jax.config import ModelConfig
+from ring_jax.model.layers import apply_rope, dtype_of, param
+
+_MASKED = -1e30  # finite: a fully masked (padding) query gets a uniform, finite softmax instead of NaN
+
+
+class LayerCache(NamedTuple):
+    k: jax.Array  # [B, S, KVH, D] post-RoPE keys
+    v: jax.Array  # [B, S, KVH, D]
+
+
+class CacheView(NamedTuple):
+    """What every layer needs to read/write the cache at this step (shared by all layers)."""
+    write_idx: jax.Array  # [B] slot where this call's first token is written (row-wise)
+    kv_segment_ids: jax.Array  # [B, S] segment of each cache slot after the write (0 = empty)
+    kv_positions: jax.Array  # [B, S] position of each cache slot after the write
+
+
+def attention_mask(q_seg, q_pos, k_seg, k_pos):
+    """[B, T, S] boolean: same non-zero segment and key position <= query position."""
+    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    return same & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+def dot_attention(q, k, v, mask):
+    """q [B,T,H,D], k/v [B,S,KVH,D], mask [B,T,S] -> [B,T,H,D].  q is scaled by 1/sqrt(D) before q k^T and the
+    softmax runs in float32 (the reference's order)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = (q / jnp.asarray(math.sqrt(d), q.dtype)).reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+        # The reference fuses q, k, v into one `query_key_value` matrix (rows: all Q heads, then K, then V).  We keep
+        # them apart so that heads shard cleanly over the tensor axis; ring_jax.hf splits/fuses at the boundary.
+        self.q_proj = param(rngs, (h, nh, d), ("embed", "q_heads", "head_dim"), cfg)
+        self.k_proj = param(rngs, (h, kvh, d), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v_proj = param(rngs, (h, kvh, d), ("embed", "kv_heads", "head_dim"), cfg)
+        if cfg.use_qkv_bias:
+            self.q_bias = param(rngs, (nh, d), ("q_heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = param(rngs, (kvh, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = param(rngs, (kvh, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+        self.o_proj = param(rngs, (nh, d, h), ("q_heads", "head_dim", "embed"), cfg)
+        if cfg.use_bias:
+            self.o_bias = param(rngs, (h,), ("norm",), cfg, init="zeros")
+        self.use_qkv_bias, self.use_bias = cfg.use_qkv_bias, cfg.use_bias
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x, cos, sin, segment_ids, positions, cache: LayerCache | None = None,
+                 view: CacheView | None = None):
+        dt = self.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        if self.use_qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            mask = attention_mask(segment_ids, positions, segment_ids, positions)
+            new_cache = None
+        else:
+            b, t = x.shape[:2]
+            rows = jnp.arange(b)[:, None]
+            cols = view.write_idx[:, None] + jnp.arange(t)[None, :]
+            new_cache = LayerCache(cache.k.at[rows, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                                   cache.v.at[rows, cols].set(v.astype(cache.v.dtype), mode="drop"))
+            k, v = new_cache.k.astype(dt), new_cache.v.astype(dt)
+            mask = attention_mask(segment_ids, positions, view.kv_segment_ids, view.kv_positions)
+        out = dot_attention(q, k, v, mask)
+        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        if self.use_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, new_cache

@@ -1,0 +1,173 @@
+"""The BailingMoe sparse MoE block: router, routed SwiGLU experts, shared experts; three XLA compute paths.
+
+Router (reference behaviour): ``logits = x @ W_gate`` (no bias), softmax in float32, top-k on the probabilities,
+renormalise the k weights to sum 1 only when k > 1 and ``norm_topk_prob``; no capacity, no token dropping.
+
+Compute paths (``ModelConfig.moe_impl``):
+- ``dense``: every expert on every token, combined with the routing weights.  The test oracle; cost grows with E.
+- ``dispatch`` (default): sort the (token, slot) assignments by expert, pad each expert's group to a multiple of a
+  token tile, run one batched matmul over tiles (each tile multiplies its own expert's weights), un-sort and combine.
+  Dropless and exact; cost grows with routed work plus at most one padded tile per expert.
+- ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
+  about as much as the dense path).
+- ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
+
+The block also returns router statistics for the load-balance loss (``E * sum_i P_i F_i``) and the router z-loss
+(mean over tokens of logsumexp(logits)^2), computed over real tokens only (``token_mask``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ring_jax.config import ModelConfig
+from ring_jax.model.layers import SwiGLU, dtype_of, param
+
+
+class RouterStats(NamedTuple):
+    balance_loss: jax.Array  # E * sum_i P_i F_i  (1.0 when perfectly balanced)
+    z_loss: jax.Array  # mean_t logsumexp(logits_t)^2
+    expert_load: jax.Array  # [E] number of (token, slot) assignments per expert
+
+
+def route(logits, k: int, norm_topk_prob: bool):
+    """float32 softmax -> top-k -> optional renormalisation.  Returns (weights [N,k] f32, ids [N,k] int32)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, k)
+    if k > 1 and norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32), probs
+
+
+def router_stats(logits, probs, ids, token_mask, num_experts: int) -> RouterStats:
+    m = token_mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    k = ids.shape[-1]
+    load = jnp.sum(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32) * m[:, None, None], axis=(0, 1))
+    frac_tokens = load / (n * k)
+    mean_prob = jnp.sum(probs * m[:, None], axis=0) / n
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return RouterStats(num_experts * jnp.sum(frac_tokens * mean_prob), jnp.sum(lse * lse * m) / n, load)
+
+
+# ------------------------------------------------------------------------------------------------- compute paths
+def _swiglu_experts_dense(x, wg, wu, wd):
+    """x [N,H] through every expert: [E,N,H]."""
+    g = jnp.einsum("nh,ehf->enf", x, wg)
+    u = jnp.einsum("nh,ehf->enf", x, wu)
+    return jnp.einsum("enf,efh->enh", jax.nn.silu(g) * u, wd)
+
+
+def moe_dense(x, weights, ids, wg, wu, wd):
+    y = _swiglu_experts_dense(x, wg, wu, wd)  # [E,N,H]
+    comb = jnp.sum(jax.nn.one_hot(ids, wg.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
+    return jnp.einsum("ne,enh->nh", comb, y.astype(jnp.float32))
+
+
+class _Sorted(NamedTuple):
+    order: jax.Array  # [M] assignment index (n*k + j) at each sorted position
+    sizes: jax.Array  # [E] assignments per expert
+
+
+def _sort(ids, num_experts):
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return _Sorted(order, sizes)
+
+
+def _combine(y_sorted, srt: _Sorted, weights):
+    """y_sorted [M,H] in sorted order -> [N,H] float32 weighted sum over each token's k experts."""
+    n, k = weights.shape
+    y = jnp.zeros_like(y_sorted).at[srt.order].set(y_sorted).reshape(n, k, -1)
+    return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
+
+
+def auto_tile(num_assignments: int, num_experts: int) -> int:
+    """Token tile for the dispatch path: about a quarter of the mean group size, a power of two in [8, 128], so
+    padding (< one tile per expert) stays small next to the routed work."""
+    mean = max(1, num_assignments // max(1, num_experts))
+    t = 8
+    while t * 2 <= min(128, max(8, mean // 4)):
+        t *= 2
+    return t
+
+
+def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
+    n, h = x.shape
+    e, k = wg.shape[0], ids.shape[1]
+    m = n * k
+    tile = tile or auto_tile(m, e)
+    srt = _sort(ids, e)
+    padded = (srt.sizes + tile - 1) // tile * tile
+    pstart = jnp.cumsum(padded) - padded
+    start = jnp.cumsum(srt.sizes) - srt.sizes
+    e_sorted = ids.reshape(-1)[srt.order]
+    dest = pstart[e_sorted] + jnp.arange(m, dtype=jnp.int32) - start[e_sorted]  # padded row of each sorted row
+    num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded length / tile
+    xs = jnp.zeros((num_tiles * tile, h), x.dtype).at[dest].set(x[srt.order // k])
+    tile_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right")
+    tile_expert = jnp.minimum(tile_expert, e - 1)  # tiles past the end hold zeros; any expert will do
+    xt = xs.reshape(num_tiles, tile, h)
+    g = jnp.einsum("nth,nhf->ntf", xt, wg[tile_expert])
+    u = jnp.einsum("nth,nhf->ntf", xt, wu[tile_expert])
+    yt = jnp.einsum("ntf,nfh->nth", jax.nn.silu(g) * u, wd[tile_expert])
+    y_sorted = yt.reshape(num_tiles * tile, h)[dest]
+    return _combine(y_sorted, srt, weights)
+
+
+def moe_ragged(x, weights, ids, wg, wu, wd):
+    e, k = wg.shape[0], ids.shape[1]
+    srt = _sort(ids, e)
+    xs = x[srt.order // k]
+    g = jax.lax.ragged_dot(xs, wg, srt.sizes)
+    u = jax.lax.ragged_dot(xs, wu, srt.sizes)
+    y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, srt.sizes)
+    return _combine(y_sorted, srt, weights)
+
+
+def moe_pallas(x, weights, ids, wg, wu, wd):
+    from kernels.ops import moe_ffn  # kernels/ sits below model/ in the import order
+
+    return moe_ffn(x, ids, weights, wg, wu, wd).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------- the block
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.gate = param(rngs, (h, e), ("embed", "router_experts"), cfg)
+        self.experts_gate = param(rngs, (e, h, f), ("expert", "embed_moe", "expert_mlp"), cfg)
+        self.experts_up = param(rngs, (e, h, f), ("expert", "embed_moe", "expert_mlp"), cfg)
+        self.experts_down = param(rngs, (e, f, h), ("expert", "expert_mlp", "embed_moe"), cfg)
+        # None = no shared MLP; 0 = a zero-width one that adds nothing (reference semantics).
+        ns = cfg.num_shared_experts
+        self.shared = SwiGLU(cfg, f * ns, rngs, axis="mlp") if ns else None
+        self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
+        self.num_experts = e
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x, token_mask):
+        b, t, h = x.shape
+        dt = self.dtype
+        flat = x.reshape(b * t, h)
+        logits = flat @ self.gate[...].astype(dt)
+        weights, ids, probs = route(logits, self.k, self.norm_topk)
+        stats = router_stats(logits, probs, ids, token_mask.reshape(-1), self.num_experts)
+        wg, wu, wd = (p[...].astype(dt) for p in (self.experts_gate, self.experts_up, self.experts_down))
+        if self.impl == "dense":
+            y = moe_dense(flat, weights, ids, wg, wu, wd)
+        elif self.impl == "dispatch":
+            y = moe_dispatch(flat, weights, ids, wg, wu, wd, self.tile)
+        elif self.impl == "ragged":
+            y = moe_ragged(flat, weights, ids, wg, wu, wd)
+        else:
+            y = moe_pallas(flat, weights, ids, wg, wu, wd)
+        y = y.astype(x.dtype).reshape(b, t, h)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, stats
