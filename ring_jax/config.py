@@ -88,8 +88,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived sizes
     @property
     def kv_heads(self) -> int:
-        # Upstream: num_key_value_heads 0 (the class default) means multi-head attention.
-        return self.num_key_value_heads or self.num_attention_heads
+        return self.num_key_value_heads
 
     @property
     def head_size(self) -> int:
@@ -115,6 +114,9 @@ class ModelConfig:
             bad("hidden_act", "only 'silu' (SwiGLU) is implemented, as in every published BailingMoe checkpoint")
         if self.use_sliding_window:
             bad("use_sliding_window", "sliding-window attention is not implemented (the upstream code ignores it too)")
+        if not self.num_key_value_heads or self.num_key_value_heads < 1:
+            bad("num_key_value_heads", "must be >= 1 (the upstream code divides by it; MHA sets it to "
+                "num_attention_heads)")
         if self.num_attention_heads % self.kv_heads:
             bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:

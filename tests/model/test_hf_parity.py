@@ -16,8 +16,8 @@ BASE = get_preset("tiny")
 CASES = {
     # GQA, one dense layer first, one shared expert, renormalised top-k
     "gqa_dense_first_shared1": BASE,
-    # MHA (num_key_value_heads=0 means MHA upstream), two shared experts, no renormalisation, norm_head, biases
-    "mha_shared2_normhead_bias": BASE.replace(num_key_value_heads=0, num_shared_experts=2, norm_topk_prob=False,
+    # MHA, two shared experts, no renormalisation, norm_head, biases
+    "mha_shared2_normhead_bias": BASE.replace(num_key_value_heads=4, num_shared_experts=2, norm_topk_prob=False,
                                                norm_head=True, use_qkv_bias=True, use_bias=True,
                                                first_k_dense_replace=0),
     # zero-width shared MLP, top-1, tied embeddings, linear rope scaling

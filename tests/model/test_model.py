@@ -140,7 +140,7 @@ def test_unexpected_and_misshaped_tensors_are_named(saved_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("rope_scaling", {"type": "yarn", "factor": 2.0}),
-                                         ("use_sliding_window", True), ("num_key_value_heads", 3)])
+                                         ("use_sliding_window", True), ("num_key_value_heads", 3), ("num_key_value_heads", 0)])
 def test_config_fields_that_cannot_be_honoured(saved_tiny, tmp_path, field, value):
     d = _copy_with(saved_tiny, str(tmp_path / "x"), lambda t: None)
     c = json.load(open(os.path.join(d, "config.json")))
