@@ -1,0 +1,116 @@
+"""Advantages, C3PO selection and the policy loss against independent oracles and properties."""
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ring_jax.rl.advantages import group_advantages
+from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, token_logprobs, token_weights
+from ring_jax.rl.selection import fixed_count, select_budget
+
+
+def test_group_advantages_oracle():
+    rewards = [1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 1, 0]
+    groups = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    adv = group_advantages(rewards, groups)
+    for g in set(groups):
+        rs = [r for r, gg in zip(rewards, groups) if gg == g]
+        mu, sd = statistics.fmean(rs), statistics.pstdev(rs)
+        want = [(r - mu) / (sd + 1e-6) for r in rs]
+        np.testing.assert_allclose(adv[np.array(groups) == g], want, rtol=1e-5, atol=1e-6)
+    assert np.all(adv[4:8] == 0)  # all-equal group: no signal
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=40), st.integers(1, 400),
+       st.sampled_from(["random", "rollout", "shortest_first", "longest_first"]), st.integers(0, 3))
+def test_budget_selection_properties(lengths, budget, order, seed):
+    sel = select_budget(lengths, budget, order, seed)
+    lengths = np.array(lengths)
+    assert len(set(sel.index.tolist())) == len(sel.index)  # no response twice
+    assert sel.selected_tokens == int(sel.keep.sum())
+    pool = int(lengths.sum())
+    if pool >= budget:
+        assert sel.selected_tokens == budget and sel.shortfall == 0  # exactly Phi tokens
+    else:
+        assert sel.selected_tokens == pool and sel.shortfall == budget - pool
+    assert sel.discarded_tokens == pool - sel.selected_tokens
+    if pool == 0:
+        assert len(sel.index) == 0
+        return
+    # greedy: every response but the last is whole, the last is cut only to hit the budget
+    np.testing.assert_array_equal(sel.keep[:-1], lengths[sel.index[:-1]])
+    assert 0 < sel.keep[-1] <= lengths[sel.index[-1]]
+    # the prefix before the last did not yet reach the budget
+    assert int(sel.keep[:-1].sum()) < budget
+    if order == "shortest_first":
+        assert np.all(np.diff(lengths[sel.index]) >= 0)
+    if order == "rollout":
+        assert np.all(np.diff(sel.index) > 0)
+
+
+def test_selection_is_deterministic_given_seed():
+    lengths = np.random.default_rng(0).integers(1, 100, 64)
+    a, b = select_budget(lengths, 1000, seed=7), select_budget(lengths, 1000, seed=7)
+    np.testing.assert_array_equal(a.index, b.index)
+    assert not np.array_equal(a.index, select_budget(lengths, 1000, seed=8).index)
+    with pytest.raises(ValueError, match="order"):
+        select_budget(lengths, 10, order="fastest")
+    assert fixed_count(lengths, 5).index.shape == (5,)
+
+
+def _np_loss(logits, targets, old, ref, adv, w, c):
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    logp = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
+    p = np.exp(logits - lse[..., None])
+    ent = -np.sum(p * np.log(p), -1)
+    r = np.exp(logp - old)
+    pg = np.minimum(r * adv, np.clip(r, 1 - c.clip_eps, 1 + c.clip_eps) * adv)
+    kl = np.exp(ref - logp) - (ref - logp) - 1
+    return np.sum(w * (-(pg - c.beta * kl) - c.alpha_ent * ent))
+
+
+def test_policy_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    b, t, v = 3, 5, 11
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    targets = rng.integers(0, v, (b, t))
+    old = rng.normal(size=(b, t)).astype(np.float32) * 0.3 - 2
+    ref = rng.normal(size=(b, t)).astype(np.float32) * 0.3 - 2
+    adv = rng.normal(size=(b, t)).astype(np.float32)
+    w = (rng.random((b, t)) > 0.3).astype(np.float32)
+    c = PolicyLossConfig(clip_eps=0.2, beta=0.1, alpha_ent=0.05)
+    logp, ent = token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
+    got, stats = policy_loss_sum(logp, ent, old, adv, w, ref, c)
+    np.testing.assert_allclose(float(got), _np_loss(logits.astype(np.float64), targets, old, ref, adv, w, c),
+                               rtol=1e-5)
+    assert float(stats["token_count"]) == w.sum()
+
+
+def test_entropy_bonus_encourages_exploration():
+    # with zero advantage and no KL, the loss gradient must push towards higher entropy
+    logits = jnp.array([[[3.0, 0.0, -1.0]]])
+    c = PolicyLossConfig(beta=0.0, alpha_ent=1.0)
+
+    def loss(lg):
+        logp, ent = token_logprobs(lg, jnp.array([[0]]))
+        return policy_loss_sum(logp, ent, jax.lax.stop_gradient(logp), jnp.zeros((1, 1)), jnp.ones((1, 1)), None, c)[0]
+
+    stepped = logits - 0.1 * jax.grad(loss)(logits)
+    _, e0 = token_logprobs(logits, jnp.array([[0]]))
+    _, e1 = token_logprobs(stepped, jnp.array([[0]]))
+    assert float(e1[0, 0]) > float(e0[0, 0])
+
+
+def test_token_weights_modes():
+    keep = np.array([3, 5, 2])
+    assert token_weights("c3po", keep, budget=10) == ([1.0, 1.0, 1.0], 10.0)
+    assert token_weights("token_mean", keep) == ([1.0, 1.0, 1.0], 10.0)
+    w, n = token_weights("seq_mean", keep)
+    assert n == 3.0 and np.allclose(w, [1 / 3, 1 / 5, 1 / 2])
+    with pytest.raises(ValueError, match="budget"):
+        token_weights("c3po", keep)
