@@ -1,0 +1,60 @@
+"""Turn selected responses into packed training rows for the RL step (pure NumPy).
+
+Each selected response becomes one document ``prompt ids + kept response ids`` packed into rows of ``seq_len``
+(first fit, in selection order) with segment ids and positions restarting per document, as the SFT packer does.
+Per-token arrays follow the SFT convention: position t predicts ``targets[t] = tokens[t + 1]``; the response token j
+(at index P + j) is therefore trained at t = P + j - 1, where its sampler log-probability ``old_logp``, advantage and
+loss weight are placed.  Rows are padded to a multiple of ``row_multiple`` (micro-batches x data-parallel size), so
+the jitted step sees a few bucketed shapes, never one per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages")
+
+
+def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len: int, row_multiple: int = 1,
+               min_rows: int = 0):
+    """prompts/responses/old_logps: per selected response (lists of int / float arrays); advantages, keep,
+    weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
+    docs = []
+    for p, r, lp, a, k, w in zip(prompts, responses, old_logps, advantages, keep, weights):
+        p, r, lp = np.asarray(p, np.int32), np.asarray(r, np.int32)[:k], np.asarray(lp, np.float32)[:k]
+        if len(p) + len(r) > seq_len:
+            raise ValueError(f"prompt {len(p)} + response {len(r)} tokens exceed the row length {seq_len}")
+        docs.append((p, r, lp, float(a), float(w)))
+    rows: list[list] = []
+    fill: list[int] = []
+    for d in docs:
+        n = len(d[0]) + len(d[1])
+        for i, used in enumerate(fill):
+            if used + n <= seq_len:
+                rows[i].append(d)
+                fill[i] += n
+                break
+        else:
+            rows.append([d])
+            fill.append(n)
+    used_rows = len(rows)
+    total = max(used_rows, min_rows)
+    total = -(-total // row_multiple) * row_multiple if row_multiple > 1 else total
+    out = {f: np.zeros((total, seq_len), np.float32 if f in ("weights", "old_logp", "advantages") else np.int32)
+           for f in FIELDS}
+    for i, row in enumerate(rows):
+        at = 0
+        for seg, (p, r, lp, a, w) in enumerate(row, start=1):
+            ids = np.concatenate([p, r])
+            n = len(ids)
+            sl = slice(at, at + n)
+            out["tokens"][i, sl] = ids
+            out["targets"][i, at:at + n - 1] = ids[1:]
+            out["positions"][i, sl] = np.arange(n)
+            out["segment_ids"][i, sl] = seg
+            t = at + len(p) - 1 + np.arange(len(r))  # where each response token is predicted
+            out["weights"][i, t] = w
+            out["old_logp"][i, t] = lp
+            out["advantages"][i, t] = a
+            at += n
+    return out, used_rows
