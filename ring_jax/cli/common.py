@@ -1,0 +1,151 @@
+"""Pieces shared by the training CLIs: flag groups (defined on demand, so importing this module defines nothing),
+distributed start-up, mesh construction and model initialisation with clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags(default_preset: str = "small") -> None:
+    flags.DEFINE_string("preset", default_preset, "model preset (tiny, small, ling-lite-1.5); ignored with --hf_dir")
+    flags.DEFINE_string("hf_dir", "", "initialise from this Hugging Face BailingMoe directory instead of a preset")
+    flags.DEFINE_string("init_ckpt", "", "initialise the parameters from this orbax checkpoint directory "
+                        "(latest step, or DIR:STEP); optimizer state starts fresh")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the preset's / float32)")
+    flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "parameter (master weight) dtype")
+    flags.DEFINE_enum("moe_impl", None, ["dispatch", "ragged", "dense", "pallas"], "MoE compute path")
+    flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
+    flags.DEFINE_integer("seed", 0, "parameter-initialisation and PRNG seed")
+
+
+def define_runtime_flags() -> None:
+    flags.DEFINE_string("mesh", "", "device mesh, e.g. data:2,fsdp:2,expert:2 (default: every device on data)")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+
+
+class _QuietLibraries:
+    """absl-handler filter: drops INFO records of orbax / jax internals (a line per checkpoint item otherwise)."""
+
+    PREFIXES = ("orbax", "jax", "grain")
+
+    def filter(self, record) -> bool:
+        if record.levelno >= 30:  # python logging.WARNING
+            return True
+        path = record.pathname.replace("\\", "/")
+        return not any(f"/{p}/" in path for p in self.PREFIXES)
+
+
+def quiet_library_logs() -> None:
+    import logging as pylogging
+
+    pylogging.getLogger("absl").addFilter(_QuietLibraries())
+
+
+def usage(msg: str):
+    """A bad flag or flag combination: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def init_distributed() -> None:
+    import jax
+
+    quiet_library_logs()
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+
+
+def build_mesh(spec: str):
+    from ring_jax.sharding import ShardingError, make_mesh
+
+    try:
+        return make_mesh(spec)
+    except ShardingError as e:
+        usage(f"--mesh: {e}")
+
+
+def runtime_overrides() -> dict:
+    out = {}
+    for name in ("dtype", "param_dtype", "moe_impl", "remat"):
+        v = getattr(FLAGS, name)
+        if v is not None:
+            out[name] = v
+    return out
+
+
+def model_config_from_flags():
+    """ModelConfig from --hf_dir's config.json or --preset, with the run-time overrides."""
+    from ring_jax.config import ConfigError, get_preset
+
+    try:
+        if FLAGS.hf_dir:
+            from ring_jax.hf import CheckpointError, load_config
+
+            try:
+                return load_config(FLAGS.hf_dir, **runtime_overrides())
+            except CheckpointError as e:
+                usage(f"--hf_dir: {e}")
+        return get_preset(FLAGS.preset, **runtime_overrides())
+    except ConfigError as e:
+        usage(str(e))
+
+
+def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = True):
+    """(graphdef, abstract parameter Variables, pure parameter tree placed by the rules table).
+
+    Preset init runs inside ``jax.jit`` with sharded outputs, so no device ever holds the whole model.
+    ``materialize=False`` returns ShapeDtypeStructs instead (e.g. when a checkpoint will be restored)."""
+    import jax
+    from flax import nnx
+
+    from ring_jax.model.transformer import build_model
+    from ring_jax.sharding import param_sharding_fn, state_shardings
+    from ring_jax.train.step import split_model
+
+    if hf_dir and materialize:
+        from ring_jax.hf import load_pretrained
+
+        model, _ = load_pretrained(hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                   shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat)
+        graphdef, pvars, params = split_model(model)
+        return graphdef, pvars, params
+    abstract = nnx.eval_shape(lambda: build_model(cfg, seed))
+    graphdef, pvars, _ = split_model(abstract)
+    shardings = nnx.to_pure_dict(state_shardings(pvars, mesh))
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, seed))), out_shardings=shardings)
+    params = init() if materialize else jax.eval_shape(init)
+    return graphdef, pvars, params
+
+
+def parse_ckpt_ref(ref: str) -> tuple[str, int | None]:
+    """'DIR' or 'DIR:STEP' -> (DIR, STEP or None)."""
+    head, sep, tail = ref.rpartition(":")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return ref, None
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def die(msg: str, code: int = 1):
+    """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+__all__ = ["build_mesh", "define_model_flags", "define_runtime_flags", "die", "init_distributed", "init_params",
+           "model_config_from_flags", "parse_ckpt_ref", "runtime_overrides", "usage", "write_json"]

@@ -1,0 +1,87 @@
+"""ring-jax-export: an orbax training checkpoint -> a Hugging Face BailingMoe directory (ring_jax.hf layout).
+
+    ring-jax-export --ckpt_dir=runs/sft --out_dir=runs/sft/hf                 # newest readable step
+    ring-jax-export --ckpt_dir=runs/sft/ckpt --step=400 --out_dir=hf --dtype=float32
+
+``--ckpt_dir`` is a run directory (holding ``ckpt/``) or the checkpoint directory itself.  The model config comes
+from the checkpoint's metadata; the run's ``tokenizer/`` (or --tokenizer) is written alongside the weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from ring_jax.cli import common
+from ring_jax.cli.common import usage
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("ckpt_dir", None, "run directory or its ckpt/ directory")
+    flags.DEFINE_integer("step", -1, "checkpoint step (-1: the newest readable one)")
+    flags.DEFINE_string("out_dir", None, "Hugging Face directory to write")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype of the written tensors")
+    flags.DEFINE_string("tokenizer", "", "tokenizer to include (default: the run directory's tokenizer/)")
+    flags.DEFINE_string("max_shard_size", "2GB", "safetensors shard size")
+    common.define_runtime_flags()
+    flags.mark_flags_as_required(["ckpt_dir", "out_dir"])
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
+                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB") -> tuple[str, int]:
+    """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it.
+    Returns (out_dir, step)."""
+    from flax import nnx
+
+    from ring_jax.hf import save_pretrained
+    from ring_jax.model.transformer import build_model
+    from ring_jax.sharding import state_shardings
+    from ring_jax.train.checkpoint import Checkpointer, model_config_from_meta, resolve_ckpt_dir
+    from ring_jax.train.step import split_model
+
+    run_dir, ckpt_dir = resolve_ckpt_dir(ckpt_dir)
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    cfg = model_config_from_meta(ckpt.read_meta(step))
+    graphdef, pvars, abstract = split_model(nnx.eval_shape(lambda: build_model(cfg)))
+    shardings = nnx.to_pure_dict(state_shardings(pvars, mesh)) if mesh is not None else None
+    restored = ckpt.restore_params(abstract, shardings, step)
+    model = nnx.merge(graphdef, restored.params)
+    tok = None
+    tok_path = tokenizer or os.path.join(run_dir, "tokenizer")
+    if os.path.isdir(tok_path) or os.path.isfile(tok_path):
+        from ring_jax.data import load_tokenizer
+
+        try:
+            tok = load_tokenizer(tok_path)
+        except FileNotFoundError:
+            if tokenizer:
+                raise
+    save_pretrained(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
+    return out_dir, restored.step
+
+
+def main(argv):
+    if len(argv) > 1:
+        usage(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.init_distributed()
+    from ring_jax.train.checkpoint import CheckpointError
+
+    mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    try:
+        out, step = export_checkpoint(FLAGS.ckpt_dir, FLAGS.out_dir, None if FLAGS.step < 0 else FLAGS.step,
+                                      FLAGS.dtype, FLAGS.tokenizer, mesh, FLAGS.max_shard_size)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        common.die(str(e))
+    print(f"exported step {step} of {FLAGS.ckpt_dir} to {out}", flush=True)
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,82 @@
+"""ring-jax-import: a Hugging Face BailingMoe directory -> a parameters-only orbax checkpoint (step 0 by default).
+
+    ring-jax-import --hf_dir=/models/Ling-lite-1.5 --out_dir=runs/ling_init --mesh=fsdp:16,expert:8
+    ring-jax-sft --init_ckpt=runs/ling_init ...        # start SFT from it (fresh optimizer state)
+
+The parameters are loaded straight into their shards (``--mesh``) and written by every process; the config goes
+into the checkpoint's metadata and ``<out_dir>/config.json``, the tokenizer (if the HF directory has one) into
+``<out_dir>/tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from ring_jax.cli import common
+from ring_jax.cli.common import usage
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("hf_dir", None, "Hugging Face directory (config.json + safetensors)")
+    flags.DEFINE_string("out_dir", None, "run directory to create; the checkpoint goes to <out_dir>/ckpt")
+    flags.DEFINE_integer("step", 0, "step number of the written checkpoint")
+    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "stored parameter dtype")
+    common.define_runtime_flags()
+    flags.mark_flags_as_required(["hf_dir", "out_dir"])
+
+
+def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "float32", mesh=None) -> str:
+    """Write ``<out_dir>/ckpt/<step>`` (parameters + meta) from an HF directory; returns the checkpoint dir."""
+    from ring_jax.hf import load_pretrained
+    from ring_jax.sharding import param_sharding_fn
+    from ring_jax.train.checkpoint import Checkpointer
+    from ring_jax.train.step import split_model
+
+    model, cfg = load_pretrained(hf_dir, param_dtype=param_dtype,
+                                 shardings=param_sharding_fn(mesh) if mesh is not None else None)
+    _, _, params = split_model(model)
+    ckpt_dir = os.path.join(os.path.abspath(out_dir), "ckpt")
+    ckpt = Checkpointer(ckpt_dir, keep=None)
+    meta = {"model_config": cfg.to_hf_dict(), "runtime": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
+            "source": os.path.abspath(hf_dir)}
+    ckpt.save(step, params=params, meta=meta, wait=True)
+    ckpt.close()
+    import jax
+
+    if jax.process_index() == 0:
+        common.write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict())
+        if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
+            from ring_jax.data import load_tokenizer
+
+            load_tokenizer(hf_dir).save(os.path.join(out_dir, "tokenizer"))
+    return ckpt_dir
+
+
+def main(argv):
+    if len(argv) > 1:
+        usage(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.init_distributed()
+    from ring_jax.hf import CheckpointError as HFError
+    from ring_jax.config import ConfigError
+
+    mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    if not os.path.isdir(FLAGS.hf_dir):
+        usage(f"--hf_dir {FLAGS.hf_dir}: not a directory")
+    try:
+        ckpt_dir = import_hf(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.step, FLAGS.param_dtype, mesh)
+    except (HFError, ConfigError) as e:
+        common.die(str(e))
+    print(f"imported {FLAGS.hf_dir} -> {ckpt_dir}/{FLAGS.step}", flush=True)
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,163 @@
+"""The ring-jax-sft CLI end to end, in subprocesses (one CPU device each): SIGKILL + --resume reproduces the
+uninterrupted run's per-step losses bit for bit; SIGTERM checkpoints before exiting; bad flags fail in one line;
+a checkpoint exports to an HF directory that reloads with identical logits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = ["--preset=tiny", "--synthetic_corpus=300", "--seq_len=128", "--global_batch=4", "--micro_batches=2",
+        "--steps=8", "--ckpt_every=2", "--keep=10", "--lr=3e-3", "--warmup_steps=2", "--peak_flops=0",
+        "--progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One CPU device; a persistent compilation cache shared by the module's runs (compiles once)."""
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return e
+
+
+def sft(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ring_jax.cli.sft", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(p, timeout=240):
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def records(run_dir):
+    """step -> the last record written for it (a resumed run rewrites the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out[r["step"]] = r
+    return out
+
+
+def wait_for(cond, timeout, proc=None, what=""):
+    t0 = time.time()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early ({proc.returncode}) waiting for {what}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run_a"))
+    rc, out, err = finish(sft(BASE + [f"--out_dir={run}"], env))
+    assert rc == 0, err[-3000:]
+    assert "done: step 8" in out
+    return run
+
+
+def test_sigkill_then_resume_is_bit_exact(uninterrupted, env, tmp_path):
+    run = str(tmp_path / "run_b")
+    p = sft(BASE + [f"--out_dir={run}", "--step_delay_s=0.4"], env)
+    try:
+        wait_for(lambda: os.path.isdir(os.path.join(run, "ckpt", "4")), 240, p, "checkpoint 4")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    killed_at = max(records(run))
+    assert killed_at < 8, "the run finished before it was killed"
+    rc, out, err = finish(sft(BASE + [f"--out_dir={run}", "--resume"], env))
+    assert rc == 0, err[-3000:]
+    resumed_from = int(out.split("resumed from step ")[1].split()[0])
+    assert 4 <= resumed_from < 8
+    want, got = records(uninterrupted), records(run)
+    assert sorted(got) == list(range(1, 9))
+    for s in range(1, 9):
+        for k in ("loss", "grad_norm", "token_loss", "lr", "num_tokens"):
+            assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])  # bit for bit
+
+
+def test_sigterm_writes_a_checkpoint(env, tmp_path):
+    run = str(tmp_path / "run_c")
+    args = [a for a in BASE if not a.startswith("--ckpt_every")]  # same program as the cached one: no compiling
+    p = sft(args + [f"--out_dir={run}", "--ckpt_every=0", "--step_delay_s=0.4"], env)
+    metrics = os.path.join(run, "metrics.jsonl")
+    try:
+        wait_for(lambda: os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2, 240, p,
+                 "two logged steps")
+        p.send_signal(signal.SIGTERM)
+        rc, out, err = finish(p, 120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    last = max(records(run))
+    assert last < 8
+    assert f"checkpoint of step {last}" in out
+    assert sorted(int(d) for d in os.listdir(os.path.join(run, "ckpt")) if d.isdigit()) == [last]
+
+
+def test_bad_flags_fail_with_one_line(uninterrupted, env, tmp_path):
+    two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    base = ["--synthetic_corpus=50", f"--out_dir={tmp_path}/x", "--peak_flops=0"]
+    cases = [
+        (base + ["--preset=bogus"], env, "unknown preset 'bogus'"),
+        (base + ["--mesh=data:3"], env, "--mesh"),
+        (base + ["--mesh=data:2", "--global_batch=6", "--micro_batches=2"], two, "multiple of data-parallel size 2"),
+        (BASE + [f"--out_dir={uninterrupted}"], env, "pass --resume"),  # an existing run needs --resume
+    ]
+    procs = [(sft(a, e), want) for a, e, want in cases]  # concurrently: they fail before compiling anything
+    for p, want in procs:
+        rc, out, err = finish(p, 120)
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("I", "W"))]
+        assert rc == 2 and "Traceback" not in err, err[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], err[-2000:]
+
+
+def test_export_reloads_with_identical_logits(uninterrupted, tmp_path):
+    from flax import nnx
+
+    from ring_jax.cli.export import export_checkpoint
+    from ring_jax.hf import load_pretrained
+    from ring_jax.model.transformer import build_model
+    from ring_jax.train.checkpoint import Checkpointer, model_config_from_meta
+    from ring_jax.train.step import split_model
+
+    ck = Checkpointer(os.path.join(uninterrupted, "ckpt"), read_only=True)
+    cfg = model_config_from_meta(ck.read_meta(6))
+    graphdef, _, abstract = split_model(nnx.eval_shape(lambda: build_model(cfg)))
+    params = ck.restore_params(abstract, step=6).params
+    ck.close()
+    out, step = export_checkpoint(uninterrupted, str(tmp_path / "hf"), step=6, dtype="float32")
+    assert step == 6 and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    model, cfg2 = load_pretrained(out)
+    assert cfg2.vocab_size == cfg.vocab_size == 384
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)
+    want = np.asarray(logits(params, tokens))
+    got = np.asarray(logits(split_model(model)[2], tokens))
+    np.testing.assert_array_equal(got, want)
+    # and back: HF -> parameters-only orbax checkpoint (ring-jax-import) -> the same parameters
+    from ring_jax.cli.import_ckpt import import_hf
+
+    ckpt_dir = import_hf(out, str(tmp_path / "imported"))
+    with Checkpointer(ckpt_dir, read_only=True) as ck:
+        back = ck.restore_params(abstract)
+    assert back.step == 0 and model_config_from_meta(back.meta) == cfg
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+    assert os.path.isfile(str(tmp_path / "imported" / "tokenizer" / "tokenizer.json"))
