@@ -85,6 +85,10 @@ class ModelConfig:
     def __post_init__(self):
         self.validate()
 
+    def __hash__(self):  # rope_scaling is a dict: hash a canonical JSON form (jit needs hashable static config)
+        return hash(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.hash is not False},
+                               sort_keys=True, default=str))
+
     # ------------------------------------------------------------------ derived sizes
     @property
     def kv_heads(self) -> int:
