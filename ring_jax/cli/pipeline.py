@@ -1,0 +1,144 @@
+"""ring-jax-pipeline: the README's main job.  The whole Ring-lite recipe, small, on a CPU:
+
+  1. generate verifiable tasks (reasoning-gym chain_sum and countdown) with step-by-step worked solutions;
+  2. train a BPE tokenizer on that corpus;
+  3. long-CoT-style SFT of the ``small`` MoE preset on the worked solutions (ring-jax-sft);
+  4. C3PO RL on held-in prompts with verifiable rewards, measuring held-out pass@1 (temperature 1.0, top-p 0.95)
+     before and after (ring-jax-rl);
+  5. export the final orbax checkpoint to a Hugging Face directory (ring-jax-export), reload it and sample from it
+     (ring-jax-sample);
+  6. write ``report.md`` and PNG plots (loss, reward, response length, held-out pass@1) into the run folder.
+
+Each stage is the project's own CLI, run as a subprocess exactly as a user would run it; a stage whose output
+already exists is skipped, so an interrupted pipeline continues where it stopped (--fresh starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("out_dir", "runs/pipeline", "run folder")
+    flags.DEFINE_integer("seed", 0, "seed of the whole run (model init, data order, sampling)")
+    flags.DEFINE_list("families", ["chain_sum", "countdown"], "task families")
+    flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
+    flags.DEFINE_integer("sft_steps", 300, "SFT steps")
+    flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
+    flags.DEFINE_integer("seq_len", 256, "SFT row length")
+    flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
+    flags.DEFINE_integer("rl_steps", 40, "C3PO steps")
+    flags.DEFINE_float("rl_lr", 2e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
+    flags.DEFINE_integer("prompts_per_step", 16, "RL prompts per step")
+    flags.DEFINE_integer("samples_per_prompt", 8, "RL responses per prompt")
+    flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")
+    flags.DEFINE_integer("max_new_tokens", 48, "response length limit")
+    flags.DEFINE_integer("eval_prompts", 64, "held-out prompts per family")
+    flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
+    flags.DEFINE_string("preset", "small", "model preset")
+    flags.DEFINE_bool("fresh", False, "delete the run folder first")
+    flags.DEFINE_bool("progress_bar", True, "progress bars in the stages")
+
+
+def _stage(name, argv, done_marker=None):
+    if done_marker and os.path.exists(done_marker):
+        print(f"== {name}: already done ({done_marker}), skipped", flush=True)
+        return
+    print(f"== {name}: {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", *argv])
+    if r.returncode:
+        print(f"error: stage {name} failed with exit status {r.returncode}", file=sys.stderr, flush=True)
+        sys.exit(r.returncode)
+    print(f"== {name}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def _write_data(out):
+    from ring_jax.data import train_bpe
+    from ring_jax.data.tasks import make_task_records
+
+    data = os.path.join(out, "data")
+    os.makedirs(data, exist_ok=True)
+    sft = []
+    for i, fam in enumerate(FLAGS.families):
+        sft += make_task_records(fam, FLAGS.sft_examples, seed=10_000 * (i + 1) + FLAGS.seed)
+    with open(os.path.join(data, "sft.jsonl"), "w") as f:
+        for r in sft:
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                             {"role": "assistant", "content": r["solution"]}]}) + "\n")
+    tok_dir = os.path.join(out, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tok = train_bpe([r["prompt"] + "\n" + r["solution"] for r in sft], vocab_size=512)
+        tok.save(tok_dir)
+    return os.path.join(data, "sft.jsonl"), tok_dir
+
+
+def _chat_prompts(tok_dir, texts, out):
+    """Prompts rendered with the chat template the model was trained on, as prompt_ids records."""
+    from ring_jax.data import load_tokenizer
+    from ring_jax.data.chat import ChatRenderer
+
+    r = ChatRenderer(load_tokenizer(tok_dir))
+    path = os.path.join(out, "data", "sample_prompts.jsonl")
+    with open(path, "w") as f:
+        for t in texts:
+            ids = [int(i) for i in r.render_prompt([{"role": "user", "content": t}])]
+            f.write(json.dumps({"prompt": t, "prompt_ids": ids}) + "\n")
+    return path, ",".join(map(str, r.stop_ids))
+
+
+def main(argv):
+    del argv
+    out = os.path.abspath(FLAGS.out_dir)
+    if FLAGS.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    print(f"== data + tokenizer -> {out}", flush=True)
+    sft_jsonl, tok_dir = _write_data(out)
+    bar = f"--progress_bar={str(FLAGS.progress_bar).lower()}"
+    fams = ",".join(FLAGS.families)
+    _stage("SFT", ["ring_jax.cli.sft", f"--preset={FLAGS.preset}", f"--train_jsonl={sft_jsonl}",
+                   f"--tokenizer={tok_dir}", f"--steps={FLAGS.sft_steps}", f"--global_batch={FLAGS.sft_batch}",
+                   f"--seq_len={FLAGS.seq_len}", f"--lr={FLAGS.sft_lr}", "--warmup_ratio=0.05",
+                   f"--ckpt_every={FLAGS.sft_steps}", f"--seed={FLAGS.seed}", f"--data_seed={FLAGS.seed}",
+                   f"--out_dir={out}/sft", "--peak_flops=0", bar],
+           done_marker=os.path.join(out, "sft", "ckpt", str(FLAGS.sft_steps)))
+    _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={out}/sft/ckpt", f"--tokenizer={tok_dir}",
+                       f"--tasks={fams}", f"--eval_tasks={fams}", f"--eval_prompts={FLAGS.eval_prompts}",
+                       f"--eval_n={FLAGS.eval_n}", f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
+                       f"--prompts_per_step={FLAGS.prompts_per_step}",
+                       f"--samples_per_prompt={FLAGS.samples_per_prompt}", f"--budget={FLAGS.budget}",
+                       f"--max_new_tokens={FLAGS.max_new_tokens}", f"--seed={FLAGS.seed}",
+                       f"--task_seed={1000 + FLAGS.seed}", f"--ckpt_every={FLAGS.rl_steps}",
+                       f"--out_dir={out}/rl", bar],
+           done_marker=os.path.join(out, "rl", "ckpt", str(FLAGS.rl_steps)))
+    _stage("export", ["ring_jax.cli.export", f"--ckpt_dir={out}/rl", f"--out_dir={out}/hf",
+                      "--dtype=float32"], done_marker=os.path.join(out, "hf", "config.json"))
+    samples = os.path.join(out, "samples.jsonl")
+    prompts, stop = _chat_prompts(tok_dir, ["17 + 25 - 9 =", "Use 3 7 5 to make 26."], out)
+    _stage("reload + sample", ["ring_jax.cli.sample", f"--hf_dir={out}/hf", f"--prompts_jsonl={prompts}",
+                               f"--stop_ids={stop}", "--temperature=0", f"--max_new_tokens={FLAGS.max_new_tokens}",
+                               f"--output_jsonl={samples}"])
+    from ring_jax.cli.report import write_report
+
+    path = write_report(out, elapsed_s=time.time() - t_start)
+    print(f"== report: {path} (total {time.time() - t_start:.0f}s)", flush=True)
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,77 @@
+"""The pipeline's run report: report.md plus PNG plots (SFT loss, RL reward, response length, held-out pass@1)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _plot_eval(evals, out_png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    tags = [e["tag"] for e in evals]
+    ax.bar(range(len(evals)), [e["pass_at_1"] for e in evals], color=["#999999"] + ["#2a7ab0"] * (len(evals) - 1))
+    ax.set_xticks(range(len(evals)), tags)
+    ax.set_ylabel("held-out pass@1")
+    ax.set_ylim(0, 1)
+    for i, e in enumerate(evals):
+        ax.text(i, e["pass_at_1"] + 0.02, f"{e['pass_at_1']:.3f}", ha="center")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
+    from ring_jax.cli.plot import plot_runs
+    from ring_jax.train.metrics import read_jsonl
+
+    lines = ["# ring_jax pipeline report", ""]
+    if elapsed_s is not None:
+        lines += [f"Wall time: {elapsed_s / 60:.1f} min.", ""]
+    sft_m, rl_m = os.path.join(run_dir, "sft", "metrics.jsonl"), os.path.join(run_dir, "rl", "metrics.jsonl")
+    if os.path.exists(sft_m):
+        plot_runs([sft_m], os.path.join(run_dir, "sft_loss.png"), keys=["loss"], smooth=0.8, title="SFT loss")
+        recs = read_jsonl(sft_m)
+        lines += ["## SFT", "", f"{len(recs)} steps; loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}.", "",
+                  "![SFT loss](sft_loss.png)", ""]
+    if os.path.exists(rl_m):
+        plot_runs([rl_m], os.path.join(run_dir, "rl_curves.png"),
+                  keys=["reward_mean", "response_len_mean", "entropy", "kept_tokens"], smooth=0.6,
+                  title="C3PO RL")
+        recs = read_jsonl(rl_m)
+        lines += ["## C3PO RL", "",
+                  f"{len(recs)} steps; rollout reward {recs[0]['reward_mean']:.3f} -> {recs[-1]['reward_mean']:.3f}; "
+                  f"tokens per optimiser step: {sorted({int(r['kept_tokens']) for r in recs})}.", "",
+                  "![RL curves](rl_curves.png)", ""]
+        times = {k: sum(r.get(f"time/{k}_s", 0.0) for r in recs) for k in ("rollout", "reward", "reference", "train")}
+        total = sum(times.values()) or 1.0
+        lines += ["Step time split: " + ", ".join(f"{k} {v:.0f}s ({100 * v / total:.0f}%)" for k, v in times.items()),
+                  ""]
+    ev = os.path.join(run_dir, "rl", "eval.jsonl")
+    if os.path.exists(ev):
+        evals = [json.loads(x) for x in open(ev) if x.strip()]
+        _plot_eval(evals, os.path.join(run_dir, "pass_at_1.png"))
+        lines += ["## Held-out pass@1 (temperature 1.0, top-p 0.95)", "", "| when | pass@1 | per task |", "|---|---|---|"]
+        for e in evals:
+            per = ", ".join(f"{k} {v:.3f}" for k, v in e["per_task"].items())
+            lines.append(f"| {e['tag']} | {e['pass_at_1']:.3f} | {per} |")
+        lines += ["", "![pass@1](pass_at_1.png)", ""]
+        if evals and evals[-1].get("samples"):
+            lines += ["Samples after RL:", ""]
+            for p, r, rew in evals[-1]["samples"][:3]:
+                lines += [f"- `{p}` -> `{r.strip()[:200]}` (reward {rew:.2f})"]
+            lines.append("")
+    sp = os.path.join(run_dir, "samples.jsonl")
+    if os.path.exists(sp):
+        lines += ["## Reloaded from the Hugging Face export (greedy)", ""]
+        for x in (json.loads(y) for y in open(sp) if y.strip()):
+            lines.append(f"- `{x.get('prompt', '')}` -> `{x.get('text', '').strip()[:200]}` ({x.get('finish_reason')})")
+        lines.append("")
+    path = os.path.join(run_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
