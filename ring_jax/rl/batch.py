@@ -4,8 +4,8 @@ Each selected response becomes one document ``prompt ids + kept response ids`` p
 (first fit, in selection order) with segment ids and positions restarting per document, as the SFT packer does.
 Per-token arrays follow the SFT convention: position t predicts ``targets[t] = tokens[t + 1]``; the response token j
 (at index P + j) is therefore trained at t = P + j - 1, where its sampler log-probability ``old_logp``, advantage and
-loss weight are placed.  Rows are padded to a multiple of ``row_multiple`` (micro-batches x data-parallel size), so
-the jitted step sees a few bucketed shapes, never one per step.
+loss weight are placed.  Rows are padded to a power of two and then to a multiple of ``row_multiple`` (micro-batches x
+data-parallel size), so the jitted step sees a few bucketed shapes, never one per step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp"
 
 
 def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len: int, row_multiple: int = 1,
-               min_rows: int = 0):
+               min_rows: int = 0, pow2_rows: bool = True):
     """prompts/responses/old_logps: per selected response (lists of int / float arrays); advantages, keep,
     weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
     docs = []
@@ -38,7 +38,9 @@ def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len
             rows.append([d])
             fill.append(n)
     used_rows = len(rows)
-    total = max(used_rows, min_rows)
+    total = max(used_rows, min_rows, 1)
+    if pow2_rows:  # a handful of row buckets, so a varying batch (sample-level baselines) does not recompile
+        total = 1 << (total - 1).bit_length()
     total = -(-total // row_multiple) * row_multiple if row_multiple > 1 else total
     out = {f: np.zeros((total, seq_len), np.float32 if f in ("weights", "old_logp", "advantages") else np.int32)
            for f in FIELDS}
