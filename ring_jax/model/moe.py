@@ -5,9 +5,13 @@ renormalise the k weights to sum 1 only when k > 1 and ``norm_topk_prob``; no ca
 
 Compute paths (``ModelConfig.moe_impl``):
 - ``dense``: every expert on every token, combined with the routing weights.  The test oracle; cost grows with E.
-- ``dispatch`` (default): sort the (token, slot) assignments by expert, pad each expert's group to a multiple of a
-  token tile, run one batched matmul over tiles (each tile multiplies its own expert's weights), un-sort and combine.
-  Dropless and exact; cost grows with routed work plus at most one padded tile per expert.
+- ``dispatch`` (default): sort the (token, slot) assignments by expert, then loop over the experts and run each
+  expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of ``moe_tile`` rows,
+  default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes the weight
+  gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work plus a
+  small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py).
+  ``moe_dispatch_gather`` keeps the earlier variant (pad each group to a tile multiple, gather the weights of every
+  tile, one batched matmul) for comparison: its per-tile weight gather grows with E.
 - ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
   about as much as the dense path).
 - ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
+from ring_jax.model.grouped_xla import moe_grouped
 from ring_jax.model.layers import SwiGLU, dtype_of, param
 
 
@@ -88,7 +93,7 @@ def _combine(y_sorted, srt: _Sorted, weights):
 
 
 def auto_tile(num_assignments: int, num_experts: int) -> int:
-    """Token tile for the dispatch path: about a quarter of the mean group size, a power of two in [8, 128], so
+    """Token tile for ``moe_dispatch_gather``: about a quarter of the mean group size, a power of two in [8, 128], so
     padding (< one tile per expert) stays small next to the routed work."""
     mean = max(1, num_assignments // max(1, num_experts))
     t = 8
@@ -98,6 +103,12 @@ def auto_tile(num_assignments: int, num_experts: int) -> int:
 
 
 def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
+    """The default path: dropless grouped SwiGLU (``grouped_xla.moe_grouped``); ``tile`` = full row tile (0: 128)."""
+    return moe_grouped(x, weights, ids, wg, wu, wd, tile)
+
+
+def moe_dispatch_gather(x, weights, ids, wg, wu, wd, tile: int = 0):
+    """The earlier dispatch path, kept for comparison: groups padded to tile multiples, per-tile weight gather."""
     n, h = x.shape
     e, k = wg.shape[0], ids.shape[1]
     m = n * k
@@ -159,7 +170,14 @@ class MoEBlock(nnx.Module):
         weights, ids, probs = route(logits, self.k, self.norm_topk)
         stats = router_stats(logits, probs, ids, token_mask.reshape(-1), self.num_experts)
         wg, wu, wd = (p[...].astype(dt) for p in (self.experts_gate, self.experts_up, self.experts_down))
-        if self.impl == "dense":
+        from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
+
+        if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
+            cf = getattr(self, "capacity_factor", moe_ep.DEFAULT_CAPACITY_FACTOR)
+            y, dropped = moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=cf)
+            if hasattr(self, "__captures__"):  # recorded under nnx.capture(..., nnx.Intermediate) only
+                self.sow(nnx.Intermediate, "moe_dropped", dropped, reduce_fn=lambda _, v: v, init_fn=lambda: 0)
+        elif self.impl == "dense":
             y = moe_dense(flat, weights, ids, wg, wu, wd)
         elif self.impl == "dispatch":
             y = moe_dispatch(flat, weights, ids, wg, wu, wd, self.tile)

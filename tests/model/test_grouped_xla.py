@@ -1,0 +1,117 @@
+"""The grouped XLA MoE path (ring_jax/model/grouped_xla.py, the default ``dispatch`` impl) vs the dense oracle:
+values and gradients w.r.t. x, the three expert weight tensors and the routing weights, on awkward routings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ring_jax.model.grouped_xla import combine, group_metadata, permute, tile_levels
+from ring_jax.model.moe import moe_dense, moe_dispatch, moe_dispatch_gather, route
+
+
+def _case(seed, n, h, f, e, k, routing):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((e, h, f), (e, h, f), (e, f, h)))
+    weights, ids, _ = route(jnp.asarray(rng.normal(size=(n, e)), jnp.float32), k, True)
+    if routing == "one":  # every token on the same k experts: k full groups, the rest empty
+        ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), ids.shape)
+    elif routing == "skewed":  # most assignments on a few experts, several experts empty
+        p = np.exp(-np.arange(e) / 1.5)
+        ids = np.stack([rng.choice(e, size=k, replace=False, p=p / p.sum()) for _ in range(n)])
+        ids = jnp.asarray(ids, jnp.int32)
+    return x, ws, weights, ids
+
+
+def _value_and_grads(fn, x, ws, weights, ids):
+    def loss(x, wg, wu, wd, w):
+        return jnp.sum(jnp.sin(fn(x, w, ids, wg, wu, wd)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, *ws, weights)
+
+
+def _check(fn, x, ws, weights, ids, rtol=1e-5, atol=2e-5):
+    ref_v, ref_g = _value_and_grads(moe_dense, x, ws, weights, ids)
+    v, g = _value_and_grads(fn, x, ws, weights, ids)
+    np.testing.assert_allclose(v, ref_v, rtol=rtol, atol=atol)
+    for name, a, b in zip(("x", "wg", "wu", "wd", "weights"), g, ref_g):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
+
+
+# (n, h, f, e, k, routing, tile): tile 0 = the default ladder (full tile 128); small tiles force several full tiles
+# per expert plus a tail; n*k < 8 exercises a tile clipped to the row count.
+CASES = [
+    (37, 16, 24, 8, 2, "random", 0),
+    (37, 16, 24, 8, 2, "random", 8),
+    (50, 8, 12, 6, 1, "random", 16),  # k = 1
+    (40, 8, 16, 12, 6, "random", 32),  # k = 6
+    (64, 8, 8, 16, 2, "one", 16),  # all tokens on experts 0, 1: full tiles + tail; 14 empty experts
+    (64, 8, 8, 16, 6, "skewed", 24),  # non-power-of-two tile
+    (3, 8, 8, 64, 2, "random", 0),  # tiny: 6 assignments over 64 experts
+    (1, 8, 8, 4, 1, "random", 0),  # a single assignment
+    (2, 8, 8, 4, 3, "one", 0),
+]
+
+
+@pytest.mark.parametrize("n,h,f,e,k,routing,tile", CASES)
+def test_dispatch_matches_dense(n, h, f, e, k, routing, tile):
+    x, ws, weights, ids = _case(n * 131 + e + k, n, h, f, e, k, routing)
+    _check(lambda *a: moe_dispatch(*a, tile), x, ws, weights, ids)
+
+
+def test_dispatch_gather_still_matches_dense():
+    x, ws, weights, ids = _case(3, 30, 8, 12, 16, 2, "skewed")
+    _check(moe_dispatch_gather, x, ws, weights, ids)
+
+
+def test_forward_only_and_bf16():
+    x, ws, weights, ids = _case(5, 33, 16, 16, 8, 2, "random")
+    want = moe_dense(x, weights, ids, *ws)
+    got = jax.jit(moe_dispatch, static_argnums=6)(x, weights, ids, *ws, 16)  # primal only: g, u are not kept
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    xb, wsb = x.astype(jnp.bfloat16), tuple(w.astype(jnp.bfloat16) for w in ws)
+    got = moe_dispatch(xb, weights, ids, *wsb, 16)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    grads = jax.grad(lambda *w: jnp.sum(moe_dispatch(xb, weights, ids, *w, 16)), argnums=(0, 1, 2))(*wsb)
+    assert all(gr.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(gr.astype(jnp.float32)))) for gr in grads)
+
+
+def test_tile_ladder_covers_every_remainder():
+    for tile, m in ((128, 4096), (64, 100), (24, 1000), (8, 50), (128, 5), (0, 3)):
+        levels = tile_levels(tile, m)
+        big, tails = levels[0], levels[1:]
+        assert big == max(1, min(tile or 128, m)) and tails[-1] == big and list(tails) == sorted(set(tails))
+        steps = np.diff((0, *tails))
+        assert all(st <= max(8, t // 4) for st, t in zip(steps, tails)), levels  # steps of <= 8 rows or 25%
+        for rem in range(1, big + 1):  # the tail tile of an expert holds 1..T rows: smallest size >= rem
+            i = next(i for i, t in enumerate(tails) if t >= rem)
+            assert tails[i] - rem < steps[i], (tile, rem, tails[i])
+
+
+def test_permute_and_combine_are_gathers_with_exact_transposes():
+    rng = np.random.default_rng(0)
+    n, k, e, h = 11, 3, 5, 4
+    x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(n)]), jnp.int32)
+    w = jnp.asarray(rng.random((n, k)), jnp.float32)
+    meta = group_metadata(ids, e)
+    np.testing.assert_array_equal(np.asarray(meta.inv)[np.asarray(meta.order)], np.arange(n * k))
+    np.testing.assert_array_equal(meta.sizes, np.bincount(np.asarray(ids).ravel(), minlength=e))
+    ys = jnp.asarray(rng.normal(size=(n * k, h)), jnp.float32)
+
+    def ref_permute(x):
+        return x[meta.order // k]
+
+    def ref_combine(ys, w):
+        return jnp.einsum("nkh,nk->nh", ys[meta.inv].reshape(n, k, h), w)
+
+    for fn, ref, args in ((lambda x: permute(x, meta.order, meta.inv, k), ref_permute, (x,)),
+                          (lambda ys, w: combine(ys, w, meta.order, meta.inv), ref_combine, (ys, w))):
+        out, vjp = jax.vjp(fn, *args)
+        ref_out, ref_vjp = jax.vjp(ref, *args)
+        np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+        ct = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+        for a, b in zip(vjp(ct), ref_vjp(ct)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
