@@ -30,25 +30,31 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["ckpt_dir", "out_dir"])
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
-                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB") -> tuple[str, int]:
-    """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it.
-    Returns (out_dir, step)."""
+def restore_model(ckpt_dir: str, step: int | None = None, mesh=None, **overrides):
+    """(model, run_dir, step) from an orbax run / ckpt directory (newest readable step when None)."""
     from flax import nnx
 
-    from ring_jax.hf import save_pretrained
     from ring_jax.model.transformer import build_model
     from ring_jax.sharding import state_shardings
     from ring_jax.train.checkpoint import Checkpointer, model_config_from_meta, resolve_ckpt_dir
     from ring_jax.train.step import split_model
 
     run_dir, ckpt_dir = resolve_ckpt_dir(ckpt_dir)
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    cfg = model_config_from_meta(ckpt.read_meta(step))
-    graphdef, pvars, abstract = split_model(nnx.eval_shape(lambda: build_model(cfg)))
-    shardings = nnx.to_pure_dict(state_shardings(pvars, mesh)) if mesh is not None else None
-    restored = ckpt.restore_params(abstract, shardings, step)
-    model = nnx.merge(graphdef, restored.params)
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        cfg = model_config_from_meta(ckpt.read_meta(step), **overrides)
+        graphdef, pvars, abstract = split_model(nnx.eval_shape(lambda: build_model(cfg)))
+        shardings = nnx.to_pure_dict(state_shardings(pvars, mesh)) if mesh is not None else None
+        restored = ckpt.restore_params(abstract, shardings, step)
+    return nnx.merge(graphdef, restored.params), run_dir, restored.step
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
+                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB") -> tuple[str, int]:
+    """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it.
+    Returns (out_dir, step)."""
+    from ring_jax.hf import save_pretrained
+
+    model, run_dir, step = restore_model(ckpt_dir, step, mesh)
     tok = None
     tok_path = tokenizer or os.path.join(run_dir, "tokenizer")
     if os.path.isdir(tok_path) or os.path.isfile(tok_path):
@@ -60,7 +66,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtyp
             if tokenizer:
                 raise
     save_pretrained(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
-    return out_dir, restored.step
+    return out_dir, step
 
 
 def main(argv):

@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("hf_dir", None, "Hugging Face directory (config.json + safetensors) to sample from")
-flags.DEFINE_string("checkpoint_dir", None, "orbax training checkpoint (not supported yet: export with --hf_dir)")
+flags.DEFINE_string("checkpoint_dir", None, "orbax run or ckpt directory (ring-jax-sft / ring-jax-rl); newest step")
 flags.DEFINE_string("tokenizer", None, "tokenizer.json / tokenizer.model / directory (default: the one in --hf_dir)")
 flags.DEFINE_multi_string("prompt", [], "prompt text (repeatable)")
 flags.DEFINE_multi_string("prompt_ids", [], "prompt as comma-separated token ids (repeatable)")
@@ -146,21 +146,30 @@ def _main():
 
 
 def _generate():
+    ckpt_model = None
     if FLAGS.checkpoint_dir:
         if not os.path.exists(FLAGS.checkpoint_dir):
             raise UsageError(f"checkpoint not found: --checkpoint_dir {FLAGS.checkpoint_dir!r} does not exist")
-        raise UsageError("--checkpoint_dir (orbax) is not supported yet; export the checkpoint to a Hugging Face "
-                         "directory and pass --hf_dir")
-    if not FLAGS.hf_dir:
-        raise UsageError("give --hf_dir (a Hugging Face directory with config.json and safetensors)")
-    if not os.path.isfile(os.path.join(FLAGS.hf_dir, "config.json")):
-        raise UsageError(f"checkpoint not found: no config.json in --hf_dir {FLAGS.hf_dir!r}")
+        from ring_jax.cli.export import restore_model
+        from ring_jax.train.checkpoint import CheckpointError
+
+        try:
+            ckpt_model, run_dir, _ = restore_model(FLAGS.checkpoint_dir, dtype=FLAGS.dtype)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--checkpoint_dir: {e}") from None
+        src = os.path.join(run_dir, "tokenizer")
+    else:
+        if not FLAGS.hf_dir:
+            raise UsageError("give --hf_dir (a Hugging Face directory) or --checkpoint_dir (an orbax run)")
+        if not os.path.isfile(os.path.join(FLAGS.hf_dir, "config.json")):
+            raise UsageError(f"checkpoint not found: no config.json in --hf_dir {FLAGS.hf_dir!r}")
+        src = FLAGS.hf_dir
 
     tok_path = FLAGS.tokenizer
     if tok_path is None:
         for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(FLAGS.hf_dir, name)):
-                tok_path = FLAGS.hf_dir
+            if os.path.isfile(os.path.join(src, name)):
+                tok_path = src
                 break
     tokenizer = load_any_tokenizer(tok_path) if tok_path else None
     prompts = read_prompts(tokenizer)
@@ -168,7 +177,7 @@ def _generate():
     from ring_jax.hf import load_config
     from ring_jax.sampling import SamplingParams
 
-    cfg = load_config(FLAGS.hf_dir)
+    cfg = ckpt_model.config if ckpt_model is not None else load_config(FLAGS.hf_dir)
     for i, (_, ids) in enumerate(prompts):  # fail before loading weights / compiling
         if len(ids) >= cfg.max_position_embeddings:
             raise UsageError(f"prompt {i} has {len(ids)} tokens: longer than the context "
@@ -187,9 +196,12 @@ def _generate():
     from ring_jax.sampling import SamplingEngine
 
     t0 = time.time()
-    model, cfg = load_pretrained(FLAGS.hf_dir, dtype=FLAGS.dtype)
+    if ckpt_model is not None:
+        model = ckpt_model
+    else:
+        model, cfg = load_pretrained(FLAGS.hf_dir, dtype=FLAGS.dtype)
     engine = SamplingEngine.from_model(model, num_slots=FLAGS.num_slots, chunk=FLAGS.chunk, moe_impl=FLAGS.moe_impl)
-    print(f"loaded {FLAGS.hf_dir} in {time.time() - t0:.1f}s; {len(prompts)} prompt(s) x {FLAGS.n} sample(s) "
+    print(f"loaded {FLAGS.checkpoint_dir or FLAGS.hf_dir} in {time.time() - t0:.1f}s; {len(prompts)} prompt(s) x {FLAGS.n} sample(s) "
           f"on {jax.default_backend()}", file=sys.stderr)
 
     single = len(prompts) * FLAGS.n == 1

@@ -161,3 +161,21 @@ def test_export_reloads_with_identical_logits(uninterrupted, tmp_path):
     assert back.step == 0 and model_config_from_meta(back.meta) == cfg
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
     assert os.path.isfile(str(tmp_path / "imported" / "tokenizer" / "tokenizer.json"))
+
+
+def test_sample_cli_reads_an_orbax_checkpoint(uninterrupted, env, tmp_path):
+    """ring-jax-sample --checkpoint_dir: greedy tokens equal argmax decoding by the restored model itself."""
+    from ring_jax.cli.export import restore_model
+
+    out = tmp_path / "s.jsonl"
+    r = subprocess.run([sys.executable, "-m", "ring_jax.cli.sample", f"--checkpoint_dir={uninterrupted}",
+                        "--prompt_ids=5,6,7,8", "--temperature=0", "--max_new_tokens=5", "--ignore_eos",
+                        "--stream=false", f"--output_jsonl={out}"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text().splitlines()[0])["ids"]
+    model, _, _ = restore_model(uninterrupted)
+    ids = [5, 6, 7, 8]
+    for _ in range(5):  # oracle: repeated argmax over the full uncached forward
+        ids.append(int(np.argmax(np.asarray(model(np.array([ids])).logits[0, -1]))))
+    assert got == ids[4:]
