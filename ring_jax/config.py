@@ -80,7 +80,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
-    moe_tile: int = 0  # token tile of the dispatch path (0 = chosen from the routed work per call)
+    moe_tile: int = 0  # full row tile of the dispatch path's grouped loop (0 = 128)
 
     def __post_init__(self):
         self.validate()

@@ -10,9 +10,12 @@ min over repeats is printed too, as the machine may be shared).  Each timed call
 sleep: the dense / ragged paths at 64 experts free GB-sized buffers, and for ~0.1-0.3 s after they return the next
 call runs up to 2.5x slower (measured: dispatch at 64 experts 143 ms right after a dense call, 64 ms after 0.3 s,
 68 ms with no dense call in between), which would charge one path for another's teardown.
+``--malloc_keep`` makes glibc keep freed memory in the process (mallopt): by default each call at 64 experts
+page-faults ~15k fresh pages for its ~50 MB of weight gradients (same for every path), ~20% of dispatch's time here.
 """
 
 import argparse
+import ctypes
 import time
 
 import jax
@@ -42,7 +45,12 @@ def main():
     ap.add_argument("--paths", default="dispatch,dispatch_gather,ragged,dense")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gap", type=float, default=0.3, help="seconds of sleep before each timed call")
+    ap.add_argument("--malloc_keep", action="store_true", help="glibc keeps freed memory (no re-faulting)")
     a = ap.parse_args()
+    if a.malloc_keep:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(a.tokens, a.hidden)), jnp.float32)
     rows = []
