@@ -21,7 +21,7 @@ in E at fixed top-k, unlike the padded-tile path whose per-tile weight gather ``
 - permute / combine: gathers in both directions (the transpose of a gather by a permutation is a gather by its
   inverse), never a scatter-add; ``inv`` is computed once (a scatter of iota over int32) and reused.
 
-XLA:CPU details that matter here (each measured, see notes/moe_dispatch.md): the loop index must enter the row of a
+XLA:CPU details that matter here (each measured, see BUILD_NOTES.md): the loop index must enter the row of a
 0/1-trip loop, or XLA hoists the tile's matmuls out of the loop and runs every ladder size for every expert;
 identical broadcasts initialising several loop buffers get merged into one plus full-size copies, so buffers whose
 initial value is never read get distinct fill values; ``lax.switch`` over the tile sizes copies the loop buffers.
