@@ -43,7 +43,7 @@ def _np(x) -> np.ndarray:
 def layer_to_hf(cfg: ModelConfig, i: int, layer) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) of decoder layer ``i`` (a ring_jax DecoderLayer)."""
     p = f"model.layers.{i}."
-    h, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+    h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size
     at = layer.attention
     yield p + "input_layernorm.weight", _np(layer.input_layernorm.weight[...])
     qkv = [_np(w[...]).reshape(h, -1).T for w in (at.q_proj, at.k_proj, at.v_proj)]

@@ -125,6 +125,25 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
     return graphdef, pvars, params
 
 
+def resolve_init_ckpt(cfg):
+    """--init_ckpt (``DIR`` or ``DIR:STEP``): (config, run dir, ckpt dir, step).  The checkpoint's own model config
+    wins unless --hf_dir is given; an unreadable checkpoint is a one-line usage error."""
+    if not FLAGS.init_ckpt:
+        return cfg, None, None, None
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, model_config_from_meta, resolve_ckpt_dir
+
+    ref, step = parse_ckpt_ref(FLAGS.init_ckpt)
+    run_dir, ckpt_dir = resolve_ckpt_dir(ref)
+    try:
+        with Checkpointer(ckpt_dir, read_only=True) as c:
+            meta = c.read_meta(step)
+    except CheckpointError as e:
+        usage(f"--init_ckpt: {e}")
+    if not FLAGS.hf_dir:
+        cfg = model_config_from_meta(meta, **runtime_overrides())
+    return cfg, run_dir, ckpt_dir, step
+
+
 def parse_ckpt_ref(ref: str) -> tuple[str, int | None]:
     """'DIR' or 'DIR:STEP' -> (DIR, STEP or None)."""
     head, sep, tail = ref.rpartition(":")

@@ -112,15 +112,13 @@ def main(argv):
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     common.init_distributed()
     import jax
-    import numpy as np
 
     from ring_jax.data.chat import ChatRenderer
     from ring_jax.data.pipeline import prompt_dataset
     from ring_jax.rl.evaluate import evaluate
     from ring_jax.rl.losses import PolicyLossConfig
     from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, RLStep, rl_loss_fn
-    from ring_jax.train.checkpoint import (CheckpointError, Checkpointer, latest_step_in, model_config_from_meta,
-                                         resolve_ckpt_dir)
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, latest_step_in
     from ring_jax.train.loop import LoopConfig, NonFiniteError, batches_with_state, train_loop
     from ring_jax.train.metrics import MetricsWriter
     from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
@@ -129,17 +127,7 @@ def main(argv):
 
     chief = jax.process_index() == 0
     cfg = common.model_config_from_flags()
-    init_run = init_dir = init_step = None
-    if FLAGS.init_ckpt:
-        ref, init_step = common.parse_ckpt_ref(FLAGS.init_ckpt)
-        init_run, init_dir = resolve_ckpt_dir(ref)
-        try:
-            with Checkpointer(init_dir, read_only=True) as c:
-                meta = c.read_meta(init_step)
-        except CheckpointError as e:
-            usage(f"--init_ckpt: {e}")
-        if not FLAGS.hf_dir:
-            cfg = model_config_from_meta(meta, **common.runtime_overrides())
+    cfg, init_run, init_dir, init_step = common.resolve_init_ckpt(cfg)
     if not FLAGS.tasks and not FLAGS.prompts_jsonl:
         usage("give --tasks and/or --prompts_jsonl")
     mesh = common.build_mesh(FLAGS.mesh)

@@ -116,8 +116,7 @@ def main(argv):
 
     from ring_jax.data import DataError
     from ring_jax.data.pipeline import make_sft_dataset
-    from ring_jax.train.checkpoint import (CheckpointError, Checkpointer, latest_step_in, model_config_from_meta,
-                                         resolve_ckpt_dir)
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, latest_step_in
     from ring_jax.train.loop import LoopConfig, NonFiniteError, batches_with_state, train_loop
     from ring_jax.train.losses import LossConfig, sft_loss_fn
     from ring_jax.train.metrics import MetricsWriter, flops_per_token, measure_matmul_peak
@@ -128,17 +127,7 @@ def main(argv):
 
     chief = jax.process_index() == 0
     cfg = common.model_config_from_flags()
-    init_run = init_dir = init_step = None
-    if FLAGS.init_ckpt:
-        ref, init_step = common.parse_ckpt_ref(FLAGS.init_ckpt)
-        init_run, init_dir = resolve_ckpt_dir(ref)
-        try:
-            with Checkpointer(init_dir, read_only=True) as c:
-                init_meta = c.read_meta(init_step)
-        except CheckpointError as e:
-            usage(f"--init_ckpt: {e}")
-        if not FLAGS.hf_dir:
-            cfg = model_config_from_meta(init_meta, **common.runtime_overrides())
+    cfg, init_run, init_dir, init_step = common.resolve_init_ckpt(cfg)
     mesh = common.build_mesh(FLAGS.mesh)
     dp = data_parallel_size(mesh)
     _check_flags(dp, jax.process_count())
