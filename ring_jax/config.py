@@ -36,7 +36,7 @@ UPSTREAM_CLASS_DEFAULTS = dict(
 )
 
 MOE_IMPLS = ("dispatch", "ragged", "dense", "pallas")
-RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile")
+RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile", "moe_capacity_factor")
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     moe_tile: int = 0  # full row tile of the dispatch path's grouped loop (0 = 128)
+    # expert-parallel capacity factor: None = dropless (capacity = local tokens); c > 0 keeps at most
+    # ceil(c * local_tokens * k / num_experts) tokens per expert per device and drops (counts) the rest
+    moe_capacity_factor: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -143,6 +146,8 @@ class ModelConfig:
                 bad("intermediate_size", "required for dense MLP layers (first_k_dense_replace > 0)")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"one of {MOE_IMPLS}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            bad("moe_capacity_factor", "None (dropless) or > 0")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 bad(f, "float32 or bfloat16")

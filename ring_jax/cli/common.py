@@ -21,6 +21,8 @@ def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "parameter (master weight) dtype")
     flags.DEFINE_enum("moe_impl", None, ["dispatch", "ragged", "dense", "pallas"], "MoE compute path")
     flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
+    flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless); tokens "
+                       "over ceil(factor * local tokens * k / experts) per expert are dropped and counted")
     flags.DEFINE_integer("seed", 0, "parameter-initialisation and PRNG seed")
 
 
@@ -74,7 +76,7 @@ def build_mesh(spec: str):
 
 def runtime_overrides() -> dict:
     out = {}
-    for name in ("dtype", "param_dtype", "moe_impl", "remat"):
+    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_capacity_factor"):
         v = getattr(FLAGS, name)
         if v is not None:
             out[name] = v
@@ -114,7 +116,8 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
         from ring_jax.hf import load_pretrained
 
         model, _ = load_pretrained(hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                   shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat)
+                                   shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat,
+                                   moe_capacity_factor=cfg.moe_capacity_factor)
         graphdef, pvars, params = split_model(model)
         return graphdef, pvars, params
     abstract = nnx.eval_shape(lambda: build_model(cfg, seed))

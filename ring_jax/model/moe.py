@@ -160,6 +160,7 @@ class MoEBlock(nnx.Module):
         self.shared = SwiGLU(cfg, f * ns, rngs, axis="mlp") if ns else None
         self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
         self.num_experts = e
+        self.capacity_factor = cfg.moe_capacity_factor
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x, token_mask):
@@ -173,8 +174,8 @@ class MoEBlock(nnx.Module):
         from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
 
         if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
-            cf = getattr(self, "capacity_factor", moe_ep.DEFAULT_CAPACITY_FACTOR)
-            y, dropped = moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=cf)
+            y, dropped = moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd,
+                                                    capacity_factor=self.capacity_factor)
             if hasattr(self, "__captures__"):  # recorded under nnx.capture(..., nnx.Intermediate) only
                 self.sow(nnx.Intermediate, "moe_dropped", dropped, reduce_fn=lambda _, v: v, init_fn=lambda: 0)
         elif self.impl == "dense":

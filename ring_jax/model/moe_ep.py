@@ -43,8 +43,6 @@ from ring_jax.sharding import LOGICAL_RULES
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
-# Capacity factor used when the model config does not set one (None = dropless).
-DEFAULT_CAPACITY_FACTOR: float | None = None
 # Whether impl='auto' may choose the (untested) ragged_all_to_all path on GPU/TPU.
 AUTO_RAGGED = True
 

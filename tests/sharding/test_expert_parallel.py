@@ -60,6 +60,28 @@ def test_block_matches_single_device():
         _close(g, ref_g)  # grads w.r.t. the router, experts, shared MLP and the input
 
 
+def test_config_capacity_factor_reaches_the_block():
+    """``ModelConfig.moe_capacity_factor`` sets the EP capacity: a small factor drops (and counts) exactly the
+    assignments the standalone capacity path drops; the block's output equals that path's output plus the shared
+    MLP."""
+    cfg = get_preset("tiny", num_experts=8, moe_capacity_factor=0.5)
+    block = MoEBlock(cfg, nnx.Rngs(params=0))
+    randomize(block, seed=3, scale=0.15)
+    x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.float32)
+    mask = jnp.ones((8, 4), bool)
+    mesh = make_mesh("data:2,expert:4")
+    (_, inter), _ = _block_value_and_grad(block, x, mask, mesh)
+    drops = [int(d) for d in jax.tree.leaves(inter)]
+    flat = x.reshape(-1, cfg.hidden_size)
+    w, ids, _ = route(flat @ block.gate[...], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    with jax.set_mesh(mesh):
+        _, want = jax.jit(lambda *a: moe_ep.moe_expert_parallel(*a, capacity_factor=0.5))(
+            flat, w, ids, block.experts_gate[...], block.experts_up[...], block.experts_down[...])
+    assert drops == [int(want)] and drops[0] > 0
+    with pytest.raises(ValueError, match="moe_capacity_factor"):
+        get_preset("tiny", moe_capacity_factor=0.0)
+
+
 # ------------------------------------------------------------------------------------------------- capacity
 def _oracle(x, w, ids, wg, wu, wd, shards, cap):
     """NumPy: contiguous token shards; within each (shard, expert) the first ``cap`` assignments in slot-major order
