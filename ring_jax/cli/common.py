@@ -163,6 +163,22 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_init_record(out_dir: str, ckpt_dir: str, step: int, params, chief: bool = True) -> None:
+    """``<out_dir>/init.json``: the checkpoint (directory, step) a run's parameters were initialised from and their
+    per-array checksums (``ring_jax.train.checkpoint.tree_checksums``, the list every checkpoint's meta stores under
+    ``checksums.params``), so a chained run (``ring-jax-rl-schedule``) can show that it started exactly where the
+    previous stage ended.  Every process computes the checksums (a collective); the chief writes the file."""
+    import jax
+    import numpy as np
+
+    from ring_jax.train.checkpoint import tree_checksums
+
+    sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
+    if chief:
+        write_json(os.path.join(out_dir, "init.json"), {"init_ckpt": os.path.abspath(ckpt_dir), "step": int(step),
+                                                        "params_checksums": sums})
+
+
 def die(msg: str, code: int = 1):
     """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -170,4 +186,5 @@ def die(msg: str, code: int = 1):
 
 
 __all__ = ["build_mesh", "define_model_flags", "define_runtime_flags", "die", "init_distributed", "init_params",
-           "model_config_from_flags", "parse_ckpt_ref", "runtime_overrides", "usage", "write_json"]
+           "model_config_from_flags", "parse_ckpt_ref", "runtime_overrides", "usage", "write_init_record",
+           "write_json"]

@@ -217,9 +217,11 @@ def main(argv):
             if init_dir:
                 try:
                     with Checkpointer(init_dir, read_only=True) as c:
-                        params = c.restore_params(params, shardings.params, init_step).params
+                        restored_init = c.restore_params(params, shardings.params, init_step)
                 except CheckpointError as e:
                     common.die(f"--init_ckpt: {e}")
+                params = restored_init.params
+                common.write_init_record(out_dir, init_dir, restored_init.step, params, chief)
             state = create_train_state(params, optimizer, shardings, FLAGS.seed)
             if FLAGS.beta:
                 ref_params = jax.tree.map(lambda x: x.copy(), state.params)  # frozen pi_ref
