@@ -36,7 +36,8 @@ UPSTREAM_CLASS_DEFAULTS = dict(
 )
 
 MOE_IMPLS = ("dispatch", "ragged", "dense", "pallas")
-RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile", "moe_capacity_factor")
+RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile", "moe_capacity_factor", "attn_chunk",
+                  "moe_chunk")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,11 @@ class ModelConfig:
     # expert-parallel capacity factor: None = dropless (capacity = local tokens); c > 0 keeps at most
     # ceil(c * local_tokens * k / num_experts) tokens per expert per device and drops (counts) the rest
     moe_capacity_factor: float | None = None
+    # long sequences: attention ``attn_chunk`` queries at a time (0 = all at once; same numerics, scores memory
+    # [B, H, attn_chunk, S] instead of [B, H, T, S]) and the routed experts ``moe_chunk`` positions of every row at a
+    # time (0 = all; bounds the dispatch buffers); both rematerialised per chunk in the backward pass
+    attn_chunk: int = 0
+    moe_chunk: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -148,6 +154,9 @@ class ModelConfig:
             bad("moe_impl", f"one of {MOE_IMPLS}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             bad("moe_capacity_factor", "None (dropless) or > 0")
+        for f in ("attn_chunk", "moe_chunk"):
+            if getattr(self, f) < 0:
+                bad(f, "0 (off) or a positive number of positions")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 bad(f, "float32 or bfloat16")

@@ -23,6 +23,10 @@ def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
     flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless); tokens "
                        "over ceil(factor * local tokens * k / experts) per expert are dropped and counted")
+    flags.DEFINE_integer("attn_chunk", None, "long sequences: attention this many queries at a time (0: all; same "
+                         "numerics, scores memory [B, H, chunk, T] instead of [B, H, T, T])")
+    flags.DEFINE_integer("moe_chunk", None, "long sequences: routed experts this many positions per row at a time "
+                         "(0: all; bounds the expert-dispatch buffers)")
     flags.DEFINE_integer("seed", 0, "parameter-initialisation and PRNG seed")
 
 
@@ -76,7 +80,7 @@ def build_mesh(spec: str):
 
 def runtime_overrides() -> dict:
     out = {}
-    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_capacity_factor"):
+    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_capacity_factor", "attn_chunk", "moe_chunk"):
         v = getattr(FLAGS, name)
         if v is not None:
             out[name] = v
@@ -117,7 +121,8 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
 
         model, _ = load_pretrained(hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                    shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat,
-                                   moe_capacity_factor=cfg.moe_capacity_factor)
+                                   moe_capacity_factor=cfg.moe_capacity_factor, attn_chunk=cfg.attn_chunk,
+                                   moe_chunk=cfg.moe_chunk)
         graphdef, pvars, params = split_model(model)
         return graphdef, pvars, params
     abstract = nnx.eval_shape(lambda: build_model(cfg, seed))

@@ -51,6 +51,34 @@ def dot_attention(q, k, v, mask):
     return out.reshape(b, t, h, d)
 
 
+def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int):
+    """:func:`dot_attention` (with :func:`attention_mask`) computed ``chunk`` queries at a time under
+    ``jax.checkpoint``: every query row still takes one float32 softmax over all S keys, so the numerics are those
+    of the full computation, but neither pass holds more than ``[B, H, chunk, S]`` scores (the full path holds
+    ``[B, H, T, S]``: 64 GiB per row at T = S = 32768).  Rows past T (padding up to a multiple of ``chunk``) are
+    computed and dropped; query rows are independent, so they change nothing.  k and v enter the loop in float32 and
+    are cast back inside, so their gradients accumulate over the chunks in float32 (exact casts: the values are
+    those of k and v)."""
+    b, t, h, d = q.shape
+    pad = -t % chunk
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)))
+        q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    qs = q.reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    segs = q_seg.reshape(b, n, chunk).swapaxes(0, 1)
+    poss = q_pos.reshape(b, n, chunk).swapaxes(0, 1)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+
+    @jax.checkpoint
+    def one(qc, sc, pc, kf, vf):
+        return dot_attention(qc, kf.astype(k.dtype), vf.astype(v.dtype), attention_mask(sc, pc, k_seg, k_pos))
+
+    _, out = jax.lax.scan(lambda c, xs: (c, one(*xs, kf, vf)), None, (qs, segs, poss))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         h, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
@@ -67,6 +95,7 @@ class Attention(nnx.Module):
         if cfg.use_bias:
             self.o_bias = param(rngs, (h,), ("norm",), cfg, init="zeros")
         self.use_qkv_bias, self.use_bias = cfg.use_qkv_bias, cfg.use_bias
+        self.attn_chunk = cfg.attn_chunk
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x, cos, sin, segment_ids, positions, cache: LayerCache | None = None,
@@ -80,8 +109,9 @@ class Attention(nnx.Module):
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        t = x.shape[1]
         if cache is None:
-            mask = attention_mask(segment_ids, positions, segment_ids, positions)
+            k_seg, k_pos = segment_ids, positions
             new_cache = None
         else:
             b, t = x.shape[:2]
@@ -90,8 +120,11 @@ class Attention(nnx.Module):
             new_cache = LayerCache(cache.k.at[rows, cols].set(k.astype(cache.k.dtype), mode="drop"),
                                    cache.v.at[rows, cols].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = new_cache.k.astype(dt), new_cache.v.astype(dt)
-            mask = attention_mask(segment_ids, positions, view.kv_segment_ids, view.kv_positions)
-        out = dot_attention(q, k, v, mask)
+            k_seg, k_pos = view.kv_segment_ids, view.kv_positions
+        if self.attn_chunk and t > self.attn_chunk:
+            out = chunked_attention(q, k, v, segment_ids, positions, k_seg, k_pos, self.attn_chunk)
+        else:
+            out = dot_attention(q, k, v, attention_mask(segment_ids, positions, k_seg, k_pos))
         out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)

@@ -161,7 +161,25 @@ class MoEBlock(nnx.Module):
         self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
         self.num_experts = e
         self.capacity_factor = cfg.moe_capacity_factor
+        self.moe_chunk = cfg.moe_chunk
         self.dtype = dtype_of(cfg.dtype)
+
+    def _routed(self, flat, weights, ids, wg, wu, wd):
+        """Routed experts on tokens ``flat [N, H]``: (float32 [N, H], dropped assignments (int32; 0 unless the
+        expert-parallel capacity path drops))."""
+        from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
+
+        if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
+            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor)
+        if self.impl == "dense":
+            y = moe_dense(flat, weights, ids, wg, wu, wd)
+        elif self.impl == "dispatch":
+            y = moe_dispatch(flat, weights, ids, wg, wu, wd, self.tile)
+        elif self.impl == "ragged":
+            y = moe_ragged(flat, weights, ids, wg, wu, wd)
+        else:
+            y = moe_pallas(flat, weights, ids, wg, wu, wd)
+        return y, jnp.zeros((), jnp.int32)
 
     def __call__(self, x, token_mask):
         b, t, h = x.shape
@@ -170,22 +188,36 @@ class MoEBlock(nnx.Module):
         logits = flat @ self.gate[...].astype(dt)
         weights, ids, probs = route(logits, self.k, self.norm_topk)
         stats = router_stats(logits, probs, ids, token_mask.reshape(-1), self.num_experts)
-        wg, wu, wd = (p[...].astype(dt) for p in (self.experts_gate, self.experts_up, self.experts_down))
-        from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
+        experts = (self.experts_gate, self.experts_up, self.experts_down)
+        c = self.moe_chunk
+        if c and t > c and t % c == 0:
+            # the routed experts moe_chunk positions of every row at a time (rows stay sharded over the batch axes),
+            # each chunk rematerialised in the backward pass; the expert weights enter in float32 so that their
+            # gradients accumulate over the chunks in float32
+            n = t // c
 
-        if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
-            y, dropped = moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd,
-                                                    capacity_factor=self.capacity_factor)
-            if hasattr(self, "__captures__"):  # recorded under nnx.capture(..., nnx.Intermediate) only
-                self.sow(nnx.Intermediate, "moe_dropped", dropped, reduce_fn=lambda _, v: v, init_fn=lambda: 0)
-        elif self.impl == "dense":
-            y = moe_dense(flat, weights, ids, wg, wu, wd)
-        elif self.impl == "dispatch":
-            y = moe_dispatch(flat, weights, ids, wg, wu, wd, self.tile)
-        elif self.impl == "ragged":
-            y = moe_ragged(flat, weights, ids, wg, wu, wd)
+            def split(a):
+                return a.reshape(b, n, c, *a.shape[1:]).swapaxes(0, 1).reshape(n, b * c, *a.shape[1:])
+
+            w32 = tuple(p[...].astype(jnp.float32) for p in experts)
+
+            @jax.checkpoint
+            def one(xc, wc, ic, w32):
+                return self._routed(xc, wc, ic, *(w.astype(dt) for w in w32))
+
+            def body(drop, xs):
+                yc, d = one(*xs, w32)
+                return drop + d, yc
+
+            dropped, ys = jax.lax.scan(body, jnp.zeros((), jnp.int32), (split(flat), split(weights), split(ids)))
+            y = ys.reshape(n, b, c, h).swapaxes(0, 1).reshape(b * t, h)
         else:
-            y = moe_pallas(flat, weights, ids, wg, wu, wd)
+            y, dropped = self._routed(flat, weights, ids, *(p[...].astype(dt) for p in experts))
+        from ring_jax.model import moe_ep
+
+        # the expert-parallel path records its drop count, under nnx.capture(..., nnx.Intermediate) only
+        if moe_ep.expert_parallel_mesh(self.num_experts) is not None and hasattr(self, "__captures__"):
+            self.sow(nnx.Intermediate, "moe_dropped", dropped, reduce_fn=lambda _, v: v, init_fn=lambda: 0)
         y = y.astype(x.dtype).reshape(b, t, h)
         if self.shared is not None:
             y = y + self.shared(x)
