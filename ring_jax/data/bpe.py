@@ -34,6 +34,7 @@ def train_bpe(
     vocab_size: int,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
+    split_digits: bool = True,
 ) -> HFTokenizer:
     """Trains a byte-level BPE tokenizer on ``texts``; deterministic for a given input.
 
@@ -44,6 +45,9 @@ def train_bpe(
       special_tokens: atomic tokens given ids 0..len-1 in order. The first is the pad token and the second the
         eos token when the defaults are used; bos is None (the ChatML template needs none).
       min_frequency: minimum pair count for a merge.
+      split_digits: every digit is its own pre-token, so no merge ever joins digits (as LLaMA's and Qwen's
+        tokenizers do). Numbers then share one small set of digit tokens and a small model can learn carrying,
+        instead of memorising a table of multi-digit tokens (see BUILD_NOTES, "digits").
 
     Returns:
       An :class:`HFTokenizer` whose ``chat_template`` is the ChatML Jinja string.
@@ -61,7 +65,9 @@ def train_bpe(
         )
 
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

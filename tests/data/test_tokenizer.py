@@ -45,6 +45,20 @@ def test_bpe_deterministic_and_validates():
         bpe.train_bpe(texts, 100)
 
 
+def test_bpe_splits_digits():
+    """With split_digits (the default) no token holds two digits, however often a number occurs, and text still
+    round-trips; without it the trainer merges frequent numbers into single tokens."""
+    texts = [f"{a} + {b} = {a + b}" for a in range(10, 40) for b in range(10, 40)] * 3
+    tok = bpe.train_bpe(texts, 400)
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    assert not [p for p in pieces if sum(c.isdigit() for c in p) > 1]
+    for s in ["12 + 345 = 357", "x=1234567890", texts[7]]:
+        assert tok.decode(tok.encode(s)) == s
+    assert [tok.decode([i]) for i in tok.encode("17 + 25")] == ["1", "7", " +", " ", "2", "5"]
+    merged = bpe.train_bpe(texts, 400, split_digits=False)
+    assert any(sum(c.isdigit() for c in merged.decode([i])) > 1 for i in range(merged.vocab_size))
+
+
 def test_save_load_identity(bpe_tok, tmp_path):
     bpe_tok.save(str(tmp_path / "tok"))
     cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
