@@ -16,7 +16,9 @@ Batches are right-padded (segment id 0, which the attention mask and the MoE sta
 length bucket (at least ``min_len``) and a power-of-two row count that the data-parallel mesh axes divide, so a
 handful of shapes are compiled, and a score does not depend on its batch partners or on the padding.  The scoring
 function is ``jax.jit`` with explicit shardings: parameters by the logical-axis rules table
-(``ring_jax.sharding``), token rows over the data-like axes, scores likewise.
+(``ring_jax.sharding``), token rows over the data-like axes, the scores replicated.  Every process passes the same
+prompts and responses (as ring-jax-rl's processes do) and builds the global batch from them, so scoring also runs
+on a multi-process mesh; `RewardModelTrainer` feeds host batches straight to the train step (one process).
 
 `LearnedRewardModel` implements ``ring_jax.rewards.general.RewardModel`` (``score_batch(prompts, responses)``), so
 
@@ -179,8 +181,10 @@ class LearnedRewardModel:
         def scores(params, tokens, segment_ids, last_idx):
             return nnx.merge(graphdef, params)(tokens, segment_ids, last_idx).scores
 
+        self._in_shardings = (tok_sh, tok_sh, row_sh)
+        # scores come back replicated (a few floats), so every process can read them
         self._score = jax.jit(scores, in_shardings=(self.param_shardings, tok_sh, tok_sh, row_sh),
-                              out_shardings=row_sh)
+                              out_shardings=NamedSharding(self.mesh, P()))
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -267,7 +271,10 @@ class LearnedRewardModel:
         for i in range(0, len(seqs), self.max_batch):
             chunk = seqs[i:i + self.max_batch]
             b = pad_rows(chunk, self.row_multiple, self.min_len)
-            s = self._score(params, b["tokens"], b["segment_ids"], b["last_idx"])
+            # every process holds the whole (identical) host batch; each device takes its rows from it
+            args = [jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx])
+                    for x, sh in zip((b["tokens"], b["segment_ids"], b["last_idx"]), self._in_shardings)]
+            s = self._score(params, *args)
             out.append(np.asarray(jax.device_get(s))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
