@@ -147,6 +147,7 @@ class LearnedRewardModel:
       max_len: longest scored sequence (default ``cfg.max_position_embeddings``); longer ones keep their tail.
       max_batch: sequences per compiled call (larger inputs are scored in chunks).
       min_len: the smallest length bucket.
+      rules: the logical-axis -> mesh-axis table (``ring_jax.sharding.DEFAULT_RULES``).
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer, *, mesh: Mesh | None = None, params=None, seed: int = 0,
