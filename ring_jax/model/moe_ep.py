@@ -45,6 +45,9 @@ EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 # Whether impl='auto' may choose the (untested) ragged_all_to_all path on GPU/TPU.
 AUTO_RAGGED = True
+# Platform that impl='auto' decides for (None: jax.default_backend()).  ring-jax-fit sets it when it compiles for a
+# TPU topology from a CPU host, so the program it measures is the one the TPU would run.
+TARGET_PLATFORM: str | None = None
 
 _warned: set[str] = set()
 
@@ -219,7 +222,8 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
 # ------------------------------------------------------------------------------------------------- entry point
 def choose_impl(impl: str, capacity_factor: float | None) -> str:
     if impl == "auto":
-        ok = AUTO_RAGGED and capacity_factor is None and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+        platform = TARGET_PLATFORM or jax.default_backend()
+        ok = AUTO_RAGGED and capacity_factor is None and platform in ("gpu", "cuda", "rocm", "tpu")
         return "ragged" if ok else "capacity"
     if impl not in ("capacity", "ragged"):
         raise ValueError(f"expert-parallel impl {impl!r}: one of auto, capacity, ragged")

@@ -22,7 +22,8 @@ from flax import nnx
 from ring_jax.rewards import registry as rewards
 from ring_jax.rl.advantages import group_advantages
 from ring_jax.rl.batch import build_rows
-from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, token_logprobs, token_weights
+from ring_jax.rl.losses import (PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, token_logprobs,
+                                token_weights)
 from ring_jax.rl.selection import fixed_count, select_budget
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import FINISH_STOP, SamplingParams
@@ -49,14 +50,27 @@ class RLConfig:
     reward_timeout_s: float = 30.0
     num_slots: int = 16  # decode batch of the engine
     sampling_moe_impl: str | None = None  # e.g. "dense" for small decode batches (same parameters)
+    logit_chunk: int = 0  # > 0: token log-probabilities from logits made this many positions at a time (long rows)
+
+
+def policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk: int = 0):
+    """(log pi(targets) [B, T], entropy [B, T], model Output) -- from full float32 logits, or with ``logit_chunk``
+    > 0 from the final hidden states ``logit_chunk`` positions at a time (same values; no [B, T, V] buffer)."""
+    if logit_chunk > 0:
+        out = model(tokens, positions, segment_ids, return_hidden=True, compute_logits=False)
+        logp, ent = chunked_token_logprobs(out.hidden, model.head_weight(), targets, logit_chunk)
+    else:
+        out = model(tokens, positions, segment_ids)
+        logp, ent = token_logprobs(out.logits, targets)
+    return logp, ent, out
 
 
 def rl_loss_fn(rl: RLConfig) -> Callable:
     """``loss_fn(model, mb) -> (sum_t w_t l_t, aux)`` for make_train_step; the step divides by the normaliser."""
 
     def loss_fn(model, mb):
-        out = model(mb["tokens"], mb["positions"], mb["segment_ids"])
-        logp, ent = token_logprobs(out.logits, mb["targets"])
+        logp, ent, out = policy_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"],
+                                         rl.logit_chunk)
         ref = mb.get("ref_logp")
         total, stats = policy_loss_sum(logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy)
         trained = (mb["weights"] > 0).astype(jnp.float32)
@@ -70,14 +84,13 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
     return loss_fn
 
 
-def make_ref_logp_fn(graphdef):
+def make_ref_logp_fn(graphdef, logit_chunk: int = 0):
     """Jitted ``(ref_params, rows) -> log pi_ref(targets)`` [R, T] for the KL term."""
 
     @jax.jit
     def fn(params, tokens, positions, segment_ids, targets):
         model = nnx.merge(graphdef, params)
-        logp, _ = token_logprobs(model(tokens, positions, segment_ids).logits, targets)
-        return logp
+        return policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk)[0]
 
     return fn
 
@@ -94,7 +107,7 @@ class RLStep:
         self.graphdef, self.train_step, self.rl = graphdef, train_step, rl
         self.encode_prompt, self.decode, self.stop_ids = encode_prompt, decode, tuple(stop_ids)
         self.ref_params = ref_params if rl.policy.beta else None  # beta = 0: no reference model in memory
-        self.ref_fn = make_ref_logp_fn(graphdef) if self.ref_params is not None else None
+        self.ref_fn = make_ref_logp_fn(graphdef, rl.logit_chunk) if self.ref_params is not None else None
         self.row_multiple, self.seed, self.to_device = row_multiple, seed, to_device
         self.calls = 0
 

@@ -222,26 +222,38 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
 
     compiled: dict = {}
 
-    def step(state: TrainState, batch, normalizer=None):
+    def jitted(batch, with_normalizer: bool):
         leaves, treedef = jax.tree.flatten(batch)
         rows = {np.shape(x)[0] for x in leaves}
         if len(rows) != 1 or next(iter(rows)) % (dp * num_micro):
             raise ValueError(f"batch rows {sorted(rows)}: every batch leaf needs the same leading dimension, divisible "
                              f"by data-parallel size {dp} x num_micro {num_micro}")
-        key = (treedef, tuple(np.ndim(x) for x in leaves), normalizer is None)
+        key = (treedef, tuple(np.ndim(x) for x in leaves), not with_normalizer)
         if key not in compiled:
             b_sh = jax.tree.unflatten(treedef, [leaf_sharding(x) for x in leaves])
-            if normalizer is None:
+            if not with_normalizer:
                 fn, in_sh = (lambda s, b: core(s, b, normalizer_fn(b))), (state_shardings, b_sh)
             else:
                 fn, in_sh = core, (state_shardings, b_sh, repl)
             compiled[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=(state_shardings, repl),
                                     donate_argnums=(0,) if donate else ())
+        return compiled[key]
+
+    def step(state: TrainState, batch, normalizer=None):
         if normalizer is None:
-            return compiled[key](state, batch)
-        return compiled[key](state, batch, jnp.asarray(normalizer, jnp.float32))
+            return jitted(batch, False)(state, batch)
+        return jitted(batch, True)(state, batch, jnp.asarray(normalizer, jnp.float32))
+
+    def lower(state, batch, normalizer=None):
+        """The step lowered for (possibly abstract, ``jax.ShapeDtypeStruct``) inputs, under the mesh: compile it to
+        read XLA's memory analysis without running it (ring-jax-fit)."""
+        with jax.set_mesh(mesh):
+            if normalizer is None:
+                return jitted(batch, False).lower(state, batch)
+            return jitted(batch, True).lower(state, batch, normalizer)
 
     step.compiled = compiled
+    step.lower = lower
     return step
 
 

@@ -108,3 +108,21 @@ def test_moe_chunk_under_expert_parallel_mesh():
 def test_negative_chunk_is_a_config_error():
     with pytest.raises(ValueError, match="attn_chunk"):
         get_preset("tiny", attn_chunk=-1)
+
+
+def test_chunked_token_logprobs_equal_full():
+    """RL log-probs and entropy from logits made a chunk of positions at a time (T not a multiple of the chunk)."""
+    from ring_jax.rl.losses import chunked_token_logprobs, token_logprobs
+
+    kh, kw, kt, kc = jax.random.split(jax.random.key(2), 4)
+    hidden = jax.random.normal(kh, (2, 11, 8))
+    w = jax.random.normal(kw, (8, 32))
+    targets = jax.random.randint(kt, (2, 11), 0, 32)
+    c = jax.random.normal(kc, (2, 2, 11))
+
+    def loss(fn):
+        return lambda h, w: sum(jnp.sum(a * b) for a, b in zip(fn(h, w), c))
+
+    full = loss(lambda h, w: token_logprobs(jnp.einsum("bth,hv->btv", h, w), targets))
+    chunked = loss(lambda h, w: chunked_token_logprobs(h, w, targets, 4))
+    _close(jax.value_and_grad(chunked, argnums=(0, 1))(hidden, w), jax.value_and_grad(full, argnums=(0, 1))(hidden, w))
