@@ -1,11 +1,17 @@
-"""ring-jax-fit: will it fit?  Compile the train step (and a decode step) for a preset on a mesh of N devices against
-abstract arrays (nothing allocated, no accelerator needed) and print XLA's per-device memory analysis.
+"""ring-jax-fit: will it fit?  Compile the SFT train step, the RL rollout (prefill + decode with the KV cache) and the
+RL train step (+ reference log-probs) for a preset on a mesh against abstract arrays (nothing allocated) and print
+XLA's per-device memory analysis of each: parameters, optimizer state, batch / KV cache, temporaries, peak.
 
     ring-jax-fit --preset=ling-lite-1.5 --devices=64 --mesh=fsdp:8,expert:8 --seq_len=4096 --global_batch=64
+    ring-jax-fit --flagfile=experiments/flags/fit_ling_lite_v5p.flags        # the Ring-lite recipe on a v5p slice
+    ring-jax-fit ... --target=v5p:4x4x4      # compile for a TPU topology (needs libtpu: pip install 'jax[tpu]')
 
-The devices are fake CPU devices (``--xla_force_host_platform_device_count``), so the figures are XLA's CPU memory
-analysis of the same sharded program: parameters, optimizer state and batch per device are exact; temporaries
-(activations) depend on the backend's fusion and are indicative.
+``--target=cpu`` (default): the mesh is ``--devices`` fake CPU devices, so parameters, optimizer state, batch and KV
+cache per device are exact, while temporaries are XLA:CPU's (it runs bf16 matmuls in float32, so they overstate a
+TPU's).  ``--target=<tpu topology>`` compiles deviceless for that TPU slice with libtpu: the TPU compiler's own
+figures.  The model unrolls its layers, so compile time grows with them: ``--extrapolate`` compiles every program
+at 1 and 2 layers and extrapolates linearly to the preset's layer count (memory is linear in layers: per-layer
+parameters, moments, KV cache, saved layer inputs and gradients).
 """
 
 from __future__ import annotations
@@ -17,80 +23,151 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
+HBM_GIB = {"v5e": 16.0, "v4": 32.0, "v6e": 32.0, "v5p": 95.0}
+
 
 def define_flags():
     flags.DEFINE_string("preset", "ling-lite-1.5", "model preset")
-    flags.DEFINE_integer("devices", 64, "number of (fake) devices of the mesh")
-    flags.DEFINE_string("mesh", "fsdp:8,expert:8", "mesh spec over --devices")
-    flags.DEFINE_integer("seq_len", 4096, "train row length")
-    flags.DEFINE_integer("global_batch", 64, "rows per step")
-    flags.DEFINE_integer("micro_batches", 1, "micro-batches per step")
-    flags.DEFINE_integer("num_layers", 0, "override num_hidden_layers (0: the preset's); memory scales per layer")
+    flags.DEFINE_string("target", "cpu", "cpu (fake CPU devices) or a TPU topology for a deviceless compile with "
+                        "libtpu, e.g. v5p:4x4x4 (64 chips), v5p:4x4x8, v4:4x4x4, v5e:8x8")
+    flags.DEFINE_integer("devices", 64, "number of fake CPU devices (--target=cpu)")
+    flags.DEFINE_string("mesh", "fsdp:8,expert:8", "mesh spec over the devices")
+    flags.DEFINE_list("programs", ["sft", "rollout", "rl"], "what to compile: sft, rollout, rl (RL step + ref logp)")
+    flags.DEFINE_integer("num_layers", 0, "override num_hidden_layers (0: the preset's)")
+    flags.DEFINE_bool("extrapolate", False, "compile at 1 and 2 layers, extrapolate to the preset's layer count")
     flags.DEFINE_bool("remat", True, "rematerialise decoder layers")
-    flags.DEFINE_integer("ce_chunk", 1024, "chunked cross-entropy positions (0: full logits)")
+    flags.DEFINE_integer("attn_chunk", 1024, "attention queries per chunk (0: all at once)")
+    flags.DEFINE_integer("moe_chunk", 2048, "routed-expert positions per row per chunk (0: all at once)")
+    flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless)")
+    # SFT
+    flags.DEFINE_integer("seq_len", 4096, "SFT row length")
+    flags.DEFINE_integer("global_batch", 64, "SFT rows per step")
+    flags.DEFINE_integer("micro_batches", 1, "SFT micro-batches per step")
+    flags.DEFINE_integer("ce_chunk", 1024, "chunked cross-entropy / log-prob positions (0: full logits)")
+    # rollout
+    flags.DEFINE_integer("num_slots", 0, "decode batch of the sampling engine, over the whole mesh "
+                         "(0: 8 per data-parallel shard)")
+    flags.DEFINE_integer("prefill_batch", 0, "prompts per prefill call (0: one per data-parallel shard)")
+    flags.DEFINE_integer("prompt_len", 2048, "prompt tokens (bucketed to a power of two)")
+    flags.DEFINE_integer("max_new_tokens", 24576, "response length limit (Ring-lite: 24,576; 32,768 code/science)")
+    flags.DEFINE_integer("decode_chunk", 32, "decode steps per jitted call")
+    # RL step
+    flags.DEFINE_integer("rl_seq_len", 32768, "packed RL row length")
+    flags.DEFINE_integer("budget", 409600, "C3PO token budget Phi (sets the RL rows: Phi / (rl_seq_len - "
+                         "prompt_len) rows, at least one per data-parallel shard x micro-batch)")
+    flags.DEFINE_integer("rl_micro_batches", 1, "RL micro-batches per step")
+    flags.DEFINE_float("beta", 1e-3, "KL weight (> 0: the reference model is resident and its log-probs computed)")
 
 
-def _gib(x):
-    return f"{x / 2**30:8.2f} GiB"
+def _target_devices():
+    import jax
+
+    if FLAGS.target == "cpu":
+        return None, f"{FLAGS.devices} fake CPU devices"
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=FLAGS.target)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology: say which
+        raise app.UsageError(f"--target={FLAGS.target}: no TPU topology ({type(e).__name__}: {e}); a deviceless TPU "
+                             "compile needs libtpu (pip install 'jax[tpu]') and a name such as v5p:4x4x4") from None
+    from ring_jax.model import moe_ep
+
+    moe_ep.TARGET_PLATFORM = "tpu"  # the expert-parallel path a TPU would take (ragged all_to_all when dropless)
+    devs = list(topo.devices)
+    return devs, f"TPU {FLAGS.target} ({len(devs)} x {getattr(devs[0], 'device_kind', 'TPU')}, deviceless compile)"
+
+
+def _hbm():
+    if FLAGS.target == "cpu":
+        return HBM_GIB
+    gen = FLAGS.target.split(":")[0]
+    return {gen: HBM_GIB[gen]} if gen in HBM_GIB else HBM_GIB
+
+
+def reports_for(cfg, mesh):
+    """Compile every program named by --programs for ``cfg`` on ``mesh``; returns the reports."""
+    from ring_jax.rl import fit
+    from ring_jax.rl.losses import PolicyLossConfig
+    from ring_jax.rl.step import RLConfig
+    from ring_jax.train.losses import LossConfig
+
+    setup = fit.make_setup(cfg, mesh)
+    dp = fit.data_parallel(setup)
+    out = []
+    if "sft" in FLAGS.programs:
+        out.append(fit.sft_step(setup, FLAGS.seq_len, FLAGS.global_batch, FLAGS.micro_batches,
+                                LossConfig(ce_chunk=FLAGS.ce_chunk)))
+    if "rollout" in FLAGS.programs:
+        slots = FLAGS.num_slots or 8 * dp
+        out.extend(fit.rollout(setup, slots, FLAGS.prompt_len, FLAGS.max_new_tokens, FLAGS.prefill_batch or dp,
+                               FLAGS.decode_chunk, resident_ref=FLAGS.beta > 0))
+    if "rl" in FLAGS.programs:
+        room = max(1, FLAGS.rl_seq_len - FLAGS.prompt_len)
+        unit = dp * FLAGS.rl_micro_batches
+        rows = -(-(-(-FLAGS.budget // room)) // unit) * unit
+        rl = RLConfig(policy=PolicyLossConfig(beta=FLAGS.beta), logit_chunk=FLAGS.ce_chunk)
+        out.append(fit.rl_step(setup, rl, rows, FLAGS.rl_seq_len, FLAGS.rl_micro_batches))
+        if FLAGS.beta:
+            out.append(fit.ref_logp(setup, rows, FLAGS.rl_seq_len, FLAGS.ce_chunk))
+    return out
 
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
+    from ring_jax.cli.common import quiet_library_logs
+    from ring_jax.config import get_preset, human
+    from ring_jax.rl import fit
+    from ring_jax.sharding import ShardingError, make_mesh
 
-    from ring_jax.config import get_preset
-    from ring_jax.model.transformer import build_model
-    from ring_jax.sharding import make_mesh
-    from ring_jax.train.losses import LossConfig, sft_loss_fn
-    from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-    from ring_jax.train.step import abstract_train_state, make_train_step, split_model, train_state_shardings
-
-    over = {"remat": FLAGS.remat}
+    quiet_library_logs()
+    devices, where = _target_devices()
+    over = dict(remat=FLAGS.remat, attn_chunk=FLAGS.attn_chunk, moe_chunk=FLAGS.moe_chunk,
+                moe_capacity_factor=FLAGS.moe_capacity_factor)
     if FLAGS.num_layers:
         over["num_hidden_layers"] = FLAGS.num_layers
     cfg = get_preset(FLAGS.preset, **over)
-    mesh = make_mesh(FLAGS.mesh)
-    graphdef, pvars, params = split_model(nnx.eval_shape(lambda: build_model(cfg)))
-    opt, sched = make_optimizer(OptimConfig(), 1000, decay_mask(pvars))
-    abstract = abstract_train_state(params, opt)
-    sh = train_state_shardings(pvars, abstract, mesh)
-    step = make_train_step(graphdef, sft_loss_fn(LossConfig(ce_chunk=FLAGS.ce_chunk)), opt, mesh, sh,
-                           FLAGS.micro_batches, schedule=sched)
-    b, t = FLAGS.global_batch, FLAGS.seq_len
-    batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in
-             ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-    # build the jitted function through one call path without running it: lower the cached jit
     try:
-        step(abstract, batch)
-    except Exception:  # noqa: BLE001 - abstract inputs cannot run; the compiled function is cached already
-        pass
-    fn = next(iter(step.compiled.values()))
-    with jax.set_mesh(mesh):
-        compiled = fn.lower(abstract, batch).compile()
-    ma = compiled.memory_analysis()
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"{FLAGS.preset}: {n_params / 1e9:.2f}B parameters, {cfg.num_hidden_layers} layers, mesh {dict(mesh.shape)}, "
-          f"batch {b} x {t}, {FLAGS.micro_batches} micro-batch(es), remat={FLAGS.remat}, "
-          f"dtype {cfg.dtype} / params {cfg.param_dtype}")
-    print("per device (XLA memory analysis of the compiled train step):")
-    print(f"  arguments (params + optimizer state + batch): {_gib(ma.argument_size_in_bytes)}")
-    print(f"  outputs (aliased with donated arguments):     {_gib(ma.output_size_in_bytes)}")
-    print(f"  temporaries (activations, gradients):         {_gib(ma.temp_size_in_bytes)}")
-    peak = ma.argument_size_in_bytes + ma.temp_size_in_bytes
-    print(f"  peak estimate (arguments + temporaries):      {_gib(peak)}")
+        mesh = make_mesh(FLAGS.mesh, devices=devices)
+    except ShardingError as e:
+        raise app.UsageError(f"--mesh: {e}") from None
+    counts = cfg.param_counts()
+    print(f"{FLAGS.preset}: {human(counts['total'])} parameters ({human(counts['active'])} active), "
+          f"{cfg.num_hidden_layers} layers, dtype {cfg.dtype} / params {cfg.param_dtype}, remat={cfg.remat}, "
+          f"attn_chunk={cfg.attn_chunk}, moe_chunk={cfg.moe_chunk}, ce_chunk={FLAGS.ce_chunk}")
+    print(f"mesh {dict(mesh.shape)} on {where}")
+    if FLAGS.extrapolate:
+        r1 = reports_for(cfg.replace(num_hidden_layers=1), mesh)
+        r2 = reports_for(cfg.replace(num_hidden_layers=2), mesh)
+        reports = [fit.extrapolate(a, b, cfg.num_hidden_layers) for a, b in zip(r1, r2)]
+    else:
+        reports = reports_for(cfg, mesh)
+    print("per device:")
+    for r in reports:
+        print("\n".join(r.lines(_hbm())))
 
 
 def run():
     define_flags()
     # fake devices must be configured before jax initialises its backends
     argv = sys.argv
+    target = next((a.split("=", 1)[1] for a in argv if a.startswith("--target=")), "cpu")
     n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "64")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    if target == "cpu" and not any(a.startswith("--flagfile") for a in argv):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    app.run(main)
+    # deviceless TPU compile: libtpu must not look for local chips or a metadata server
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    app.run(_main_with_flagfile_devices)
+
+
+def _main_with_flagfile_devices(argv):
+    """A flagfile may set --devices / --target: the fake CPU device count is only known after parsing, so it is
+    applied here (before the first jax backend call)."""
+    if FLAGS.target == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                                   f"--xla_force_host_platform_device_count={FLAGS.devices}")
+    main(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""Will it fit: per-device memory of the compiled SFT step, the rollout (prefill + decode with the KV cache) and the
+C3PO RL step (+ the reference log-probabilities) for a model on a mesh, from XLA's memory analysis of the programs
+compiled against abstract arrays (``jax.ShapeDtypeStruct``: nothing is allocated, no accelerator is needed).
+
+Each program is the library's own (``make_train_step`` with the SFT or RL loss, the sampling engine's ``_prefill`` and
+``_decode`` bodies), jitted with explicit shardings from the rules table and compiled under ``jax.set_mesh`` so the
+MoE block takes its expert-parallel path.  ``inputs`` are the per-device bytes of the program's arguments by kind,
+exact from the shardings; ``resident`` are arrays that stay in device memory during the program without being its
+arguments (the optimizer state and the reference model during rollout, ...); ``temp`` is XLA's temporary
+allocation (activations, gradients, collective buffers).  ``peak = arguments + outputs - aliased + temporaries +
+resident``.
+
+The mesh may be fake CPU devices (``--xla_force_host_platform_device_count``; temporaries then reflect XLA:CPU's
+fusion and layout, e.g. bf16 matmuls done in f32) or a TPU topology compiled deviceless by libtpu
+(``jax.experimental.topologies``), which gives the TPU compiler's own figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ring_jax.config import ModelConfig
+from ring_jax.model.transformer import build_model
+from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, policy_logprobs, rl_loss_fn
+from ring_jax.sampling import engine as eng
+from ring_jax.sampling.types import pow2_bucket
+from ring_jax.sharding import DEFAULT_RULES, batch_sharding
+from ring_jax.train.losses import LossConfig, sft_loss_fn
+from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
+from ring_jax.train.step import (TrainState, abstract_train_state, data_parallel_size, make_train_step, split_model,
+                                 train_state_shardings)
+
+GIB = 2 ** 30
+NUM_STOP = 8  # stop-id columns of the decode state (the engine's minimum bucket)
+
+
+def _is_sharding(x):
+    return isinstance(x, jax.sharding.Sharding)
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Per-device bytes of the arrays of ``tree`` (abstract or concrete) placed by ``shardings`` (same structure)."""
+    xs = jax.tree.leaves(tree)
+    ss = jax.tree.leaves(shardings, is_leaf=_is_sharding)
+    assert len(xs) == len(ss), (len(xs), len(ss))
+    return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize for x, s in zip(xs, ss))
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-device bytes of one compiled program (see the module doc)."""
+    name: str
+    inputs: dict[str, int]
+    resident: dict[str, int]
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    note: str = ""
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + sum(self.resident.values())
+
+    def lines(self, hbm_gib: dict[str, float] | None = None) -> list[str]:
+        w = 40
+        out = [f"{self.name}{'  (' + self.note + ')' if self.note else ''}"]
+        for k, v in self.inputs.items():
+            out.append(f"  {k + ':':<{w}}{fmt_bytes(v)}")
+        other = self.argument - sum(self.inputs.values())
+        if abs(other) >= 2 ** 20:
+            out.append(f"  {'other arguments:':<{w}}{fmt_bytes(other)}")
+        for k, v in self.resident.items():
+            out.append(f"  {k + ' (resident):':<{w}}{fmt_bytes(v)}")
+        out.append(f"  {'outputs not aliased to inputs:':<{w}}{fmt_bytes(self.output - self.alias)}")
+        out.append(f"  {'temporaries (XLA):':<{w}}{fmt_bytes(self.temp)}")
+        fits = ""
+        if hbm_gib:
+            fits = "   " + ", ".join(f"{'fits' if self.peak <= v * GIB else 'does NOT fit'} {k} ({v:g} GiB)"
+                                     for k, v in hbm_gib.items())
+        out.append(f"  {'peak:':<{w}}{fmt_bytes(self.peak)}{fits}")
+        return out
+
+
+def fmt_bytes(x: int) -> str:
+    for unit, div in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(x) >= div / 10 or unit == "KiB":
+            return f"{x / div:9.2f} {unit}"
+    return f"{x} B"
+
+
+def extrapolate(r1: Report, r2: Report, layers: int) -> Report:
+    """Report for ``layers`` layers from reports at 1 and 2 layers (every figure linear in the layer count: the
+    per-layer parameters, optimizer moments, KV cache, saved layer inputs and gradients)."""
+    lin = lambda a, b: int(a + (layers - 1) * (b - a))  # noqa: E731
+    return Report(r1.name, {k: lin(r1.inputs[k], r2.inputs[k]) for k in r1.inputs},
+                  {k: lin(r1.resident[k], r2.resident[k]) for k in r1.resident},
+                  lin(r1.argument, r2.argument), lin(r1.output, r2.output), lin(r1.alias, r2.alias),
+                  lin(r1.temp, r2.temp), note=(r1.note + "; " if r1.note else "") + "extrapolated from 1 and 2 layers")
+
+
+def _report(name, compiled, inputs, resident=None, note="") -> Report:
+    ma = compiled.memory_analysis()
+    return Report(name, inputs, resident or {}, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                  int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes), note)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+@dataclasses.dataclass
+class Setup:
+    cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    optimizer: object
+    schedule: Callable
+    state: TrainState  # abstract
+    shardings: TrainState
+
+    @property
+    def params_bytes(self) -> int:
+        return shard_bytes(self.state.params, self.shardings.params)
+
+    @property
+    def opt_bytes(self) -> int:
+        return shard_bytes(self.state.opt_state, self.shardings.opt_state)
+
+    def rows(self, shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def row_sharding(self, ndim: int = 2) -> NamedSharding:
+        spec = tuple(batch_sharding(self.mesh, max(ndim, 2)).spec)[:ndim]
+        return NamedSharding(self.mesh, P(*spec))
+
+
+def make_setup(cfg: ModelConfig, mesh, optim: OptimConfig = OptimConfig()) -> Setup:
+    """Abstract model, AdamW state and their shardings on ``mesh`` (nothing allocated)."""
+    graphdef, pvars, params = split_model(nnx.eval_shape(lambda: build_model(cfg)))
+    optimizer, schedule = make_optimizer(optim, 1000, decay_mask(pvars))
+    state = abstract_train_state(params, optimizer)
+    return Setup(cfg, mesh, graphdef, optimizer, schedule, state, train_state_shardings(pvars, state, mesh))
+
+
+def _batch_bytes(setup: Setup, batch) -> int:
+    return sum(shard_bytes(x, setup.row_sharding(x.ndim)) for x in jax.tree.leaves(batch))
+
+
+# ------------------------------------------------------------------------------------------------ programs
+def sft_step(setup: Setup, seq_len: int, global_batch: int, micro_batches: int = 1,
+             loss: LossConfig = LossConfig()) -> Report:
+    """The SFT train step (``make_train_step`` + ``sft_loss_fn``) on a [global_batch, seq_len] batch."""
+    step = make_train_step(setup.graphdef, sft_loss_fn(loss), setup.optimizer, setup.mesh, setup.shardings,
+                           micro_batches, schedule=setup.schedule)
+    batch = {k: setup.rows((global_batch, seq_len)) for k in
+             ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+    compiled = step.lower(setup.state, batch).compile()
+    return _report(f"SFT train step: {global_batch} x {seq_len} tokens, {micro_batches} micro-batch(es)", compiled,
+                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
+                    "batch": _batch_bytes(setup, batch)})
+
+
+def rl_step(setup: Setup, rl: RLConfig, rows: int, seq_len: int, micro_batches: int = 1) -> Report:
+    """The RL train step (``make_train_step`` + ``rl_loss_fn``) on [rows, seq_len] packed rows; the frozen
+    reference parameters are resident when ``rl.policy.beta`` > 0."""
+    step = make_train_step(setup.graphdef, rl_loss_fn(rl), setup.optimizer, setup.mesh, setup.shardings,
+                           micro_batches, schedule=setup.schedule, sum_aux_keys=RL_SUM_KEYS)
+    batch = {k: setup.rows((rows, seq_len)) for k in ("tokens", "targets", "positions", "segment_ids")}
+    keys = ("weights", "old_logp", "advantages") + (("ref_logp",) if rl.policy.beta else ())
+    batch.update({k: setup.rows((rows, seq_len), jnp.float32) for k in keys})
+    compiled = step.lower(setup.state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    resident = {"reference params": setup.params_bytes} if rl.policy.beta else {}
+    return _report(f"RL train step: {rows} x {seq_len} packed rows, {micro_batches} micro-batch(es)", compiled,
+                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
+                    "batch": _batch_bytes(setup, batch)}, resident)
+
+
+def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Report:
+    """log pi_ref(targets) of the packed rows under the frozen reference (the KL term's input)."""
+    def fn(params, tokens, positions, segment_ids, targets):
+        return policy_logprobs(nnx.merge(setup.graphdef, params), tokens, positions, segment_ids, targets,
+                               logit_chunk)[0]
+
+    rsh = setup.row_sharding(2)
+    args = [setup.rows((rows, seq_len)) for _ in range(4)]
+    with jax.set_mesh(setup.mesh):
+        compiled = jax.jit(fn, in_shardings=(setup.shardings.params, *[rsh] * 4), out_shardings=rsh).lower(
+            setup.state.params, *args).compile()
+    return _report(f"reference log-probs: {rows} x {seq_len}", compiled,
+                   {"reference params": setup.params_bytes, "rows": 4 * _batch_bytes(setup, args[0])},
+                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes})
+
+
+def decode_state_shardings(ds, mesh, rules=DEFAULT_RULES):
+    """Shardings of a DecodeState: every leaf's leading dimension is the slot (batch) axis; the KV cache
+    [slots, S, kv_heads, head_dim] by the rules' batch / cache_length / kv_heads / head_dim axes."""
+    def one(path, x):
+        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        if x.ndim == 4 and ("k" in names or "v" in names):
+            axes = ("batch", "cache_length", "kv_heads", "head_dim")
+        else:
+            axes = ("batch",) + (None,) * (x.ndim - 1)
+        return rules.sharding(mesh, axes, x.shape)
+
+    return jax.tree_util.tree_map_with_path(one, ds)
+
+
+def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype=None) -> int:
+    """Global bytes of the KV cache: layers x 2 (k, v) x slots x cache_len x kv_heads x head_dim x itemsize."""
+    item = np.dtype(dtype or cfg.dtype).itemsize
+    return cfg.num_hidden_layers * 2 * slots * cache_len * cfg.kv_heads * cfg.head_size * item
+
+
+def cache_len_for(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket, cache length S) as the sampling engine picks them (powers of two; S capped at the context)."""
+    pb = pow2_bucket(prompt_len, 16)
+    return pb, min(pow2_bucket(pb + max_new_tokens, 64), cfg.max_position_embeddings)
+
+
+def decode_state_bytes(setup: Setup, num_slots: int, cache_len: int) -> tuple[int, int]:
+    """(KV cache, whole decode state) bytes per device for ``num_slots`` x ``cache_len`` (exact, no compile)."""
+    ds = jax.eval_shape(functools.partial(eng._empty_state, setup.cfg, num_slots, cache_len, NUM_STOP))
+    ds_sh = decode_state_shardings(ds, setup.mesh)
+    return shard_bytes(ds.cache, ds_sh.cache), shard_bytes(ds, ds_sh)
+
+
+def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, prefill_batch: int = 0,
+            chunk: int = 32, resident_ref: bool = True) -> tuple[Report, Report]:
+    """(prefill, decode) of the sampling engine with ``num_slots`` sequences generated concurrently (the decode
+    batch) and a cache of S = the engine's bucket of prompt_len + max_new_tokens slots each.  Prefill takes
+    ``prefill_batch`` prompts (default num_slots) and writes a fresh [prefill_batch, S] cache that the engine then
+    copies into the decode state; during prefill the decode state is resident.  The trainer's optimizer state (and
+    the reference model with ``resident_ref``) stay resident throughout the rollout."""
+    cfg, mesh = setup.cfg, setup.mesh
+    pb, s = cache_len_for(cfg, prompt_len, max_new_tokens)
+    k = prefill_batch or num_slots
+    ds = jax.eval_shape(functools.partial(eng._empty_state, cfg, num_slots, s, NUM_STOP))
+    ds_sh = decode_state_shardings(ds, mesh)
+    p_sh = setup.shardings.params
+    resident = {"optimizer state": setup.opt_bytes}
+    if resident_ref:
+        resident["reference params"] = setup.params_bytes
+    rsh1, rsh2 = setup.row_sharding(1), setup.row_sharding(2)
+    with jax.set_mesh(mesh):
+        cache_abs, logits_abs = jax.eval_shape(functools.partial(eng._prefill, setup.graphdef, cache_len=s),
+                                               setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
+        cache_sh = decode_state_shardings(cache_abs, mesh)
+        pre = jax.jit(functools.partial(eng._prefill, setup.graphdef, cache_len=s), in_shardings=(p_sh, rsh2, rsh1),
+                      out_shardings=(cache_sh, rsh2)).lower(setup.state.params, setup.rows((k, pb)),
+                                                            setup.rows((k,))).compile()
+        dec = jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),
+                      in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
+                      out_shardings=(ds_sh, rsh2, rsh2, rsh2, NamedSharding(mesh, P())),
+                      donate_argnums=(1,)).lower(setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    cache_bytes, ds_bytes = decode_state_bytes(setup, num_slots, s)
+    pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {s} cache", pre,
+                    {"params": setup.params_bytes, "prompts": 2 * _batch_bytes(setup, setup.rows((k,)))
+                     + _batch_bytes(setup, setup.rows((k, pb)))},
+                    {**resident, "decode state (KV cache of all slots)": ds_bytes})
+    dec_r = _report(f"rollout decode: {num_slots} slots x {s} cache positions, {chunk} steps per call", dec,
+                    {"params": setup.params_bytes, "KV cache": cache_bytes,
+                     "rest of the decode state (logits, ...)": ds_bytes - cache_bytes}, resident)
+    return pre_r, dec_r
+
+
+def data_parallel(setup: Setup) -> int:
+    return data_parallel_size(setup.mesh)
+
+
+__all__ = ["GIB", "Report", "Setup", "cache_len_for", "decode_state_bytes", "decode_state_shardings", "extrapolate", "kv_cache_bytes", "make_setup",
+           "ref_logp", "rl_step", "rollout", "sft_step", "shard_bytes"]
