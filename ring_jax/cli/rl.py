@@ -63,6 +63,8 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha_bal", 1e-5, "MoE load-balance loss weight")
     flags.DEFINE_float("alpha_z", 1e-7, "router z-loss weight")
     flags.DEFINE_float("reward_timeout_s", 30.0, "per-response reward timeout")
+    flags.DEFINE_string("reward_model", "", "learned reward model directory (ring_jax.rl.reward_model "
+                        "LearnedRewardModel.save) that scores records of task 'reward_model'")
     # optimiser and run
     flags.DEFINE_integer("steps", 20, "RL steps")
     flags.DEFINE_float("lr", 3e-6, "learning rate (constant after warm-up; Ring-lite: 3e-6)")
@@ -131,6 +133,16 @@ def main(argv):
     if not FLAGS.tasks and not FLAGS.prompts_jsonl:
         usage("give --tasks and/or --prompts_jsonl")
     mesh = common.build_mesh(FLAGS.mesh)
+    if FLAGS.reward_model:
+        if not os.path.isdir(os.path.join(FLAGS.reward_model, "ckpt")):
+            usage(f"--reward_model: {FLAGS.reward_model} holds no ckpt/ (write one with LearnedRewardModel.save)")
+        from ring_jax.rewards.general import register_reward_model
+        from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError
+
+        try:
+            register_reward_model(LearnedRewardModel.load(FLAGS.reward_model, mesh=mesh))
+        except (RewardModelError, FileNotFoundError) as e:
+            usage(f"--reward_model: {e}")
     dp = data_parallel_size(mesh)
     if FLAGS.budget <= 0 and FLAGS.aggregation == "c3po":
         usage("--budget must be positive")

@@ -42,3 +42,6 @@ def test_rl_cli_bad_flags_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "budget" in r.stderr
     r = _run(["--preset=tiny", "--tasks=sokoban", f"--out_dir={tmp_path}"], tmp_path)
     assert r.returncode == 2 and "unknown task family" in r.stderr
+    r = _run(["--preset=tiny", "--tasks=chain_sum", f"--reward_model={tmp_path / 'nope'}", f"--out_dir={tmp_path}"],
+             tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--reward_model" in r.stderr, r.stderr
