@@ -240,9 +240,11 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         return compiled[key]
 
     def step(state: TrainState, batch, normalizer=None):
-        if normalizer is None:
-            return jitted(batch, False)(state, batch)
-        return jitted(batch, True)(state, batch, jnp.asarray(normalizer, jnp.float32))
+        # under the mesh: the MoE block takes its expert-parallel path when the mesh has an expert axis > 1
+        with jax.set_mesh(mesh):
+            if normalizer is None:
+                return jitted(batch, False)(state, batch)
+            return jitted(batch, True)(state, batch, jnp.asarray(normalizer, jnp.float32))
 
     def lower(state, batch, normalizer=None):
         """The step lowered for (possibly abstract, ``jax.ShapeDtypeStruct``) inputs, under the mesh: compile it to
