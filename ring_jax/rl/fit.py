@@ -32,7 +32,7 @@ from ring_jax.model.transformer import build_model
 from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, policy_logprobs, rl_loss_fn
 from ring_jax.sampling import engine as eng
 from ring_jax.sampling.types import pow2_bucket
-from ring_jax.sharding import DEFAULT_RULES, batch_sharding
+from ring_jax.sharding import batch_sharding
 from ring_jax.train.losses import LossConfig, sft_loss_fn
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
 from ring_jax.train.step import (TrainState, abstract_train_state, data_parallel_size, make_train_step, split_model,
@@ -104,7 +104,9 @@ def extrapolate(r1: Report, r2: Report, layers: int) -> Report:
     return Report(r1.name, {k: lin(r1.inputs[k], r2.inputs[k]) for k in r1.inputs},
                   {k: lin(r1.resident[k], r2.resident[k]) for k in r1.resident},
                   lin(r1.argument, r2.argument), lin(r1.output, r2.output), lin(r1.alias, r2.alias),
-                  lin(r1.temp, r2.temp), note=(r1.note + "; " if r1.note else "") + "extrapolated from 1 and 2 layers")
+                  lin(r1.temp, r2.temp), note=(r1.note + "; " if r1.note else "") +
+                  f"extrapolated from 1 and 2 layers: temporaries {fmt_bytes(r1.temp).strip()}, "
+                  f"{fmt_bytes(r2.temp).strip()}")
 
 
 def _report(name, compiled, inputs, resident=None, note="") -> Report:
@@ -197,18 +199,11 @@ def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Rep
                    {"params": setup.params_bytes, "optimizer state": setup.opt_bytes})
 
 
-def decode_state_shardings(ds, mesh, rules=DEFAULT_RULES):
-    """Shardings of a DecodeState: every leaf's leading dimension is the slot (batch) axis; the KV cache
-    [slots, S, kv_heads, head_dim] by the rules' batch / cache_length / kv_heads / head_dim axes."""
-    def one(path, x):
-        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-        if x.ndim == 4 and ("k" in names or "v" in names):
-            axes = ("batch", "cache_length", "kv_heads", "head_dim")
-        else:
-            axes = ("batch",) + (None,) * (x.ndim - 1)
-        return rules.sharding(mesh, axes, x.shape)
-
-    return jax.tree_util.tree_map_with_path(one, ds)
+def decode_state_shardings(ds, mesh):
+    """NamedShardings of a DecodeState / KVCache as the sampling engine places it (``engine.decode_state_specs``:
+    cache and logits over the slots, per-slot scalars replicated)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), eng.decode_state_specs(ds, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype=None) -> int:
@@ -256,7 +251,7 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
                                                             setup.rows((k,))).compile()
         dec = jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),
                       in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
-                      out_shardings=(ds_sh, rsh2, rsh2, rsh2, NamedSharding(mesh, P())),
+                      out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4),
                       donate_argnums=(1,)).lower(setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32)).compile()
     cache_bytes, ds_bytes = decode_state_bytes(setup, num_slots, s)
     pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {s} cache", pre,

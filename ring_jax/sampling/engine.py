@@ -14,10 +14,17 @@ generating, so the host can refill freed slots (continuous batching) without wai
 and empty rows feed segment-0 tokens at their current slot, which their masks ignore.
 
 Parameters are never copied: every call takes the state the trainer holds (``update_params`` or ``state=``).
+
+Placement: when the state's parameters are sharded over a mesh of several devices (the trainer's), the engine runs
+under that mesh (``jax.set_mesh``: the MoE block takes its expert-parallel path) and places the decode state by the
+rules table (:func:`decode_state_specs`): the KV cache, its segment ids / positions and the logits are split over the
+slots by the batch axes (kv heads over tensor); the per-slot scalars the host loop reads (active, ngen, stop ids,
+...) and the sampled tokens are replicated, so every process of a multi-host mesh can read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -29,6 +36,7 @@ from ring_jax.config import ModelConfig
 from ring_jax.model.transformer import abstract_model, init_cache
 from ring_jax.sampling import rules
 from ring_jax.sampling.types import Completion, DecodeState, SamplingParams
+from ring_jax.sharding import DEFAULT_RULES
 
 
 class SamplingEngine:
@@ -48,8 +56,9 @@ class SamplingEngine:
 
     def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
                  cache_len: int | None = None, min_prompt_bucket: int = 16, min_cache_bucket: int = 64,
-                 moe_impl: str | None = None):
+                 moe_impl: str | None = None, mesh=None):
         cfg: ModelConfig = nnx.merge(graphdef, state).config
+        self.mesh = mesh if mesh is not None else mesh_of(state)
         if moe_impl is not None and moe_impl != cfg.moe_impl:
             cfg = cfg.replace(moe_impl=moe_impl)
             graphdef = nnx.split(abstract_model(cfg))[0]
@@ -91,8 +100,49 @@ class SamplingEngine:
         on_tokens: optional callback ``(prompt_index, sample_index, new_token_ids, finished)`` after each chunk."""
         from ring_jax.sampling.batching import run
 
-        return run(self, prompts, params, key=key, state=self.state if state is None else state, mode=mode,
-                   on_tokens=on_tokens)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return run(self, prompts, params, key=key, state=self.state if state is None else state, mode=mode,
+                       on_tokens=on_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ placement
+def mesh_of(state):
+    """The mesh the arrays of ``state`` are sharded over when it has more than one device, else None."""
+    for x in jax.tree.leaves(state):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
+
+
+def decode_state_specs(tree, mesh, rules=DEFAULT_RULES):
+    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k/v [slots, S, kv_heads, head_dim] by
+    the rules' batch / cache_length / kv_heads / head_dim axes, the cache's segment ids and positions [slots, S] and
+    the logits [slots, V] over the slots, everything else replicated."""
+    def one(path, x):
+        names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
+        if x.ndim == 4:
+            return rules.spec(("batch", "cache_length", "kv_heads", "head_dim"), x.shape, mesh)
+        if names & {"logits", "segment_ids", "positions"}:
+            return rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+        return jax.sharding.PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _place(tree):
+    """Constrain a DecodeState / KVCache to :func:`decode_state_specs` under the active mesh (none: unchanged)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, decode_state_specs(tree, mesh))
+
+
+def _replicated(x):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
 # ------------------------------------------------------------------------------------------------ jitted bodies
@@ -103,22 +153,22 @@ def _prefill(graphdef, state, tokens, lengths, *, cache_len: int):
     ar = jnp.arange(p, dtype=jnp.int32)
     positions = jnp.broadcast_to(ar, (k, p))
     segment_ids = (ar[None, :] < lengths[:, None]).astype(jnp.int32)
-    cache = init_cache(model.config, k, cache_len)
+    cache = _place(init_cache(model.config, k, cache_len))
     out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
                 compute_logits=False, return_hidden=True)
     h_last = out.hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
     logits = jnp.einsum("bh,hv->bv", h_last, model.head_weight(), preferred_element_type=jnp.float32)
-    return out.cache, logits
+    return _place(out.cache), _place({"logits": logits})["logits"]
 
 
 def _empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int) -> DecodeState:
     b = num_slots
     zi = jnp.zeros((b,), jnp.int32)
-    return DecodeState(
+    return _place(DecodeState(
         cache=init_cache(cfg, b, cache_len), logits=jnp.zeros((b, cfg.vocab_size), jnp.float32),
         keys=jnp.zeros((b, 2), jnp.uint32), pos=zi, ngen=zi, max_new=zi, active=jnp.zeros((b,), bool),
         stop_hit=jnp.zeros((b,), bool), temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
-        top_k=zi, stop_ids=jnp.full((b, num_stop), -1, jnp.int32))
+        top_k=zi, stop_ids=jnp.full((b, num_stop), -1, jnp.int32)))
 
 
 def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
@@ -131,7 +181,7 @@ def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base
     base = jax.random.wrap_key_data(base_key)
     seq_keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(req_ids, copy_ids)
     ones = jnp.ones(dst.shape, bool)
-    return DecodeState(
+    return _place(DecodeState(
         cache=jax.tree.map(put, ds.cache, src_cache), logits=put(ds.logits, src_logits),
         keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
         pos=ds.pos.at[dst].set(lengths, mode="drop"), ngen=ds.ngen.at[dst].set(0, mode="drop"),
@@ -139,7 +189,7 @@ def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base
         stop_hit=ds.stop_hit.at[dst].set(~ones, mode="drop"),
         temperature=ds.temperature.at[dst].set(temperature, mode="drop"),
         top_p=ds.top_p.at[dst].set(top_p, mode="drop"), top_k=ds.top_k.at[dst].set(top_k, mode="drop"),
-        stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop"))
+        stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop")))
 
 
 def decode_step(model, ds: DecodeState, *, filtered: bool):
@@ -177,7 +227,7 @@ def _decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtere
         return i + 1, d, (bt.at[:, i].set(tok), bl.at[:, i].set(lp), br.at[:, i].set(raw))
 
     steps, ds, (bt, bl, br) = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, bufs))
-    return ds, bt, bl, br, steps
+    return _place(ds), _replicated(bt), _replicated(bl), _replicated(br), _replicated(steps)
 
 
 _PREFILL = jax.jit(_prefill, static_argnums=(0,), static_argnames=("cache_len",))
