@@ -50,13 +50,16 @@ class RLConfig:
     reward_timeout_s: float = 30.0
     num_slots: int = 16  # decode batch of the engine
     sampling_moe_impl: str | None = None  # e.g. "dense" for small decode batches (same parameters)
-    logit_chunk: int = 0  # > 0: token log-probabilities from logits made this many positions at a time (long rows)
+    # rows longer than this: token log-probabilities from logits made this many positions at a time (same values,
+    # no [R, T, V] float32 buffer: 15 GiB per 32k-token row at V = 126k); 0 = always full logits
+    logit_chunk: int = 1024
 
 
 def policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk: int = 0):
-    """(log pi(targets) [B, T], entropy [B, T], model Output) -- from full float32 logits, or with ``logit_chunk``
-    > 0 from the final hidden states ``logit_chunk`` positions at a time (same values; no [B, T, V] buffer)."""
-    if logit_chunk > 0:
+    """(log pi(targets) [B, T], entropy [B, T], model Output) -- from full float32 logits, or for rows longer than
+    ``logit_chunk`` (> 0) from the final hidden states ``logit_chunk`` positions at a time (same values; no
+    [B, T, V] buffer)."""
+    if 0 < logit_chunk < tokens.shape[1]:
         out = model(tokens, positions, segment_ids, return_hidden=True, compute_logits=False)
         logp, ent = chunked_token_logprobs(out.hidden, model.head_weight(), targets, logit_chunk)
     else:
