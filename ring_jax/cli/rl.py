@@ -48,8 +48,10 @@ def define_flags() -> None:
     flags.DEFINE_enum("aggregation", "c3po", ["c3po", "seq_mean", "token_mean"], "loss aggregation / batching")
     flags.DEFINE_integer("budget", 1024, "C3PO token budget Phi per optimiser step")
     flags.DEFINE_integer("responses_per_step", 0, "baselines: responses per step (0: all)")
-    flags.DEFINE_enum("selection_order", "random", ["random", "rollout", "shortest_first", "longest_first"],
-                      "order of the greedy budget selection")
+    flags.DEFINE_enum("selection_order", "random", ["random", "rollout", "shortest_first", "longest_first",
+                                                    "informative_first"],
+                      "order of the greedy budget selection (informative_first: non-zero advantages first)")
+    flags.DEFINE_bool("binary_reward", True, "reward 1 iff the verifier scores 1 (Ring-lite; no partial credit)")
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit")
     flags.DEFINE_float("temperature", 1.0, "rollout temperature")
     flags.DEFINE_float("top_p", 1.0, "rollout top-p")
@@ -182,6 +184,7 @@ def main(argv):
                   seq_len=FLAGS.seq_len, num_micro=FLAGS.micro_batches,
                   policy=PolicyLossConfig(clip_eps=FLAGS.clip_eps, beta=FLAGS.beta, alpha_ent=FLAGS.alpha_ent),
                   alpha_bal=FLAGS.alpha_bal, alpha_z=FLAGS.alpha_z, reward_timeout_s=FLAGS.reward_timeout_s,
+                  binary_reward=FLAGS.binary_reward,
                   num_slots=FLAGS.num_slots, sampling_moe_impl=FLAGS.sampling_moe_impl)
     optim_cfg = OptimConfig(lr=FLAGS.lr, schedule="constant", warmup_steps=FLAGS.warmup_steps,
                             weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm)

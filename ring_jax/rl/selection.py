@@ -8,7 +8,11 @@ pass, so it is an option:
 - ``random`` (default): a seeded shuffle of the pool, so no response length is systematically favoured;
 - ``rollout``: the order the rollout produced them (with continuous batching: completion order, so short answers
   first — faster steps but biased towards short responses);
-- ``shortest_first`` / ``longest_first``: by length (ties by pool index), for studying the length bias.
+- ``shortest_first`` / ``longest_first``: by length (ties by pool index), for studying the length bias;
+- ``informative_first``: responses with a non-zero advantage first, then the rest, each part in a seeded shuffle.
+  A group whose K rewards are all equal has zero advantage on every token and adds nothing to the gradient (only
+  to the KL and entropy terms), so with rare successes -- a weak policy, hard prompts -- random order spends most
+  of Phi on such responses and discards some of the few that carry signal. Needs ``advantages``.
 
 Selection happens after advantages are computed (the report: "token truncation after advantage computation, before
 back-propagation"), so truncating a response never changes its group statistics.
@@ -20,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-ORDERS = ("random", "rollout", "shortest_first", "longest_first")
+ORDERS = ("random", "rollout", "shortest_first", "longest_first", "informative_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +37,9 @@ class Selection:
     truncated: bool  # whether the last selected response was cut
 
 
-def select_budget(lengths, budget: int, order: str = "random", seed: int = 0) -> Selection:
+def select_budget(lengths, budget: int, order: str = "random", seed: int = 0, advantages=None) -> Selection:
+    """Greedy selection of exactly ``budget`` response tokens (see the module docstring); ``advantages`` (one per
+    response) is required by, and only used by, ``order="informative_first"``."""
     lengths = np.asarray(lengths, np.int64)
     if budget <= 0:
         raise ValueError(f"token budget must be positive, got {budget}")
@@ -42,6 +48,11 @@ def select_budget(lengths, budget: int, order: str = "random", seed: int = 0) ->
     n = len(lengths)
     if order == "random":
         perm = np.random.default_rng(seed).permutation(n)
+    elif order == "informative_first":
+        if advantages is None or len(advantages) != n:
+            raise ValueError("order 'informative_first' needs one advantage per response")
+        shuffled = np.random.default_rng(seed).permutation(n)
+        perm = shuffled[np.argsort(np.asarray(advantages)[shuffled] == 0, kind="stable")]
     elif order == "rollout":
         perm = np.arange(n)
     elif order == "shortest_first":

@@ -48,6 +48,10 @@ class RLConfig:
     alpha_bal: float = 1e-5
     alpha_z: float = 1e-7
     reward_timeout_s: float = 30.0
+    # Ring-lite's rewards are binary (solved or not, no format reward). Verifiers with partial credit (reasoning-gym:
+    # 0.01 for a garbled answer, len(gold)/len(answer) for an answer containing the gold string) would have their
+    # crumbs blown up to unit advantages by the group std; True scores a response 1.0 iff the verifier gives 1.0.
+    binary_reward: bool = True
     num_slots: int = 16  # decode batch of the engine
     sampling_moe_impl: str | None = None  # e.g. "dense" for small decode batches (same parameters)
     # rows longer than this: token log-probabilities from logits made this many positions at a time (same values,
@@ -136,10 +140,12 @@ class RLStep:
         recs = [records[c.prompt_index] for c in comps]
         results, rstats = rewards.score_batch(recs, texts, timeout_s=rl.reward_timeout_s)
         reward = np.array([r.reward for r in results], np.float32)
+        if rl.binary_reward:
+            reward = (reward >= 1.0).astype(np.float32)
         adv = group_advantages(reward, [c.prompt_index for c in comps])
         lengths = np.array([len(c.token_ids) for c in comps])
         if rl.aggregation == "c3po":
-            sel = select_budget(lengths, rl.budget, rl.selection_order, seed=step_key)
+            sel = select_budget(lengths, rl.budget, rl.selection_order, seed=step_key, advantages=adv)
         else:
             sel = fixed_count(lengths, rl.responses_per_step or len(comps), seed=step_key)
         w, normaliser = token_weights(rl.aggregation, sel.keep, rl.budget)
@@ -176,6 +182,8 @@ class RLStep:
             "response_len_mean": float(lengths.mean()), "response_len_max": float(lengths.max()),
             "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
             "reward_mean": float(reward.mean()), "normalizer": float(normaliser),
+            "informative_responses": float(np.count_nonzero(adv)),
+            "informative_selected": float(np.count_nonzero(adv[sel.index])),
         })
         metrics.update(rstats.to_dict())
         for k, v in times.items():

@@ -27,9 +27,11 @@ def test_group_advantages_oracle():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=40), st.integers(1, 400),
-       st.sampled_from(["random", "rollout", "shortest_first", "longest_first"]), st.integers(0, 3))
+       st.sampled_from(["random", "rollout", "shortest_first", "longest_first", "informative_first"]),
+       st.integers(0, 3))
 def test_budget_selection_properties(lengths, budget, order, seed):
-    sel = select_budget(lengths, budget, order, seed)
+    adv = np.random.default_rng(seed + len(lengths)).choice([0.0, 0.0, 1.5, -0.7], len(lengths))
+    sel = select_budget(lengths, budget, order, seed, advantages=adv)
     lengths = np.array(lengths)
     assert len(set(sel.index.tolist())) == len(sel.index)  # no response twice
     assert sel.selected_tokens == int(sel.keep.sum())
@@ -51,6 +53,12 @@ def test_budget_selection_properties(lengths, budget, order, seed):
         assert np.all(np.diff(lengths[sel.index]) >= 0)
     if order == "rollout":
         assert np.all(np.diff(sel.index) > 0)
+    if order == "informative_first":  # every response with signal is taken before any without
+        informative = adv[sel.index] != 0
+        assert np.all(np.diff(informative.astype(int)) <= 0)
+        nonempty_inf = (adv != 0) & (lengths > 0)
+        if not informative.all():
+            assert set(np.flatnonzero(nonempty_inf)) <= set(sel.index.tolist())
 
 
 def test_selection_is_deterministic_given_seed():
@@ -60,6 +68,8 @@ def test_selection_is_deterministic_given_seed():
     assert not np.array_equal(a.index, select_budget(lengths, 1000, seed=8).index)
     with pytest.raises(ValueError, match="order"):
         select_budget(lengths, 10, order="fastest")
+    with pytest.raises(ValueError, match="advantage"):
+        select_budget(lengths, 10, order="informative_first")
     assert fixed_count(lengths, 5).index.shape == (5,)
 
 

@@ -61,6 +61,9 @@ def test_c3po_step_sees_exactly_the_budget_and_updates_params():
     assert any(jax.tree.leaves(changed))
     for k in ("time/rollout_s", "time/reward_s", "time/reference_s", "time/train_s", "reward/likes_seven/mean"):
         assert k in m
+    raw = np.array([_likes_seven(None, t) for t in rls.last_texts])  # partial credit: fraction of 7s
+    assert m["reward/likes_seven/mean"] == pytest.approx(raw.mean(), abs=1e-6)
+    assert m["reward_mean"] == pytest.approx((raw >= 1.0).mean())  # binary_reward: solved or not
 
 
 def _rows(seed, n_rows=16, t=16):
