@@ -85,8 +85,8 @@ def _hbm():
     return {gen: HBM_GIB[gen]} if gen in HBM_GIB else HBM_GIB
 
 
-def reports_for(cfg, mesh):
-    """Compile every program named by --programs for ``cfg`` on ``mesh``; returns the reports."""
+def programs(cfg, mesh):
+    """``(name, compile)`` for every program named by --programs; ``compile()`` returns a list of reports."""
     from ring_jax.rl import fit
     from ring_jax.rl.losses import PolicyLossConfig
     from ring_jax.rl.step import RLConfig
@@ -96,20 +96,41 @@ def reports_for(cfg, mesh):
     dp = fit.data_parallel(setup)
     out = []
     if "sft" in FLAGS.programs:
-        out.append(fit.sft_step(setup, FLAGS.seq_len, FLAGS.global_batch, FLAGS.micro_batches,
-                                LossConfig(ce_chunk=FLAGS.ce_chunk)))
-    if "rollout" in FLAGS.programs:
-        slots = FLAGS.num_slots or 8 * dp
-        out.extend(fit.rollout(setup, slots, FLAGS.prompt_len, FLAGS.max_new_tokens, FLAGS.prefill_batch or dp,
-                               FLAGS.decode_chunk, resident_ref=FLAGS.beta > 0))
+        out.append(("sft", lambda: [fit.sft_step(setup, FLAGS.seq_len, FLAGS.global_batch, FLAGS.micro_batches,
+                                                 LossConfig(ce_chunk=FLAGS.ce_chunk))]))
     if "rl" in FLAGS.programs:
         room = max(1, FLAGS.rl_seq_len - FLAGS.prompt_len)
         unit = dp * FLAGS.rl_micro_batches
         rows = -(-(-(-FLAGS.budget // room)) // unit) * unit
         rl = RLConfig(policy=PolicyLossConfig(beta=FLAGS.beta), logit_chunk=FLAGS.ce_chunk)
-        out.append(fit.rl_step(setup, rl, rows, FLAGS.rl_seq_len, FLAGS.rl_micro_batches))
+        out.append(("rl", lambda: [fit.rl_step(setup, rl, rows, FLAGS.rl_seq_len, FLAGS.rl_micro_batches)]))
         if FLAGS.beta:
-            out.append(fit.ref_logp(setup, rows, FLAGS.rl_seq_len, FLAGS.ce_chunk))
+            out.append(("ref", lambda: [fit.ref_logp(setup, rows, FLAGS.rl_seq_len, FLAGS.ce_chunk)]))
+    if "rollout" in FLAGS.programs:
+        slots = FLAGS.num_slots or 8 * dp
+        out.append(("rollout", lambda: list(fit.rollout(setup, slots, FLAGS.prompt_len, FLAGS.max_new_tokens,
+                                                        FLAGS.prefill_batch or dp, FLAGS.decode_chunk,
+                                                        resident_ref=FLAGS.beta > 0))))
+    return out
+
+
+def reports_for(cfg, mesh):
+    """Every report, each printed as soon as it is compiled (with --extrapolate: at 1 and 2 layers)."""
+    from ring_jax.rl import fit
+
+    if not FLAGS.extrapolate:
+        progs = [(name, [fn]) for name, fn in programs(cfg, mesh)]
+    else:
+        one = programs(cfg.replace(num_hidden_layers=1), mesh)
+        two = programs(cfg.replace(num_hidden_layers=2), mesh)
+        progs = [(name, [f1, f2]) for (name, f1), (_, f2) in zip(one, two)]
+    out = []
+    for _, fns in progs:
+        got = [fn() for fn in fns]
+        reps = got[0] if len(got) == 1 else [fit.extrapolate(a, b, cfg.num_hidden_layers) for a, b in zip(*got)]
+        for r in reps:
+            print("\n".join(r.lines(_hbm())), flush=True)
+        out.extend(reps)
     return out
 
 
@@ -136,15 +157,8 @@ def main(argv):
           f"{cfg.num_hidden_layers} layers, dtype {cfg.dtype} / params {cfg.param_dtype}, remat={cfg.remat}, "
           f"attn_chunk={cfg.attn_chunk}, moe_chunk={cfg.moe_chunk}, ce_chunk={FLAGS.ce_chunk}")
     print(f"mesh {dict(mesh.shape)} on {where}")
-    if FLAGS.extrapolate:
-        r1 = reports_for(cfg.replace(num_hidden_layers=1), mesh)
-        r2 = reports_for(cfg.replace(num_hidden_layers=2), mesh)
-        reports = [fit.extrapolate(a, b, cfg.num_hidden_layers) for a, b in zip(r1, r2)]
-    else:
-        reports = reports_for(cfg, mesh)
-    print("per device:")
-    for r in reports:
-        print("\n".join(r.lines(_hbm())))
+    print("per device:", flush=True)
+    reports_for(cfg, mesh)
 
 
 def run():
