@@ -73,13 +73,42 @@ def rope_cos_sin(cfg: ModelConfig, positions, seq_len=None):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rope(x, cos, sin):
+    return x * cos + _rotate_half(x) * sin
+
+
+@jax.custom_vjp
+def _rope_vjp(x, cos, sin):
+    return _rope(x, cos, sin)
+
+
+def _rope_fwd(x, cos, sin):
+    return _rope(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(res, dy):
+    # rotate_half's transpose is concat(z[half:], -z[:half]): written as one concatenate here, the backward is a
+    # single elementwise pass (autodiff of the forward's slices + concatenate gave pads and adds)
+    cos, sin = res
+    z = dy * sin
+    half = z.shape[-1] // 2
+    return dy * cos + jnp.concatenate([z[..., half:], -z[..., :half]], axis=-1), None, None
+
+
+_rope_vjp.defvjp(_rope_fwd, _rope_bwd)
+
+
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, D]; cos/sin [B, T, D] (float32, cast to x's dtype as the reference does)."""
+    """x [B, T, heads, D]; cos/sin [B, T, D] (float32, cast to x's dtype as the reference does).  cos/sin get no
+    gradient (they are functions of the integer positions)."""
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    return _rope_vjp(x, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------------------- MLP
