@@ -1,8 +1,12 @@
-"""Test set-up: 8 fake CPU devices (must happen before jax is imported anywhere) and shared fixtures."""
+"""Test set-up: 8 fake CPU devices and fast XLA compiles (tests/flags.py), which must happen before jax is imported
+anywhere, and shared fixtures."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from tests.flags import with_fast_compile
+
+os.environ["XLA_FLAGS"] = with_fast_compile(
+    (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

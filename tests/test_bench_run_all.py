@@ -6,6 +6,7 @@ import os
 
 from experiments.bench import run_all
 from experiments.bench.run_all import Outcome, parse_table
+from tests.flags import FAST_COMPILE
 
 CTX = {"quick": False, "peer": None, "peer_missing": run_all.PEER_MISSING}
 
@@ -128,7 +129,7 @@ def test_table_reads_back_with_pipes_in_cells():
 
 
 def test_quick_run_of_the_cheapest_benchmark_writes_a_table(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # one CPU device, fast compiles
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # one CPU device, fast compiles
     out = tmp_path / "RESULTS.md"
     assert run_all.main(["--quick", "--only", "gmm", "--out", str(out)]) == 0
     text = out.read_text()

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+from tests.flags import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(args, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "ring_jax.cli.rl", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=400)
 

@@ -10,11 +10,13 @@ import sys
 import jax
 import numpy as np
 
+from tests.flags import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-m", "ring_jax.cli.rl_schedule", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)

@@ -14,7 +14,9 @@ import traceback
 
 def main(pid: int, port: int, out: str):
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = ""
+    from tests.flags import FAST_COMPILE  # the same compile flags as the 1-process x 8-device reference
+
+    os.environ["XLA_FLAGS"] = FAST_COMPILE
     import jax
 
     jax.config.update("jax_num_cpu_devices", 4)

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.flags import FAST_COMPILE, with_fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--preset=tiny", "--synthetic_corpus=300", "--seq_len=128", "--global_batch=4", "--micro_batches=2",
         "--steps=8", "--ckpt_every=2", "--keep=10", "--lr=3e-3", "--warmup_steps=2", "--peak_flops=0",
@@ -23,7 +25,7 @@ BASE = ["--preset=tiny", "--synthetic_corpus=300", "--seq_len=128", "--global_ba
 def env(tmp_path_factory):
     """One CPU device; a persistent compilation cache shared by the module's runs (compiles once)."""
     e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return e
@@ -113,7 +115,7 @@ def test_sigterm_writes_a_checkpoint(env, tmp_path):
 
 
 def test_bad_flags_fail_with_one_line(uninterrupted, env, tmp_path):
-    two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    two = dict(env, XLA_FLAGS=with_fast_compile("--xla_force_host_platform_device_count=2"))
     base = ["--synthetic_corpus=50", f"--out_dir={tmp_path}/x", "--peak_flops=0"]
     cases = [
         (base + ["--preset=bogus"], env, "unknown preset 'bogus'"),
