@@ -38,7 +38,7 @@ def test_batches_shape_and_determinism(bpe_tok, records):
         assert all(v.shape == (4, SEQ) and v.dtype == np.int32 for v in b.values())
     assert info.read_stats.good == len(records) and info.pack_stats.num_docs == len(records)
     assert same(batches, take(sft_dataset(records, bpe_tok, SEQ, 4, seed=3), len(batches)))
-    other = take(sft_dataset(records, bpe_tok, SEQ, 4, seed=4), len(batches))
+    other = list(sft_dataset(records, bpe_tok, SEQ, 4, seed=4))  # another packing: may hold fewer rows
     assert not same(batches, other)
 
 
