@@ -1,6 +1,6 @@
 """Run every benchmark in experiments/bench/ and write one markdown table (the figures BUILD_NOTES.md quotes).
 
-    python experiments/bench/run_all.py                          # everything, full sizes -> experiments/bench/RESULTS.md
+    python experiments/bench/run_all.py                      # everything, full sizes -> experiments/bench/RESULTS.md
     python -m experiments.bench.run_all --torch_python /path/to/python-with-torch-and-transformers
     python experiments/bench/run_all.py --quick --out /tmp/bench.md          # tiny sizes: checks the plumbing only
     python experiments/bench/run_all.py --only moe,rl --timeout 900
