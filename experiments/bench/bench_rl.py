@@ -116,7 +116,8 @@ def main(argv=None):
     for agg in a.aggregations.split(","):
         rl = RLConfig(samples_per_prompt=a.samples_per_prompt, aggregation=agg, budget=budget,
                       responses_per_step=a.responses_per_step, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len,
-                      policy=PolicyLossConfig(beta=a.beta), num_slots=a.prompts_per_step * a.samples_per_prompt)
+                      policy=PolicyLossConfig(beta=a.beta), num_slots=a.prompts_per_step * a.samples_per_prompt,
+                      binary_reward=False)  # the dummy reward is a fraction: keep it graded
         opt, sched = make_optimizer(OptimConfig(lr=a.lr, schedule="constant", warmup_steps=0), a.steps,
                                     decay_mask(pvars))
         sh = train_state_shardings(pvars, abstract_train_state(params0, opt), mesh)
