@@ -32,16 +32,19 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "seed of the whole run (model init, data order, sampling)")
     flags.DEFINE_list("families", ["chain_sum", "countdown"], "task families")
     flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
-    flags.DEFINE_integer("sft_steps", 300, "SFT steps")
+    flags.DEFINE_integer("sft_steps", 600, "SFT steps (copying operands from the prompt is learned only after ~400)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
     flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
-    flags.DEFINE_integer("rl_steps", 40, "C3PO steps")
-    flags.DEFINE_float("rl_lr", 2e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
+    flags.DEFINE_integer("rl_steps", 30, "C3PO steps")
+    flags.DEFINE_enum("selection_order", "informative_first", ["random", "informative_first"],
+                      "C3PO greedy order (informative_first: responses with non-zero advantage fill Phi first)")
+    flags.DEFINE_float("rl_lr", 5e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
     flags.DEFINE_integer("prompts_per_step", 16, "RL prompts per step")
     flags.DEFINE_integer("samples_per_prompt", 8, "RL responses per prompt")
     flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")
-    flags.DEFINE_integer("max_new_tokens", 48, "response length limit")
+    flags.DEFINE_integer("max_new_tokens", 64, "response length limit (one token per digit: the longest worked "
+                         "solution is ~45 tokens)")
     flags.DEFINE_integer("eval_prompts", 64, "held-out prompts per family")
     flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
     flags.DEFINE_string("preset", "small", "model preset")
@@ -77,7 +80,8 @@ def _write_data(out):
                                              {"role": "assistant", "content": r["solution"]}]}) + "\n")
     tok_dir = os.path.join(out, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        tok = train_bpe([r["prompt"] + "\n" + r["solution"] for r in sft], vocab_size=512)
+        # the chat template's role words are in the corpus too, so "assistant" is one token, not four
+        tok = train_bpe([f"user\n{r['prompt']}\nassistant\n{r['solution']}" for r in sft], vocab_size=512)
         tok.save(tok_dir)
     return os.path.join(data, "sft.jsonl"), tok_dir
 
@@ -109,7 +113,7 @@ def main(argv):
     fams = ",".join(FLAGS.families)
     _stage("SFT", ["ring_jax.cli.sft", f"--preset={FLAGS.preset}", f"--train_jsonl={sft_jsonl}",
                    f"--tokenizer={tok_dir}", f"--steps={FLAGS.sft_steps}", f"--global_batch={FLAGS.sft_batch}",
-                   f"--seq_len={FLAGS.seq_len}", f"--lr={FLAGS.sft_lr}", "--warmup_ratio=0.05",
+                   f"--seq_len={FLAGS.seq_len}", f"--lr={FLAGS.sft_lr}", "--warmup_ratio=0.02",
                    f"--ckpt_every={FLAGS.sft_steps}", f"--seed={FLAGS.seed}", f"--data_seed={FLAGS.seed}",
                    f"--out_dir={out}/sft", "--peak_flops=0", bar],
            done_marker=os.path.join(out, "sft", "ckpt", str(FLAGS.sft_steps)))
@@ -118,6 +122,7 @@ def main(argv):
                        f"--eval_n={FLAGS.eval_n}", f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
                        f"--prompts_per_step={FLAGS.prompts_per_step}",
                        f"--samples_per_prompt={FLAGS.samples_per_prompt}", f"--budget={FLAGS.budget}",
+                       f"--selection_order={FLAGS.selection_order}",
                        f"--max_new_tokens={FLAGS.max_new_tokens}", f"--seed={FLAGS.seed}",
                        f"--task_seed={1000 + FLAGS.seed}", f"--ckpt_every={FLAGS.rl_steps}",
                        f"--out_dir={out}/rl", bar],
