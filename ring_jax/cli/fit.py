@@ -3,7 +3,7 @@ RL train step (+ reference log-probs) for a preset on a mesh against abstract ar
 XLA's per-device memory analysis of each: parameters, optimizer state, batch / KV cache, temporaries, peak.
 
     ring-jax-fit --preset=ling-lite-1.5 --devices=64 --mesh=fsdp:8,expert:8 --seq_len=4096 --global_batch=64
-    ring-jax-fit --flagfile=experiments/flags/fit_ling_lite_v5p.flags        # the Ring-lite recipe on a v5p slice
+    ring-jax-fit --flagfile=experiments/flags/fit_ling_lite_tpu.flags        # the Ring-lite recipe, 128 chips
     ring-jax-fit ... --target=v5p:4x4x4      # compile for a TPU topology (needs libtpu: pip install 'jax[tpu]')
 
 ``--target=cpu`` (default): the mesh is ``--devices`` fake CPU devices, so parameters, optimizer state, batch and KV
