@@ -51,7 +51,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("selection_order", "random", ["random", "rollout", "shortest_first", "longest_first",
                                                     "informative_first"],
                       "order of the greedy budget selection (informative_first: non-zero advantages first)")
-    flags.DEFINE_bool("binary_reward", True, "reward 1 iff the verifier scores 1 (Ring-lite; no partial credit)")
+    flags.DEFINE_bool("binary_reward", True, "reward 1 iff the verifier scores 1 (Ring-lite; no partial credit); "
+                      "learned reward-model scores pass through")
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit")
     flags.DEFINE_float("temperature", 1.0, "rollout temperature")
     flags.DEFINE_float("top_p", 1.0, "rollout top-p")

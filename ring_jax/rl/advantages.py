@@ -20,3 +20,16 @@ def group_advantages(rewards, group_ids, eps: float = 1e-6) -> np.ndarray:
         m = g == gid
         adv[m] = (r[m] - r[m].mean()) / (r[m].std() + eps)
     return adv.astype(np.float32)
+
+
+# Tasks whose reward is a score, not a verdict: never binarised (a learned reward model's scalar).
+SCORED_TASKS = frozenset({"reward_model"})
+
+
+def binarize_rewards(rewards, tasks) -> np.ndarray:
+    """Ring-lite's rewards are verdicts (solved or not, no format reward): 1.0 where a verifier gave 1.0, else 0.0.
+    Partial credit (reasoning-gym's 0.01 for a garbled answer, an ifeval response meeting some constraints) would be
+    blown up to unit advantages by the group std.  Rewards of ``SCORED_TASKS`` pass through unchanged."""
+    r = np.asarray(rewards, np.float32)
+    scored = np.array([t in SCORED_TASKS for t in tasks], bool)
+    return np.where(scored, r, (r >= 1.0).astype(np.float32))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ring_jax.rewards import registry as rewards
-from ring_jax.rl.advantages import group_advantages
+from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.batch import build_rows
 from ring_jax.rl.losses import (PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, token_logprobs,
                                 token_weights)
@@ -48,9 +48,8 @@ class RLConfig:
     alpha_bal: float = 1e-5
     alpha_z: float = 1e-7
     reward_timeout_s: float = 30.0
-    # Ring-lite's rewards are binary (solved or not, no format reward). Verifiers with partial credit (reasoning-gym:
-    # 0.01 for a garbled answer, len(gold)/len(answer) for an answer containing the gold string) would have their
-    # crumbs blown up to unit advantages by the group std; True scores a response 1.0 iff the verifier gives 1.0.
+    # True: rewards are verdicts, 1.0 iff the verifier gives 1.0 (Ring-lite; see advantages.binarize_rewards);
+    # a learned reward model's scores pass through
     binary_reward: bool = True
     num_slots: int = 16  # decode batch of the engine
     sampling_moe_impl: str | None = None  # e.g. "dense" for small decode batches (same parameters)
@@ -141,7 +140,7 @@ class RLStep:
         results, rstats = rewards.score_batch(recs, texts, timeout_s=rl.reward_timeout_s)
         reward = np.array([r.reward for r in results], np.float32)
         if rl.binary_reward:
-            reward = (reward >= 1.0).astype(np.float32)
+            reward = binarize_rewards(reward, [r.get("task") for r in recs])
         adv = group_advantages(reward, [c.prompt_index for c in comps])
         lengths = np.array([len(c.token_ids) for c in comps])
         if rl.aggregation == "c3po":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ring_jax.rl.advantages import group_advantages
+from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, token_logprobs, token_weights
 from ring_jax.rl.selection import fixed_count, select_budget
 
@@ -23,6 +23,12 @@ def test_group_advantages_oracle():
         want = [(r - mu) / (sd + 1e-6) for r in rs]
         np.testing.assert_allclose(adv[np.array(groups) == g], want, rtol=1e-5, atol=1e-6)
     assert np.all(adv[4:8] == 0)  # all-equal group: no signal
+
+
+def test_binarize_rewards_keeps_reward_model_scores():
+    r = binarize_rewards([1.0, 0.99, 0.05, 0.0, 0.37, -2.5, 1.0],
+                         ["countdown", "arithmetic", "countdown", "ifeval", "reward_model", "reward_model", "ifeval"])
+    np.testing.assert_array_equal(r, np.float32([1.0, 0.0, 0.0, 0.0, 0.37, -2.5, 1.0]))
 
 
 @settings(max_examples=200, deadline=None)
