@@ -35,22 +35,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-SIZES = dict(layers=4, hidden=256, heads=8, kv_heads=2, experts=8, top_k=2, expert_width=256, vocab=1024)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_sampling import bench_config as _bench_moe  # noqa: E402  the other benchmarks' MoE
+
 PARTS = ("rollout", "reward", "reference", "train")
 
 
 def bench_config(preset: str):
-    from ring_jax.config import ModelConfig, get_preset
+    """'bench': the MoE of the other benchmarks (bench_sampling.bench_config); else a ring_jax preset."""
+    from ring_jax.config import get_preset
 
-    if preset != "bench":
-        return get_preset(preset)
-    s = SIZES
-    return ModelConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=3 * s["hidden"],
-                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                       head_dim=s["hidden"] // s["heads"], max_position_embeddings=1024, rope_theta=10000.0,
-                       num_experts=s["experts"], num_shared_experts=1, num_experts_per_tok=s["top_k"],
-                       moe_intermediate_size=s["expert_width"], first_k_dense_replace=0, pad_token_id=0,
-                       eos_token_id=1, initializer_range=0.02)
+    return _bench_moe() if preset == "bench" else get_preset(preset)
 
 
 def expected_length(p: float, cap: int) -> float:
