@@ -2,6 +2,7 @@
 
     python experiments/bench/bench_rl.py                      # the benchmark MoE, 4 prompts x 4 samples x 64 tokens
     python experiments/bench/bench_rl.py --preset tiny --steps 3 --max_new_tokens 8     # a quick smoke run
+    python experiments/bench/bench_rl.py --tunix_python /work/tunixvenv/bin/python       # + Tunix GRPOLearner steps
 
 Every aggregation runs ``--steps`` RL steps (ring_jax.rl.step.RLStep: rollout with the sampling engine on the live
 parameters -> rewards -> GRPO advantages -> selection -> k3-KL reference log-probabilities -> update) from the same
@@ -19,6 +20,13 @@ also end a response: each token ends it with probability ~stop_tokens / vocab, w
 lengths a real policy has (a geometric distribution capped at ``--max_new_tokens``).  With ``--budget 0`` Phi is set
 to responses_per_step x the expected response length, so both aggregations train on about as many tokens per step
 (the default, half the pool, leaves the pool enough tokens that C3PO practically never falls short of Phi).
+
+``--tunix_python`` (an interpreter with google-tunix) then runs ``peers/tunix_grpo_step.py``: Tunix's GRPOLearner on
+a Tunix Qwen3-MoE of the same sizes (no shared expert: Qwen3 has none; on CPU Tunix's MoE layer runs every expert on
+every token), the same prompts-per-step x samples, <= max_new_tokens at temperature 1, the same stop ids, the same
+dummy reward, beta and lr, for max(--steps, 4) steps; its step time (mean / median after the first, compiling, step)
+is printed beside ours with the ratios Tunix / ring_jax.  Tunix's GRPO trains on all prompts x samples responses of
+a step; c3po trains on Phi tokens and seq_mean on --responses_per_step responses (the rollout is the same size).
 
 Prints a markdown table (tokens per step: mean, std, range; step time median over the steps after the first, which
 compiles; the split rollout / reward / reference / train) and a last line ``RESULTS {json}``.
@@ -39,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sampling import bench_config as _bench_moe  # noqa: E402  the other benchmarks' MoE
 
 PARTS = ("rollout", "reward", "reference", "train")
+TUNIX_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "tunix_grpo_step.py")
 
 
 def bench_config(preset: str):
@@ -69,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=1e-3, help="KL weight (0: no reference forward)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tunix_python", default="", help="interpreter with google-tunix: also time Tunix GRPOLearner")
     a = ap.parse_args(argv)
 
     import jax
@@ -148,7 +158,43 @@ def main(argv=None):
         print(f"| {agg} | {r['tokens_mean']:.0f} | {r['tokens_std']:.1f} | {r['tokens_min']:.0f}-{r['tokens_max']:.0f}"
               f" | {min(r['rows'])}-{max(r['rows'])} | {r['step_s']:.2f} | {r['rollout_s']:.2f} | {r['reward_s']:.2f} "
               f"| {r['reference_s']:.2f} | {r['train_s']:.2f} | {r['first_step_s']:.1f} |")
+    if a.tunix_python:
+        results.update(run_tunix(a, cfg, stop_ids, results))
     print("RESULTS " + json.dumps(results))
+
+
+def run_tunix(a, cfg, stop_ids, ours: dict) -> dict:
+    """Tunix GRPOLearner steps on the same shapes (peers/tunix_grpo_step.py); {"tunix_grpo": {...}} or
+    {"tunix_error": why}."""
+    import subprocess
+
+    peer = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+                kv_heads=cfg.num_key_value_heads, experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                expert_width=cfg.moe_intermediate_size, vocab=cfg.vocab_size, steps=max(a.steps, 4),
+                prompts_per_step=a.prompts_per_step, samples_per_prompt=a.samples_per_prompt,
+                max_new_tokens=a.max_new_tokens, prompt_len=a.prompt_len, stop_ids=list(stop_ids), beta=a.beta,
+                lr=a.lr, seed=a.seed)
+    print(f"[tunix] load average {os.getloadavg()[0]:.1f}; running {TUNIX_PEER} ({peer['steps']} steps)", flush=True)
+    try:
+        r = subprocess.run([a.tunix_python, TUNIX_PEER, json.dumps(peer)], capture_output=True, text=True)
+    except OSError as e:
+        r = subprocess.CompletedProcess([], 127, "", f"{type(e).__name__}: {e}")
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode or not line:
+        why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
+        why = why or (r.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"[tunix] failed (exit {r.returncode}): {why}")
+        return {"tunix_error": why}
+    t = json.loads(line[0][len("RESULT "):])
+    print(f"[tunix] Tunix {t['tunix']} GRPOLearner (jax {t['jax']}, flax {t['flax']}): step s "
+          f"{[round(s, 2) for s in t['step_s']]}; after the first: mean {t['step_s_mean']:.2f}, median "
+          f"{t['step_s_median']:.2f} s/step ({t['rows_per_step']} responses/step, mean length "
+          f"{t['mean_response_len']:.1f})")
+    for agg in ("c3po", "seq_mean", "token_mean"):
+        if agg in ours:
+            print(f"[tunix] Tunix GRPO / ring_jax {agg}: {t['step_s_median'] / ours[agg]['step_s']:.2f}x step time "
+                  f"(medians)")
+    return {"tunix_grpo": t}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python experiments/bench/bench_sampling.py                                   # ring_jax only
     python experiments/bench/bench_sampling.py --torch_python /work/refvenv/bin/python   # + transformers peer
+    python experiments/bench/bench_sampling.py --tunix_python /work/tunixvenv/bin/python   # + Tunix's Sampler
 
 Model (both sides): 4 layers, hidden 256, 8 heads / 2 KV heads (head_dim 32), 8 routed experts top-2 of width 256 plus
 one shared expert of width 256, vocab 1024, float32, random weights.  The transformers side is a Qwen2-MoE of the same
@@ -13,6 +14,9 @@ min_new_tokens=max_new_tokens)`` so it never stops early.  Sections:
   batching  length-skewed workload: continuous batching vs static batching (waves of the same slot count, and all
             requests in one batch)
   torch     transformers generate on the same shapes (needs --torch_python)
+  tunix     Tunix's vanilla Sampler (peers/tunix_sampler.py, needs --tunix_python), greedy on a Tunix Qwen3-MoE of
+            the same sizes without the shared expert (Qwen3 has none); ring_jax is timed again on that same
+            no-shared-expert model right before it, and the ratio ring_jax / Tunix uses that figure
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+TUNIX_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "tunix_sampler.py")
 
 SIZES = dict(layers=4, hidden=256, heads=8, kv_heads=2, experts=8, top_k=2, expert_width=256, vocab=1024)
 
@@ -60,14 +65,15 @@ print("RESULT " + json.dumps({"seconds": min(times), "tokens_per_s": a["batch"] 
 """
 
 
-def bench_config(moe_impl="dispatch"):
+def bench_config(moe_impl="dispatch", shared_experts=1):
     from ring_jax.config import ModelConfig
 
     s = SIZES
     return ModelConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=3 * s["hidden"],
                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                        head_dim=s["hidden"] // s["heads"], max_position_embeddings=1024, rope_theta=10000.0,
-                       num_experts=s["experts"], num_shared_experts=1, num_experts_per_tok=s["top_k"],
+                       num_experts=s["experts"], num_shared_experts=shared_experts or None,
+                       num_experts_per_tok=s["top_k"],
                        moe_intermediate_size=s["expert_width"], first_k_dense_replace=0, pad_token_id=0,
                        eos_token_id=1, initializer_range=0.02, moe_impl=moe_impl)
 
@@ -88,7 +94,7 @@ def timed(engine, prompts, params, repeats, **kw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="main,loop,moe,batching,torch")
+    ap.add_argument("--sections", default="main,loop,moe,batching,torch,tunix")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=128)
@@ -98,6 +104,7 @@ def main():
     ap.add_argument("--requests", type=int, default=64, help="batching section: number of requests")
     ap.add_argument("--long_fraction", type=float, default=0.25, help="batching section: requests without stops")
     ap.add_argument("--torch_python", default=None, help="interpreter with torch + transformers (e.g. /work/refvenv)")
+    ap.add_argument("--tunix_python", default=None, help="interpreter with google-tunix (runs the tunix section)")
     ap.add_argument("--threads", default="1,2", help="torch thread counts to try (the best one is compared)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -211,6 +218,35 @@ def main():
                 if "ring_jax_tokens_per_s" in results:
                     print(f"[torch] ring_jax / transformers (its best thread count) = "
                           f"{results['ring_jax_tokens_per_s'] / best:.2f}x wall")
+    if "tunix" in sections and args.tunix_python:
+        # ring_jax on Tunix's model shape (no shared expert), then Tunix: side by side, so the ratio is fair
+        t, st, _ = timed(SamplingEngine.from_model(build_model(bench_config(shared_experts=0), seed=0),
+                                                   num_slots=args.batch, chunk=args.chunk, cache_len=cache_len),
+                         prompts, greedy, args.repeats)
+        results["ring_jax_noshared_tokens_per_s"] = ntok / t
+        print(f"[tunix] ring_jax engine, same model without the shared expert: {t:.2f}s -> {ntok / t:.0f} tokens/s "
+              f"({st['cpu_s']:.2f} CPU-s; load average {os.getloadavg()[0]:.1f})")
+        a = dict(SIZES, batch=args.batch, prompt=args.prompt_len, new=args.new_tokens, repeats=args.repeats)
+        try:
+            r = subprocess.run([args.tunix_python, TUNIX_PEER, json.dumps(a)], capture_output=True, text=True)
+        except OSError as e:
+            r = subprocess.CompletedProcess([], 127, "", f"{type(e).__name__}: {e}")
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not line:
+            why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
+            why = why or (r.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"[tunix] failed (exit {r.returncode}): {why}")
+        else:
+            tr = json.loads(line[0][7:])
+            results["tunix_tokens_per_s"] = tr["tokens_per_s"]
+            print(f"[tunix] Tunix {tr['tunix']} vanilla Sampler, greedy (jax {tr['jax']}, flax {tr['flax']}): "
+                  f"{tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s; first call "
+                  f"{tr['first_call_s']:.1f}s)")
+            print(f"[tunix] ring_jax / Tunix = {results['ring_jax_noshared_tokens_per_s'] / tr['tokens_per_s']:.2f}x "
+                  f"wall on the same model"
+                  + (f"; with ring_jax's shared expert ([main]): "
+                     f"{results['ring_jax_tokens_per_s'] / tr['tokens_per_s']:.2f}x"
+                     if "ring_jax_tokens_per_s" in results else ""))
     print("RESULTS " + json.dumps({k: round(v, 2) for k, v in results.items()}))
 
 

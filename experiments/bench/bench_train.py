@@ -2,6 +2,7 @@
 (forward + backward + torch AdamW), same MoE sizes, float32, CPU, in ONE invocation with interleaved timings.
 
     /work/venv/bin/python experiments/bench/bench_train.py --torch_python /work/refvenv/bin/python
+    ... --tunix_python /work/tunixvenv/bin/python      # + Google Tunix's Qwen3-MoE PeftTrainer step, interleaved too
 
 Workload (defaults): batch 8 x 256 tokens, vocab 1024, hidden 256, 4 layers, 8 heads / 2 KV heads (head_dim 32),
 8 experts top-2 (norm_topk_prob), expert width 256, no shared expert (Qwen2-MoE: shared_expert_intermediate_size 0),
@@ -9,7 +10,11 @@ q/k/v biases on both sides (Qwen2 always has them), untied embeddings, RoPE thet
 entropy only (no router aux loss on either side).  Optimiser: AdamW(lr 1e-4, betas 0.9/0.95, wd 0.1) on both sides.
 
 The torch side runs in a subprocess (``--torch_python``, script ``peers/torch_qwen2moe_step.py``) that waits on
-stdin while JAX runs, so the two never compete for the cores.  Each round times ``--steps`` steps of every
+stdin while JAX runs, so the two never compete for the cores.  ``--tunix_python`` (an interpreter with google-tunix)
+adds a third implementation the same way: ``peers/tunix_qwen3moe_step.py``, Tunix's own jitted train step
+(PeftTrainer.jit_train_and_eval_step) on a Tunix Qwen3-MoE of the same sizes (Qwen3: q/k norms, no q/k/v biases; on
+CPU Tunix's MoE layer runs every expert on every token), same AdamW; the ratio ring_jax / Tunix is printed after the
+table (median of paired rounds, as for transformers).  Each round times ``--steps`` steps of every
 implementation in a rotating order.  Reported per implementation: median-round and best-round tokens/s (wall), a
 CPU-normalised tokens/s (tokens / (process CPU seconds / cores): less sensitive to other processes' load on a shared
 machine), MFU = tokens/s * flops_per_token / peak with the peak from ring_jax.train.metrics.measure_matmul_peak()
@@ -54,6 +59,7 @@ from ring_jax.model import build_model  # noqa: E402
 from ring_jax.train.metrics import flops_per_token, measure_matmul_peak  # noqa: E402
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "torch_qwen2moe_step.py")
+TUNIX_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "tunix_qwen3moe_step.py")
 
 
 def bench_config(a, impl: str) -> ModelConfig:
@@ -208,8 +214,10 @@ class Torch:
 
     def _recv(self):
         line = self.p.stdout.readline()
+        while line and not line.startswith("{"):  # a library's stray print: not part of the protocol
+            line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError(f"torch peer exited (rc {self.p.wait()})")
+            raise RuntimeError(f"{type(self).__name__.lower()} peer exited (rc {self.p.wait()})")
         return json.loads(line)
 
     def ask(self, **cmd):
@@ -229,6 +237,20 @@ class Torch:
             self.p.stdin.close()
         finally:
             self.p.wait(timeout=30)
+
+
+class Tunix(Torch):
+    """The Tunix peer (``peers/tunix_qwen3moe_step.py`` run by ``--tunix_python``): the torch peer's protocol."""
+
+    def __init__(self, python: str, a):
+        args = [python, TUNIX_PEER] + [f"--{k}={getattr(a, k)}" for k in
+                                       ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "topk",
+                                        "moe_ffn", "batch", "seq")]
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = self._recv()
+        if "error" in self.info:
+            self.p.wait(timeout=30)
+            raise RuntimeError(self.info["error"])
 
 
 def time_jax(run, tokens, steps: int) -> tuple[float, float]:
@@ -299,6 +321,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print where the minimal step's time goes (first impl)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per timed round")
+    p.add_argument("--tunix_python", default="", help="interpreter with google-tunix ('' = skip the Tunix peer)")
     p.add_argument("--torch_attn", default="sdpa")
     p.add_argument("--torch_omp_wait_policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the torch peer ('' = torch's default).  PASSIVE: on a shared, "
@@ -329,6 +352,17 @@ def main(argv=None):
               f"OMP_WAIT_POLICY={a.torch_omp_wait_policy or 'default'}, attn {i['attn']}, "
               f"params {human(i['params'])} total / {human(i['active_params'])} active")
 
+    tunix, tunix_error = None, None
+    if a.tunix_python:
+        try:
+            tunix = Tunix(a.tunix_python, a)
+            i = tunix.info
+            print(f"peer: Tunix {i['tunix']} Qwen3-MoE, {i['step']}, jax {i['jax']}, flax {i['flax']}, "
+                  f"{i['moe_path']}, params {human(i['params'])} total / {human(i['active_params'])} active")
+        except (RuntimeError, OSError, json.JSONDecodeError) as e:
+            tunix_error = f"{type(e).__name__}: {e}"
+            print(f"Tunix peer failed to start: {tunix_error}")
+
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, a.vocab, (a.batch, a.seq)), jnp.int32)
     mode = a.step
@@ -353,14 +387,15 @@ def main(argv=None):
         print(f"compiled {name} ({'ring_jax.train.step.make_train_step' if kind == 'real' else 'minimal step'})"
               f" in {time.perf_counter() - t0:.1f}s")
 
-    names = list(runners) + (["transformers"] if torch else [])
+    names = list(runners) + (["transformers"] if torch else []) + (["tunix"] if tunix else [])
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
     load0 = os.getloadavg()[0]
     for r in range(a.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            w, c = torch.time(a.steps) if n == "transformers" else time_jax(runners[n], tokens, a.steps)
+            peer = {"transformers": torch, "tunix": tunix}.get(n)
+            w, c = peer.time(a.steps) if peer is not None else time_jax(runners[n], tokens, a.steps)
             wall[n].append(w)
             cpu[n].append(c)
     load1 = os.getloadavg()[0]
@@ -389,16 +424,24 @@ def main(argv=None):
                   "mfu": tokens_per_step / med * fpt / peak, "mfu_best": tokens_per_step / best * fpt / peak,
                   "mfu_cpu_norm": tokens_per_step / (cmed / ncores) * fpt / peak_cpu,
                   "wall_s": wall[n], "cpu_s": cpu[n]}
-        if torch is not None and n != "transformers":
+        if torch is not None and n not in ("transformers", "tunix"):
             res[n]["x_transformers"] = statistics.median(t / j for t, j in zip(wall["transformers"], wall[n]))
             res[n]["x_transformers_cpu"] = statistics.median(t / j for t, j in zip(cpu["transformers"], cpu[n]))
+        if tunix is not None and n not in ("transformers", "tunix"):
+            res[n]["x_tunix"] = statistics.median(t / j for t, j in zip(wall["tunix"], wall[n]))
+            res[n]["x_tunix_cpu"] = statistics.median(t / j for t, j in zip(cpu["tunix"], cpu[n]))
     for n, v in res.items():
         ratio = f"{v['x_transformers']:.2f}x (cpu {v['x_transformers_cpu']:.2f}x)" if "x_transformers" in v else "-"
         print(f"{n:<20}{v['ms_per_step']:>9.0f}{v['tokens_per_s']:>9,.0f}{v['tokens_per_s_best']:>9,.0f}"
               f"{v['tokens_per_s_cpu_norm']:>10,.0f}{100 * v['mfu']:>6.1f}%{100 * v['mfu_best']:>8.1f}%"
               f"{100 * v['mfu_cpu_norm']:>7.1f}%{ratio:>32}")
-    print("MFU: ring_jax's flops_per_token for both sides (Qwen2-MoE's zero-width shared expert and 256x1 "
-          "shared-expert gate add no counted FLOPs).  Tunix: not installed, not compared.")
+    for n, v in res.items():
+        if "x_tunix" in v:
+            print(f"{n} / Tunix (median of paired rounds): {v['x_tunix']:.2f}x wall, {v['x_tunix_cpu']:.2f}x CPU")
+    print("MFU: ring_jax's flops_per_token for every side (Qwen2-MoE's zero-width shared expert and 256x1 "
+          "shared-expert gate add no counted FLOPs; Tunix's CPU MoE computes all experts, counted as top-k).  "
+          + ("Tunix: compared (Qwen3-MoE, PeftTrainer step)." if tunix else
+             f"Tunix: failed ({tunix_error})." if tunix_error else "Tunix: not installed, not compared."))
     if a.profile:
         run, _ = minimal_step(bench_config(a, impls[0]))
         by_line, by_fn, total = profile_step(run, tokens)
@@ -419,11 +462,14 @@ def main(argv=None):
         res["breakdown_ms"] = {k: 1e3 * v for k, v in bd.items()}
     if torch is not None:
         torch.close()
+    if tunix is not None:
+        tunix.close()
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"args": vars(a), "peak_flops": peak, "torch_peak_flops": torch_peak, "results": res,
                        "flops_per_token": fpt, "loadavg": [load0, load1],
-                       "peak_flops_cpu_norm": peak_cpu}, f, indent=1)
+                       "peak_flops_cpu_norm": peak_cpu, "tunix_info": tunix.info if tunix else None,
+                       "tunix_error": tunix_error}, f, indent=1)
 
 
 if __name__ == "__main__":
