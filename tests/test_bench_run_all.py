@@ -138,3 +138,35 @@ def test_quick_run_of_the_cheapest_benchmark_writes_a_table(tmp_path, monkeypatc
     assert row["benchmark"].startswith("grouped matmul (cpu)") and row["met"].startswith("n/a")
     assert float(row["ratio"].rstrip("x")) > 0 and row["ring_jax"].startswith("pallas_gmm ")
     assert "bench_gmm.py --iters 1` (exit 0" in text and os.path.isfile(out)
+
+
+def test_tunix_rows_filled_failed_or_missing():
+    """With --tunix_python the scripts' Tunix figures become ratios; a failed Tunix run says why; without it, the
+    rows say 'not measured' (never a made-up figure)."""
+    js = _train_json(True)
+    js["results"]["ring_jax[dispatch]"].update(x_tunix=3.9, x_tunix_cpu=2.5)
+    js["results"]["tunix"] = {"tokens_per_s": 961.0, "tokens_per_s_cpu_norm": 1900.0, "mfu_cpu_norm": 0.1}
+    row = _by(run_all.parse_train("", js, CTX), "Tunix")
+    assert row.peer.startswith("961 tok/s") and row.ratio.startswith("3.90x") and row.met == "yes"
+    failed = dict(_train_json(True), tunix_error="RuntimeError: Tunix import failed: No module named 'tunix'")
+    row = _by(run_all.parse_train("", failed, CTX), "Tunix")
+    assert "No module named 'tunix'" in row.peer and row.met == "not measured" and row.ratio == "-"
+
+    with_tunix = SAMPLING_OUT.replace('"continuous_over_static"', '"ring_jax_noshared_tokens_per_s": 120.0, '
+                                      '"tunix_tokens_per_s": 60.0, "continuous_over_static"')
+    row = _by(run_all.parse_sampling(with_tunix, None, CTX), "Tunix")
+    assert row.ratio == "2.00x" and row.peer == "60 tok/s" and row.met == "no" and "120 tok/s" in row.ring_jax
+    failed = SAMPLING_OUT.replace("RESULTS", "[tunix] failed (exit 1): ValueError: no\nRESULTS")
+    assert "ValueError: no" in _by(run_all.parse_sampling(failed, None, CTX), "Tunix").peer
+    assert _by(run_all.parse_sampling(SAMPLING_OUT, None, CTX), "Tunix").met == "not measured"
+
+    tunix_rl = RL_OUT.replace('"seq_mean":', '"tunix_grpo": {"step_s_median": 0.2, "step_s_mean": 0.25, '
+                              '"step_s": [9.0, 0.2, 0.3, 0.2], "rows_per_step": 8}, "seq_mean":')
+    row = _by(run_all.parse_rl(tunix_rl, None, CTX), "RL step")
+    assert row.ratio == "4.42x faster" and row.met == "yes" and "0.20 s/step" in row.peer and "3 steps" in row.peer
+    assert _by(run_all.parse_rl(RL_OUT, None, CTX), "RL step").met == "not measured"
+
+
+def test_missing_tunix_interpreter_is_reported():
+    py, why = run_all.find_tunix("/nonexistent/python")
+    assert py is None and "/nonexistent/python" in why

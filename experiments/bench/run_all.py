@@ -2,6 +2,7 @@
 
     python experiments/bench/run_all.py                      # everything, full sizes -> experiments/bench/RESULTS.md
     python -m experiments.bench.run_all --torch_python /path/to/python-with-torch-and-transformers
+    python experiments/bench/run_all.py --tunix_python /work/tunixvenv/bin/python    # + Google Tunix peers
     python experiments/bench/run_all.py --quick --out /tmp/bench.md          # tiny sizes: checks the plumbing only
     python experiments/bench/run_all.py --only moe,rl --timeout 900
 
@@ -13,7 +14,9 @@ down) with a timeout; its output is parsed into rows of
 under a machine line (CPU model, cores, load, Python / jax / torch / transformers versions, date), followed by each
 script's command and the tail of its output.  Peers: Hugging Face transformers on PyTorch, run by ``--torch_python``
 (default: this interpreter when it can import both; or $RING_JAX_PEER_PYTHON).  Without them the ring_jax side still
-runs and the peer cell says how to install them.  Tunix has no peer script here: its rows say so.  ``--quick`` shrinks
+runs and the peer cell says how to install them.  Tunix (google-tunix, in its own interpreter given by
+``--tunix_python``) is a second peer of train, sampling and rl (peers/tunix_*.py, run side by side by those
+scripts); without it, or when its run fails, the Tunix rows say so instead of giving a figure.  ``--quick`` shrinks
 every workload so the whole run takes a few minutes; its figures mean nothing and "met?" reads "n/a (--quick)".
 """
 
@@ -38,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PEER_PIP = "pip install torch==2.13.0 transformers==4.46.3"
 PEER_MISSING = f"peer not installed ({PEER_PIP})"
-TUNIX_MISSING = "Tunix: not measured (no Tunix peer script; pip install google-tunix)"
+TUNIX_MISSING = "Tunix: not measured (pass --tunix_python, an interpreter with pip install google-tunix)"
 COLUMNS = ("benchmark", "ring_jax", "peer", "ratio", "target", "met")
 HEADER = ("benchmark", "ring_jax", "peer", "ratio", "target", "met?")
 
@@ -66,6 +69,7 @@ class Bench:
     quick: list
     parse: Callable  # (stdout, json_out or None, ctx) -> list[Row]
     peer: bool = False  # takes --torch_python
+    tunix: bool = False  # takes --tunix_python
     json_out: bool = False  # takes --json_out PATH
 
 
@@ -140,9 +144,22 @@ def parse_train(out: str, js, ctx) -> list[Row]:
             rows.append(Row(f"train step: {other} vs {name}", f"{_f(o['tokens_per_s'])} tok/s",
                             f"{name} {_f(r['tokens_per_s'])} tok/s", f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x",
                             "-", "-"))
-    rows.append(Row("train step vs Tunix (Qwen3 MoE of the same sizes)", mine, TUNIX_MISSING, "-", ">= 3x",
-                    "not measured"))
+    label = f"train step vs Tunix (Qwen3 MoE of the same sizes, PeftTrainer step), {name}"
+    if "tunix" in res and "x_tunix" in r:
+        t = res["tunix"]
+        rows.append(Row(label, mine, f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised {_f(t['tokens_per_s_cpu_norm'])})",
+                        f"{r['x_tunix']:.2f}x (CPU-normalised {r['x_tunix_cpu']:.2f}x)", ">= 3x",
+                        _met(ctx, r["x_tunix"] >= 3)))
+    else:
+        rows.append(Row(label, mine, _tunix_missing(ctx, js.get("tunix_error")), "-", ">= 3x", "not measured"))
     return rows
+
+
+def _tunix_missing(ctx, error: str | None = None) -> str:
+    """The Tunix peer cell when there is no figure: the run's error, or why it was not run."""
+    if error:
+        return f"Tunix run failed: {error}"[:300]
+    return ctx.get("tunix_missing", TUNIX_MISSING)
 
 
 def _results_line(out: str) -> dict:
@@ -177,7 +194,16 @@ def parse_sampling(out: str, _json, ctx) -> list[Row]:
         rows.append(Row("sampling, length-skewed requests: continuous vs static batching (waves of the slot count)",
                         f"continuous {r['continuous_over_static']:.2f}x faster", "static waves (ring_jax)",
                         f"{r['continuous_over_static']:.2f}x", "-", "-"))
-    rows.append(Row("sampling vs Tunix vanilla sampler", mine, TUNIX_MISSING, "-", ">= 5x", "not measured"))
+    label = "sampling vs Tunix vanilla Sampler (greedy, same shapes, Qwen3 MoE without the shared expert)"
+    if "tunix_tokens_per_s" in r and "ring_jax_noshared_tokens_per_s" in r:
+        ratio = r["ring_jax_noshared_tokens_per_s"] / r["tunix_tokens_per_s"]
+        rows.append(Row(label, f"{_f(r['ring_jax_noshared_tokens_per_s'])} tok/s on the same model ({mine} with "
+                               f"the shared expert)", f"{_f(r['tunix_tokens_per_s'])} tok/s", f"{ratio:.2f}x",
+                        ">= 5x", _met(ctx, ratio >= 5)))
+    else:
+        fail = re.search(r"^\[tunix\] failed \(exit \S+\): (.*)$", out, flags=re.M)
+        rows.append(Row(label, mine, _tunix_missing(ctx, fail.group(1) if fail else None), "-", ">= 5x",
+                        "not measured"))
     return rows
 
 
@@ -219,9 +245,19 @@ def parse_rl(out: str, _json, ctx) -> list[Row]:
     m = re.search(r"(\d+) prompts x (\d+) samples x <= (\d+) new tokens", out)
     shape = f"{m.group(1)} prompts x {m.group(2)} samples x <= {m.group(3)} tokens" if m else "?"
     split = ", ".join(f"{p} {c[p + '_s']:.2f}" for p in ("rollout", "reward", "reference", "train"))
-    rows.append(Row(f"RL step ({shape}), c3po, after compilation", f"{c['step_s']:.2f} s/step ({split})",
-                    TUNIX_MISSING.replace("Tunix:", "Tunix GRPO:"), "-",
-                    ">= 4x faster than Tunix GRPO (issue 6 quotes ~1.5 s/step)", "not measured"))
+    label = f"RL step ({shape}), c3po, after compilation"
+    target = ">= 4x faster than Tunix GRPO (issue 6 quotes ~1.5 s/step)"
+    if "tunix_grpo" in r:
+        t = r["tunix_grpo"]
+        ratio = t["step_s_median"] / c["step_s"]
+        rows.append(Row(label + " vs Tunix GRPOLearner", f"{c['step_s']:.2f} s/step ({split})",
+                        f"Tunix GRPO {t['step_s_median']:.2f} s/step (median; mean {t['step_s_mean']:.2f}) over "
+                        f"{len(t['step_s']) - 1} steps, {t['rows_per_step']} responses trained/step",
+                        f"{ratio:.2f}x faster", target, _met(ctx, ratio >= 4)))
+    else:
+        rows.append(Row(label, f"{c['step_s']:.2f} s/step ({split})",
+                        _tunix_missing(ctx, r.get("tunix_error")).replace("Tunix", "Tunix GRPO", 1), "-", target,
+                        "not measured"))
     return rows
 
 
@@ -237,15 +273,16 @@ BENCHES = [
     Bench("train", "bench_train.py", "train step vs HF transformers", full=[],
           quick=["--impls", "dispatch", "--rounds", "1", "--steps", "1", "--layers", "1", "--hidden", "64",
                  "--heads", "4", "--kv_heads", "2", "--experts", "4", "--moe_ffn", "64", "--batch", "2",
-                 "--seq", "32", "--vocab", "256"], parse=parse_train, peer=True, json_out=True),
+                 "--seq", "32", "--vocab", "256"], parse=parse_train, peer=True, json_out=True, tunix=True),
     Bench("sampling", "bench_sampling.py", "sampling engine vs HF generate", full=[],
           quick=["--sections", "main,batching,torch", "--batch", "4", "--prompt_len", "8", "--new_tokens", "16",
-                 "--repeats", "1", "--requests", "8", "--threads", "1"], parse=parse_sampling, peer=True),
+                 "--repeats", "1", "--requests", "8", "--threads", "1"], parse=parse_sampling, peer=True,
+          tunix=True),
     Bench("gmm", "bench_gmm.py", "Pallas grouped matmul vs ragged_dot", full=[], quick=["--iters", "1"],
           parse=parse_gmm),
     Bench("rl", "bench_rl.py", "C3PO vs sample-level batching; RL step time", full=[],
           quick=["--preset", "tiny", "--steps", "3", "--max_new_tokens", "8", "--prompts_per_step", "2",
-                 "--responses_per_step", "4", "--stop_tokens", "8", "--seq_len", "64"], parse=parse_rl),
+                 "--responses_per_step", "4", "--stop_tokens", "8", "--seq_len", "64"], parse=parse_rl, tunix=True),
 ]
 BY_NAME = {b.name: b for b in BENCHES}
 
@@ -289,7 +326,25 @@ def find_peer(torch_python: str) -> tuple[str | None, str]:
     return None, "; ".join(reasons) or "no interpreter given"
 
 
-def machine_line(peer_info: str) -> str:
+TUNIX_PROBE = ("import json, importlib.metadata as m, tunix, jax, flax; "
+               "print(json.dumps([m.version('google-tunix'), jax.__version__, flax.__version__]))")
+
+
+def find_tunix(tunix_python: str) -> tuple[str | None, str]:
+    """(interpreter that imports tunix or None, versions or the reason)."""
+    if not tunix_python:
+        return None, "not given (--tunix_python)"
+    try:
+        r = subprocess.run([tunix_python, "-c", TUNIX_PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{tunix_python}: {type(e).__name__}: {e}"
+    if r.returncode:
+        return None, f"{tunix_python}: {(r.stderr.strip().splitlines() or ['failed'])[-1]}"
+    t, j, f = json.loads(r.stdout.strip().splitlines()[-1])
+    return tunix_python, f"google-tunix {t}, jax {j}, flax {f} ({tunix_python})"
+
+
+def machine_line(peer_info: str, tunix_info: str = "") -> str:
     cores = os.cpu_count()
     try:
         usable = len(os.sched_getaffinity(0))
@@ -300,7 +355,7 @@ def machine_line(peer_info: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{cpu_model()}, {cores} cores ({usable} usable), load average {os.getloadavg()[0]:.1f} at start; "
             f"Python {platform.python_version()}; jax {jax_v} / jaxlib {jaxlib_v}, flax {_version('flax') or '?'}; "
-            f"peer: {peer_info}; {now}")
+            f"peer: {peer_info}; " + (f"Tunix: {tunix_info}; " if tunix_info else "") + now)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -314,10 +369,13 @@ class Outcome:
     json: dict | None = None
 
 
-def run_bench(bench: Bench, quick: bool, peer: str | None, timeout: float, extra: list | None = None) -> Outcome:
+def run_bench(bench: Bench, quick: bool, peer: str | None, timeout: float, extra: list | None = None,
+              tunix: str | None = None) -> Outcome:
     cmd = [sys.executable, os.path.join(HERE, bench.script), *(bench.quick if quick else bench.full), *(extra or [])]
     if bench.peer and peer:
         cmd += ["--torch_python", peer]
+    if bench.tunix and tunix:
+        cmd += ["--tunix_python", tunix]
     json_path = None
     if bench.json_out:
         fd, json_path = tempfile.mkstemp(prefix=f"bench_{bench.name}_", suffix=".json")
@@ -409,6 +467,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--timeout", type=float, default=0, help="seconds per benchmark (default 2400, --quick 600)")
     ap.add_argument("--torch_python", default="", help="interpreter with torch + transformers for the peers")
+    ap.add_argument("--tunix_python", default="", help="interpreter with google-tunix for the Tunix peers "
+                                                       "(train, sampling, rl); '' = Tunix rows say not measured")
     a = ap.parse_args(argv)
     names = [n for n in a.only.split(",") if n] or list(BY_NAME)
     unknown = [n for n in names if n not in BY_NAME]
@@ -420,14 +480,21 @@ def main(argv=None):
     peer, peer_info = find_peer(a.torch_python) if needs_peer else (None, "not needed")
     if needs_peer and peer is None:
         peer_info = f"not installed ({peer_info}); {PEER_PIP}"
-    machine = machine_line(peer_info)
+    tunix, tunix_info = (None, "")
+    if a.tunix_python and any(BY_NAME[n].tunix for n in names):
+        tunix, tunix_info = find_tunix(a.tunix_python)
+        if tunix is None:
+            tunix_info = f"not importable ({tunix_info})"
+    machine = machine_line(peer_info, tunix_info)
     print(f"machine: {machine}", flush=True)
-    ctx = {"quick": a.quick, "peer": peer, "peer_missing": PEER_MISSING}
+    ctx = {"quick": a.quick, "peer": peer, "peer_missing": PEER_MISSING, "tunix": tunix,
+           "tunix_missing": f"Tunix: not measured ({tunix_info})" if a.tunix_python and tunix is None
+           else TUNIX_MISSING}
     rows, outcomes = [], {}
     for n in names:
         b = BY_NAME[n]
         print(f"== {n}: {b.title} (timeout {timeout:.0f} s)", flush=True)
-        o = run_bench(b, a.quick, peer, timeout)
+        o = run_bench(b, a.quick, peer, timeout, tunix=tunix)
         outcomes[n] = o
         new = rows_for(b, o, ctx)
         rows += new
