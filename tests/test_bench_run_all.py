@@ -156,6 +156,9 @@ def test_tunix_rows_filled_failed_or_missing():
                                       '"tunix_tokens_per_s": 60.0, "continuous_over_static"')
     row = _by(run_all.parse_sampling(with_tunix, None, CTX), "Tunix")
     assert row.ratio == "2.00x" and row.peer == "60 tok/s" and row.met == "no" and "120 tok/s" in row.ring_jax
+    cpu = with_tunix.replace('"tunix_tokens_per_s": 60.0', '"tunix_tokens_per_s": 60.0, "tunix_cpu_s": 3.0, '
+                             '"ring_jax_noshared_cpu_s": 2.0')
+    assert _by(run_all.parse_sampling(cpu, None, CTX), "Tunix").ratio == "2.00x (CPU 1.50x)"
     failed = SAMPLING_OUT.replace("RESULTS", "[tunix] failed (exit 1): ValueError: no\nRESULTS")
     assert "ValueError: no" in _by(run_all.parse_sampling(failed, None, CTX), "Tunix").peer
     assert _by(run_all.parse_sampling(SAMPLING_OUT, None, CTX), "Tunix").met == "not measured"

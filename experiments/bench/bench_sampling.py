@@ -224,6 +224,7 @@ def main():
                                                    num_slots=args.batch, chunk=args.chunk, cache_len=cache_len),
                          prompts, greedy, args.repeats)
         results["ring_jax_noshared_tokens_per_s"] = ntok / t
+        results["ring_jax_noshared_cpu_s"] = st["cpu_s"]
         print(f"[tunix] ring_jax engine, same model without the shared expert: {t:.2f}s -> {ntok / t:.0f} tokens/s "
               f"({st['cpu_s']:.2f} CPU-s; load average {os.getloadavg()[0]:.1f})")
         a = dict(SIZES, batch=args.batch, prompt=args.prompt_len, new=args.new_tokens, repeats=args.repeats)
@@ -239,11 +240,12 @@ def main():
         else:
             tr = json.loads(line[0][7:])
             results["tunix_tokens_per_s"] = tr["tokens_per_s"]
+            results["tunix_cpu_s"] = tr["cpu_s"]
             print(f"[tunix] Tunix {tr['tunix']} vanilla Sampler, greedy (jax {tr['jax']}, flax {tr['flax']}): "
                   f"{tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s; first call "
                   f"{tr['first_call_s']:.1f}s)")
             print(f"[tunix] ring_jax / Tunix = {results['ring_jax_noshared_tokens_per_s'] / tr['tokens_per_s']:.2f}x "
-                  f"wall on the same model"
+                  f"wall, {tr['cpu_s'] / results['ring_jax_noshared_cpu_s']:.2f}x CPU on the same model"
                   + (f"; with ring_jax's shared expert ([main]): "
                      f"{results['ring_jax_tokens_per_s'] / tr['tokens_per_s']:.2f}x"
                      if "ring_jax_tokens_per_s" in results else ""))

@@ -197,8 +197,10 @@ def parse_sampling(out: str, _json, ctx) -> list[Row]:
     label = "sampling vs Tunix vanilla Sampler (greedy, same shapes, Qwen3 MoE without the shared expert)"
     if "tunix_tokens_per_s" in r and "ring_jax_noshared_tokens_per_s" in r:
         ratio = r["ring_jax_noshared_tokens_per_s"] / r["tunix_tokens_per_s"]
+        cpu = (f" (CPU {r['tunix_cpu_s'] / r['ring_jax_noshared_cpu_s']:.2f}x)"
+               if r.get("ring_jax_noshared_cpu_s") and "tunix_cpu_s" in r else "")
         rows.append(Row(label, f"{_f(r['ring_jax_noshared_tokens_per_s'])} tok/s on the same model ({mine} with "
-                               f"the shared expert)", f"{_f(r['tunix_tokens_per_s'])} tok/s", f"{ratio:.2f}x",
+                               f"the shared expert)", f"{_f(r['tunix_tokens_per_s'])} tok/s", f"{ratio:.2f}x{cpu}",
                         ">= 5x", _met(ctx, ratio >= 5)))
     else:
         fail = re.search(r"^\[tunix\] failed \(exit \S+\): (.*)$", out, flags=re.M)
