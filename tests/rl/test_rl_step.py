@@ -103,3 +103,23 @@ def test_loss_and_update_independent_of_split(num_micro, mesh_spec):
     assert abs(float(m["loss"]) - loss1) < 1e-5 * max(1.0, abs(loss1))
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(s.params)):
         np.testing.assert_allclose(np.asarray(b), a, atol=1e-6, rtol=1e-5)  # params - 1.0 * gradient
+
+
+def test_c3po_steps_raise_the_reward():
+    """The whole loop optimises what it is told to: a few C3PO steps (rollout -> reward -> GRPO advantages -> budget
+    selection -> update) raise the mean reward of a toy task.  Oracle: the reward itself, measured on fresh
+    rollouts; a sign error anywhere in advantages, selection, row building or the loss makes it fall instead."""
+    mesh = make_mesh("data:1", devices=jax.devices()[:1])
+    graphdef, state, step = _setup(mesh, lr=3e-2)
+    rl = RLConfig(samples_per_prompt=8, budget=160, max_new_tokens=8, seq_len=64, num_slots=32, binary_reward=False,
+                  selection_order="informative_first", policy=RLConfig().policy.__class__(beta=0.0, alpha_ent=0.0))
+    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=lambda ids: " ".join(map(str, ids)),
+                 seed=5)
+    records = [{"task": "likes_seven", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
+    means = []
+    for _ in range(12):
+        state, m = rls(state, records)
+        means.append(m["reward/likes_seven/mean"])
+    # a near-uniform tiny model starts at ~1/128 sevens per token
+    assert np.mean(means[:2]) < 0.1, means
+    assert np.mean(means[-2:]) > np.mean(means[:2]) + 0.3, means
