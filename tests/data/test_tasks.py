@@ -8,7 +8,7 @@ from ring_jax.data.tasks import expression_steps, make_task_records
 from ring_jax.rewards.registry import score
 
 
-@pytest.mark.parametrize("family", ["chain_sum", "countdown"])
+@pytest.mark.parametrize("family", ["chain_sum", "countdown", "chain_sum_1d", "countdown_10"])
 def test_worked_solutions_score_full_reward(family):
     recs = make_task_records(family, 40, seed=3)
     for r in recs:
@@ -28,3 +28,13 @@ def test_held_out_seeds_differ():
     a = {r["prompt"] for r in make_task_records("chain_sum", 50, seed=1)}
     b = {r["prompt"] for r in make_task_records("chain_sum", 50, seed=2)}
     assert a != b
+
+
+def test_easy_families_stay_in_their_ranges():
+    for r in make_task_records("chain_sum_1d", 60, seed=4):
+        terms = r["prompt"].rstrip(" =").replace("-", "+").split("+")
+        assert 2 <= len(terms) <= 3 and all(0 <= int(t) <= 9 for t in terms), r["prompt"]
+    for r in make_task_records("countdown_10", 60, seed=4):
+        meta = r["gym"]["entry"]["metadata"]
+        assert len(meta["numbers"]) == 3 and all(1 <= n <= 10 for n in meta["numbers"])
+        assert 5 <= meta["target"] <= 30
