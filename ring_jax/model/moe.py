@@ -61,9 +61,12 @@ def router_stats(logits, probs, ids, token_mask, num_experts: int) -> RouterStat
 
 # ------------------------------------------------------------------------------------------------- compute paths
 def _swiglu_experts_dense(x, wg, wu, wd):
-    """x [N,H] through every expert: [E,N,H]."""
-    g = jnp.einsum("nh,ehf->enf", x, wg)
-    u = jnp.einsum("nh,ehf->enf", x, wu)
+    """x [N,H] through every expert: [E,N,H].  x is broadcast to [E,N,H] so that every matmul is a canonical
+    batched one (batch dim leading on both operands): with ``"nh,ehf->enf"`` XLA:CPU relayouts the expert weights
+    on every call (a full copy of wg / wu / wd), measured ~1.5-2x slower at decode sizes."""
+    xe = jnp.broadcast_to(x[None], (wg.shape[0],) + x.shape)
+    g = jnp.einsum("enh,ehf->enf", xe, wg)
+    u = jnp.einsum("enh,ehf->enf", xe, wu)
     return jnp.einsum("enf,efh->enh", jax.nn.silu(g) * u, wd)
 
 

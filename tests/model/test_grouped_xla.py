@@ -51,6 +51,8 @@ CASES = [
     (3, 8, 8, 64, 2, "random", 0),  # tiny: 6 assignments over 64 experts
     (1, 8, 8, 4, 1, "random", 0),  # a single assignment
     (2, 8, 8, 4, 3, "one", 0),
+    (16, 32, 32, 8, 2, "skewed", 0),  # a decode step of 16 rows (the engine's dense fast path vs dispatch)
+    (16, 32, 32, 8, 2, "one", 0),  # ... with 6 of the 8 experts empty
 ]
 
 
@@ -115,3 +117,17 @@ def test_permute_and_combine_are_gathers_with_exact_transposes():
         ct = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
         for a, b in zip(vjp(ct), ref_vjp(ct)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_oracle_matches_per_token_reference():
+    """moe_dense (broadcast to canonical batched matmuls) against a per-token NumPy loop over the chosen experts."""
+    x, (wg, wu, wd), weights, ids = _case(7, 16, 16, 24, 8, 2, "skewed")
+    got = np.asarray(jax.jit(moe_dense)(x, weights, ids, wg, wu, wd))
+    xn, wgn, wun, wdn, wn, idn = map(np.asarray, (x, wg, wu, wd, weights, ids))
+    ref = np.zeros_like(xn)
+    for n in range(xn.shape[0]):
+        for j in range(idn.shape[1]):
+            e = idn[n, j]
+            g, u = xn[n] @ wgn[e], xn[n] @ wun[e]
+            ref[n] += wn[n, j] * ((g / (1 + np.exp(-g)) * u) @ wdn[e])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
