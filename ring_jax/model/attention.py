@@ -20,9 +20,14 @@ from ring_jax.model.layers import apply_rope, dtype_of, param
 _MASKED = -1e30  # finite: a fully masked (padding) query gets a uniform, finite softmax instead of NaN
 
 
+# Logical axes of LayerCache.k / .v (names of ring_jax.sharding.LOGICAL_RULES): kv heads before the cache length,
+# the layout the attention matmuls read, so that decoding does not transpose the whole cache at every step.
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+
+
 class LayerCache(NamedTuple):
-    k: jax.Array  # [B, S, KVH, D] post-RoPE keys
-    v: jax.Array  # [B, S, KVH, D]
+    k: jax.Array  # [B, KVH, S, D] post-RoPE keys
+    v: jax.Array  # [B, KVH, S, D]
 
 
 class CacheView(NamedTuple):
@@ -38,19 +43,19 @@ def attention_mask(q_seg, q_pos, k_seg, k_pos):
     return same & (k_pos[:, None, :] <= q_pos[:, :, None])
 
 
-def _attention_fwd_core(q, k, v, mask):
+def _attention_fwd_core(q, kt, vt, mask):
+    """q [B, T, H, D]; kt, vt [B, KVH, S, D] (heads-major, the KV cache's layout)."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = kt.shape[1]
     # [B, KVH, G, T, D]: the G query heads sharing a KV head are the rows (g, t) of one matmul per (b, kv head)
     qg = (q / jnp.asarray(math.sqrt(d), q.dtype)).reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, kt, preferred_element_type=jnp.float32)
     # additive mask, shared by the heads: score + _MASKED == _MASKED exactly in float32, as the `where` it replaces
     scores = scores + jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - row_max)  # unnormalised probabilities
     inv = 1.0 / jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32) * inv
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32) * inv
     out = out.astype(q.dtype)
     # a fully masked (padding) row: uniform probabilities forward and, like `where`, no gradient to its scores
     inv_grad = jnp.where(row_max > 0.5 * _MASKED, inv, 0.0)
@@ -58,12 +63,12 @@ def _attention_fwd_core(q, k, v, mask):
 
 
 @jax.custom_vjp
-def _attention(q, k, v, mask):
-    return _attention_fwd_core(q, k, v, mask)[0]
+def _attention(q, kt, vt, mask):
+    return _attention_fwd_core(q, kt, vt, mask)[0]
 
 
-def _attention_fwd(q, k, v, mask):
-    out, res = _attention_fwd_core(q, k, v, mask)
+def _attention_fwd(q, kt, vt, mask):
+    out, res = _attention_fwd_core(q, kt, vt, mask)
     return out, res
 
 
@@ -82,7 +87,7 @@ def _attention_bwd(res, dout):
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kt, preferred_element_type=jnp.float32) / math.sqrt(d)
     dk = jnp.einsum("bkgtd,bkgts->bkds", qg, ds, preferred_element_type=jnp.float32)
     return (dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dout.dtype),
-            dk.transpose(0, 3, 1, 2).astype(kt.dtype), dv.transpose(0, 3, 1, 2).astype(vt.dtype), None)
+            dk.transpose(0, 1, 3, 2).astype(kt.dtype), dv.transpose(0, 1, 3, 2).astype(vt.dtype), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -96,17 +101,23 @@ def dot_attention(q, k, v, mask):
     tokens, 8 / 2 heads): the G query heads of a KV head are rows of one [G*T, D] x [D, S] matmul, the mask is one
     additive bias shared by the heads, the backward uses rowsum(dO * O) instead of a reduction over the [.., T, S]
     probabilities and computes dK^T, dV^T so that no [.., T, S] array is transposed."""
-    return _attention(q, k, v, mask)
+    return _attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
-def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int):
+def dot_attention_heads_major(q, kt, vt, mask):
+    """:func:`dot_attention` with kt / vt in the KV cache's [B, KVH, S, D] layout (no transpose of the keys)."""
+    return _attention(q, kt, vt, mask)
+
+
+def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int, heads_major: bool = False):
     """:func:`dot_attention` (with :func:`attention_mask`) computed ``chunk`` queries at a time under
     ``jax.checkpoint``: every query row still takes one float32 softmax over all S keys, so the numerics are those
     of the full computation, but neither pass holds more than ``[B, H, chunk, S]`` scores (the full path holds
     ``[B, H, T, S]``: 64 GiB per row at T = S = 32768).  Rows past T (padding up to a multiple of ``chunk``) are
     computed and dropped; query rows are independent, so they change nothing.  k and v enter the loop in float32 and
     are cast back inside, so their gradients accumulate over the chunks in float32 (exact casts: the values are
-    those of k and v)."""
+    those of k and v).  k, v are [B, S, KVH, D], or [B, KVH, S, D] with ``heads_major`` (the cache's layout); either
+    way they are put heads-major once, outside the loop."""
     b, t, h, d = q.shape
     pad = -t % chunk
     if pad:
@@ -117,11 +128,13 @@ def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int):
     qs = q.reshape(b, n, chunk, h, d).swapaxes(0, 1)
     segs = q_seg.reshape(b, n, chunk).swapaxes(0, 1)
     poss = q_pos.reshape(b, n, chunk).swapaxes(0, 1)
+    if not heads_major:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
 
     @jax.checkpoint
     def one(qc, sc, pc, kf, vf):
-        return dot_attention(qc, kf.astype(k.dtype), vf.astype(v.dtype), attention_mask(sc, pc, k_seg, k_pos))
+        return _attention(qc, kf.astype(k.dtype), vf.astype(v.dtype), attention_mask(sc, pc, k_seg, k_pos))
 
     _, out = jax.lax.scan(lambda c, xs: (c, one(*xs, kf, vf)), None, (qs, segs, poss))
     return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
@@ -158,21 +171,24 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         t = x.shape[1]
-        if cache is None:
+        if cache is None:  # k, v [B, T, KVH, D]
             k_seg, k_pos = segment_ids, positions
             new_cache = None
-        else:
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        else:  # the cache is [B, KVH, S, D]: write this call's T positions of every row, read it as is
             b, t = x.shape[:2]
             rows = jnp.arange(b)[:, None]
             cols = view.write_idx[:, None] + jnp.arange(t)[None, :]
-            new_cache = LayerCache(cache.k.at[rows, cols].set(k.astype(cache.k.dtype), mode="drop"),
-                                   cache.v.at[rows, cols].set(v.astype(cache.v.dtype), mode="drop"))
-            k, v = new_cache.k.astype(dt), new_cache.v.astype(dt)
+            # advanced indices split by a slice: the indexed shape is [B, T, KVH, D], that of k and v
+            new_cache = LayerCache(cache.k.at[rows, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                                   cache.v.at[rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
+            kt, vt = new_cache.k.astype(dt), new_cache.v.astype(dt)
             k_seg, k_pos = view.kv_segment_ids, view.kv_positions
         if self.attn_chunk and t > self.attn_chunk:
-            out = chunked_attention(q, k, v, segment_ids, positions, k_seg, k_pos, self.attn_chunk)
+            out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk,
+                                    heads_major=True)
         else:
-            out = dot_attention(q, k, v, attention_mask(segment_ids, positions, k_seg, k_pos))
+            out = dot_attention_heads_major(q, kt, vt, attention_mask(segment_ids, positions, k_seg, k_pos))
         out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)

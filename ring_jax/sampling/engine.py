@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from ring_jax.config import ModelConfig
+from ring_jax.model.attention import CACHE_AXES
 from ring_jax.model.transformer import abstract_model, init_cache
 from ring_jax.sampling import rules
 from ring_jax.sampling.types import Completion, DecodeState, SamplingParams
@@ -116,13 +117,13 @@ def mesh_of(state):
 
 
 def decode_state_specs(tree, mesh, rules=DEFAULT_RULES):
-    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k/v [slots, S, kv_heads, head_dim] by
-    the rules' batch / cache_length / kv_heads / head_dim axes, the cache's segment ids and positions [slots, S] and
+    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k/v [slots, kv_heads, S, head_dim] by
+    the rules for their logical axes (``attention.CACHE_AXES``: batch / kv_heads / cache_length / head_dim), the cache's segment ids and positions [slots, S] and
     the logits [slots, V] over the slots, everything else replicated."""
     def one(path, x):
         names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
         if x.ndim == 4:
-            return rules.spec(("batch", "cache_length", "kv_heads", "head_dim"), x.shape, mesh)
+            return rules.spec(CACHE_AXES, x.shape, mesh)
         if names & {"logits", "segment_ids", "positions"}:
             return rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
         return jax.sharding.PartitionSpec()
