@@ -51,8 +51,9 @@ class SamplingEngine:
       cache_len: fixed cache length S (one decode compilation for every call); default: the power-of-two bucket of
         (prompt bucket + max_new_tokens) per call, at least ``min_cache_bucket``, capped at max_position_embeddings.
       min_prompt_bucket: smallest prompt-length bucket (buckets are powers of two).
-      moe_impl: MoE compute path for sampling (same parameters, another graphdef); on CPU at decode batch 16 the
-        default "dispatch" measured fastest (dense ~1.2x, ragged ~1.3x its CPU time).
+      moe_impl: MoE compute path for prefill and decode (same parameters, another graphdef).  None (default):
+        prefill takes the model's configured path and decode the one :func:`decode_moe_impl` picks for
+        ``num_slots`` rows (on CPU the all-experts "dense" path while the slots are few).
     """
 
     def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
@@ -64,6 +65,12 @@ class SamplingEngine:
             cfg = cfg.replace(moe_impl=moe_impl)
             graphdef = nnx.split(abstract_model(cfg))[0]
         self.cfg, self.graphdef, self.state = cfg, graphdef, state
+        self.decode_graphdef, self.decode_moe_impl = graphdef, cfg.moe_impl
+        if moe_impl is None:
+            impl = decode_moe_impl(cfg, int(num_slots))
+            if impl != cfg.moe_impl:
+                self.decode_graphdef = nnx.split(abstract_model(cfg.replace(moe_impl=impl)))[0]
+                self.decode_moe_impl = impl
         self.num_slots, self.chunk = int(num_slots), int(chunk)
         self.prefill_batch = int(prefill_batch or num_slots)
         self.cache_len, self.min_prompt_bucket, self.min_cache_bucket = cache_len, min_prompt_bucket, min_cache_bucket
@@ -72,7 +79,7 @@ class SamplingEngine:
         # (a new engine per RL step, a reloaded checkpoint) share their compilations.
         self._prefill = functools.partial(_PREFILL, graphdef)
         self._insert = _INSERT
-        self._decode = functools.partial(_DECODE, graphdef)
+        self._decode = functools.partial(_DECODE, self.decode_graphdef)
         self._empty = functools.partial(_EMPTY, cfg)
 
     @classmethod
@@ -104,6 +111,27 @@ class SamplingEngine:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return run(self, prompts, params, key=key, state=self.state if state is None else state, mode=mode,
                        on_tokens=on_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ MoE path
+DENSE_DECODE_MAX_ROWS = 64  # measured crossover on CPU (bench MoE, 8 experts top-2): see decode_moe_impl
+
+
+def decode_moe_impl(cfg: ModelConfig, num_slots: int, backend: str | None = None) -> str:
+    """MoE compute path for decoding ``num_slots`` rows (one token each per step) when the caller names none.
+
+    On CPU, a decode step has so few (token, slot) assignments that the dispatch path's per-expert loop is all fixed
+    cost (an expert's weight slices are copied out and run through [rows, H] matmuls of a few rows).  Once the
+    assignments at least match the experts (``num_slots * k >= E``: every expert has rows on average anyway), running
+    every expert on every row as three canonical batched matmuls and combining with the routing weights (``dense``:
+    the same function to float32 rounding) reads the same weights in a handful of big ops; its E/k-fold extra flops
+    stay below the dispatch overhead up to ~``DENSE_DECODE_MAX_ROWS`` rows at the benchmark sizes.  Other backends,
+    dense-MLP models and larger batches keep the configured path."""
+    backend = backend or jax.default_backend()
+    e, k = cfg.num_experts or 0, cfg.num_experts_per_tok
+    if backend == "cpu" and e and num_slots * k >= e and num_slots <= DENSE_DECODE_MAX_ROWS:
+        return "dense"
+    return cfg.moe_impl
 
 
 # ------------------------------------------------------------------------------------------------ placement

@@ -200,3 +200,31 @@ def test_bad_requests(engine):
         engine.generate([[CFG.vocab_size]], GREEDY)
     with pytest.raises(SamplingError):
         SamplingParams(top_p=0.0)
+
+
+def test_decode_moe_path_selection(model, engine):
+    """Unless moe_impl is given, decode on CPU runs the all-experts dense path while num_slots * k >= E and the slots
+    are few; prefill keeps the configured path."""
+    from ring_jax.sampling.engine import DENSE_DECODE_MAX_ROWS, decode_moe_impl
+
+    e, k = CFG.num_experts, CFG.num_experts_per_tok
+    assert decode_moe_impl(CFG, e // k, "cpu") == "dense"
+    assert decode_moe_impl(CFG, e // k - 1, "cpu") == CFG.moe_impl  # fewer assignments than experts
+    assert decode_moe_impl(CFG, DENSE_DECODE_MAX_ROWS + 1, "cpu") == CFG.moe_impl
+    assert decode_moe_impl(CFG, 4, "gpu") == CFG.moe_impl
+    assert decode_moe_impl(CFG.replace(num_experts=None, moe_intermediate_size=None), 4, "cpu") == CFG.moe_impl
+    if jax.default_backend() == "cpu":
+        assert engine.decode_moe_impl == "dense" and engine.cfg.moe_impl == "dispatch"
+    explicit = SamplingEngine.from_model(model, num_slots=4, chunk=4, cache_len=64, moe_impl="dispatch")
+    assert explicit.decode_moe_impl == "dispatch" and explicit.decode_graphdef is explicit.graphdef
+
+
+def test_dense_decode_equals_dispatch_decode(model, engine):
+    """The decode fast path (dense MoE) gives the tokens and logprobs of the configured dispatch path."""
+    disp = SamplingEngine.from_model(model, num_slots=4, chunk=4, cache_len=64, moe_impl="dispatch")
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    for params in (GREEDY, sp):
+        a, b = engine.generate(PROMPTS, params, key=5), disp.generate(PROMPTS, params, key=5)
+        for x, y in zip(a, b):
+            assert x.token_ids.tolist() == y.token_ids.tolist()
+            np.testing.assert_allclose(x.raw_logprobs, y.raw_logprobs, atol=1e-5)
