@@ -32,6 +32,8 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "seed of the whole run (model init, data order, sampling)")
     flags.DEFINE_list("families", ["chain_sum", "countdown"], "task families")
     flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
+    flags.DEFINE_float("sft_truncated", 0.3, "fraction of SFT worked solutions cut before their <answer> line (an "
+                       "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)")
     flags.DEFINE_integer("sft_steps", 600, "SFT steps (copying operands from the prompt is learned only after ~400)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
@@ -67,13 +69,16 @@ def _stage(name, argv, done_marker=None):
 
 def _write_data(out):
     from ring_jax.data import train_bpe
-    from ring_jax.data.tasks import make_task_records
+    from ring_jax.data.tasks import make_task_records, truncate_solutions
 
     data = os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
     sft = []
     for i, fam in enumerate(FLAGS.families):
         sft += make_task_records(fam, FLAGS.sft_examples, seed=10_000 * (i + 1) + FLAGS.seed)
+    cut = truncate_solutions(sft, FLAGS.sft_truncated, seed=FLAGS.seed)
+    print(f"== {len(sft)} worked solutions, {cut} cut before their answer (--sft_truncated={FLAGS.sft_truncated})",
+          flush=True)
     with open(os.path.join(data, "sft.jsonl"), "w") as f:
         for r in sft:
             f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},

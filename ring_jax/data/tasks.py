@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import random
 from fractions import Fraction
 
 from ring_jax.rewards.logic import make_records
@@ -89,3 +90,18 @@ def make_task_records(family: str, n: int, seed: int) -> list[dict]:
         r["solution"] = worked_solution(r)
         r["family"] = family
     return recs
+
+
+def truncate_solutions(records: list[dict], fraction: float, seed: int) -> int:
+    """Cut the final ``<answer>`` line off a ``fraction`` of the records' worked solutions, in place (seeded); returns
+    how many were cut.  Models an imperfect long-CoT corpus, whose traces sometimes stop before their answer (a
+    length limit hit, a teacher that trails off): SFT imitates the habit, a verifiable reward does not pay for it."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"truncated fraction must be in [0, 1), got {fraction}")
+    rng = random.Random(seed)
+    cut = 0
+    for r in records:
+        if rng.random() < fraction and "\n" in r["solution"]:
+            r["solution"] = r["solution"].rsplit("\n", 1)[0]
+            cut += 1
+    return cut

@@ -38,3 +38,23 @@ def test_easy_families_stay_in_their_ranges():
         meta = r["gym"]["entry"]["metadata"]
         assert len(meta["numbers"]) == 3 and all(1 <= n <= 10 for n in meta["numbers"])
         assert 5 <= meta["target"] <= 30
+
+
+def test_truncate_solutions_cuts_only_the_answer_line():
+    from ring_jax.data.tasks import truncate_solutions
+
+    recs = make_task_records("chain_sum_1d", 400, seed=5)
+    full = [r["solution"] for r in recs]
+    cut = truncate_solutions(recs, 0.3, seed=1)
+    assert 90 <= cut <= 150  # ~30% of 400
+    n_cut = 0
+    for r, f in zip(recs, full):
+        if r["solution"] != f:
+            n_cut += 1
+            assert f == r["solution"] + "\n" + f.rsplit("\n", 1)[1] and f.rsplit("\n", 1)[1].startswith("<answer>")
+            assert score(r, r["solution"], timeout_s=30).reward < 1.0  # no answer, no reward
+    assert n_cut == cut
+    again = make_task_records("chain_sum_1d", 400, seed=5)
+    assert truncate_solutions(again, 0.3, seed=1) == cut  # seeded
+    with pytest.raises(ValueError):
+        truncate_solutions(recs, 1.0, seed=0)
