@@ -10,7 +10,8 @@ sizes (it adds q/k/v biases and a scalar shared-expert gate), ``generate(do_samp
 min_new_tokens=max_new_tokens)`` so it never stops early.  Sections:
   main      engine tokens/s, batch 16, prompt 32, 128 new tokens, greedy (prefill + decode, after a warm-up call)
   loop      decode chunk length (1 = a Python loop over a one-step jitted call; k = lax.while_loop of k steps)
-  moe       moe_impl for sampling: dispatch / dense / ragged
+  moe       moe_impl for sampling: dispatch / dense / ragged, given explicitly (prefill and decode both); [main]
+            leaves it to the engine (prefill: the configured dispatch; decode on CPU at this batch: dense)
   batching  length-skewed workload: continuous batching vs static batching (waves of the same slot count, and all
             requests in one batch)
   torch     transformers generate on the same shapes (needs --torch_python)
@@ -134,9 +135,11 @@ def main():
         return SamplingEngine.from_model(model, **kw)
 
     if "main" in sections:
-        t, st, _ = timed(engine(), prompts, greedy, args.repeats)
+        eng = engine()
+        t, st, _ = timed(eng, prompts, greedy, args.repeats)
         results["ring_jax_tokens_per_s"] = ntok / t
-        print(f"[main] ring_jax engine (dispatch, chunk {args.chunk}, cache {cache_len}): {t:.2f}s -> "
+        paths = f"MoE: prefill {eng.cfg.moe_impl}, decode {eng.decode_moe_impl}"
+        print(f"[main] ring_jax engine ({paths}, chunk {args.chunk}, cache {cache_len}): {t:.2f}s -> "
               f"{ntok / t:.0f} tokens/s ({st['decode_calls']} decode calls, {st['cpu_s']:.2f} CPU-s)")
         t, st, _ = timed(engine(cache_len=None), prompts, greedy, args.repeats)
         bucket = pow2_bucket(pow2_bucket(args.prompt_len, 16) + args.new_tokens, 64)
