@@ -189,7 +189,10 @@ class Attention(nnx.Module):
                                     heads_major=True)
         else:
             out = dot_attention_heads_major(q, kt, vt, attention_mask(segment_ids, positions, k_seg, k_pos))
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        # one [B*T, H*D] x [H*D, E] matmul: as einsum "bthd,hde->bte" XLA:CPU laid the attention output out
+        # d-major and copied o_proj into that layout at every call (a full weight copy per layer per decode step)
+        b, t, nh, d = out.shape
+        out = jnp.dot(out.reshape(b * t, nh * d), self.o_proj[...].astype(dt).reshape(nh * d, -1)).reshape(b, t, -1)
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, new_cache
