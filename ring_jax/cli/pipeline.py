@@ -1,6 +1,8 @@
 """ring-jax-pipeline: the README's main job.  The whole Ring-lite recipe, small, on a CPU:
 
-  1. generate verifiable tasks (reasoning-gym chain_sum and countdown) with step-by-step worked solutions;
+  1. generate verifiable tasks (reasoning-gym chain sums of one-digit terms and countdown with numbers up to 10) with
+     step-by-step worked solutions, 30% of them cut before their answer line (``--sft_truncated``: an imperfect
+     long-CoT corpus, whose habit SFT copies and RL's verifier does not reward);
   2. train a BPE tokenizer on that corpus;
   3. long-CoT-style SFT of the ``small`` MoE preset on the worked solutions (ring-jax-sft);
   4. C3PO RL on held-in prompts with verifiable rewards, measuring held-out pass@1 (temperature 1.0, top-p 0.95)
@@ -30,11 +32,11 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_string("out_dir", "runs/pipeline", "run folder")
     flags.DEFINE_integer("seed", 0, "seed of the whole run (model init, data order, sampling)")
-    flags.DEFINE_list("families", ["chain_sum", "countdown"], "task families")
+    flags.DEFINE_list("families", ["chain_sum_1d", "countdown_10"], "task families (ring_jax.data.tasks.FAMILIES)")
     flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
     flags.DEFINE_float("sft_truncated", 0.3, "fraction of SFT worked solutions cut before their <answer> line (an "
                        "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)")
-    flags.DEFINE_integer("sft_steps", 600, "SFT steps (copying operands from the prompt is learned only after ~400)")
+    flags.DEFINE_integer("sft_steps", 500, "SFT steps (copying operands from the prompt is learned at ~250-350)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
     flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
@@ -135,7 +137,7 @@ def main(argv):
     _stage("export", ["ring_jax.cli.export", f"--ckpt_dir={out}/rl", f"--out_dir={out}/hf",
                       "--dtype=float32"], done_marker=os.path.join(out, "hf", "config.json"))
     samples = os.path.join(out, "samples.jsonl")
-    prompts, stop = _chat_prompts(tok_dir, ["17 + 25 - 9 =", "Use 3 7 5 to make 26."], out)
+    prompts, stop = _chat_prompts(tok_dir, ["7 + 5 - 9 =", "Use 3 7 5 to make 26."], out)
     _stage("reload + sample", ["ring_jax.cli.sample", f"--hf_dir={out}/hf", f"--prompts_jsonl={prompts}",
                                f"--stop_ids={stop}", "--temperature=0", f"--max_new_tokens={FLAGS.max_new_tokens}",
                                f"--output_jsonl={samples}"])
