@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sampling import bench_config as _bench_moe  # noqa: E402  the other benchmarks' MoE
+from bench_sampling import run_peer  # noqa: E402
 
 PARTS = ("rollout", "reward", "reference", "train")
 TUNIX_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "tunix_grpo_step.py")
@@ -166,8 +167,6 @@ def main(argv=None):
 def run_tunix(a, cfg, stop_ids, ours: dict) -> dict:
     """Tunix GRPOLearner steps on the same shapes (peers/tunix_grpo_step.py); {"tunix_grpo": {...}} or
     {"tunix_error": why}."""
-    import subprocess
-
     peer = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
                 kv_heads=cfg.num_key_value_heads, experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
                 expert_width=cfg.moe_intermediate_size, vocab=cfg.vocab_size, steps=max(a.steps, 4),
@@ -175,17 +174,10 @@ def run_tunix(a, cfg, stop_ids, ours: dict) -> dict:
                 max_new_tokens=a.max_new_tokens, prompt_len=a.prompt_len, stop_ids=list(stop_ids), beta=a.beta,
                 lr=a.lr, seed=a.seed)
     print(f"[tunix] load average {os.getloadavg()[0]:.1f}; running {TUNIX_PEER} ({peer['steps']} steps)", flush=True)
-    try:
-        r = subprocess.run([a.tunix_python, TUNIX_PEER, json.dumps(peer)], capture_output=True, text=True)
-    except OSError as e:
-        r = subprocess.CompletedProcess([], 127, "", f"{type(e).__name__}: {e}")
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    if r.returncode or not line:
-        why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
-        why = why or (r.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"[tunix] failed (exit {r.returncode}): {why}")
+    t, why = run_peer(a.tunix_python, TUNIX_PEER, peer)
+    if t is None:
+        print(f"[tunix] failed {why}")
         return {"tunix_error": why}
-    t = json.loads(line[0][len("RESULT "):])
     print(f"[tunix] Tunix {t['tunix']} GRPOLearner (jax {t['jax']}, flax {t['flax']}): step s "
           f"{[round(s, 2) for s in t['step_s']]}; after the first: mean {t['step_s_mean']:.2f}, median "
           f"{t['step_s_median']:.2f} s/step ({t['rows_per_step']} responses/step, mean length "

@@ -66,6 +66,20 @@ print("RESULT " + json.dumps({"seconds": min(times), "tokens_per_s": a["batch"] 
 """
 
 
+def run_peer(python, script, args: dict):
+    """Run a peer script (``python script '<json args>'``) and parse its ``RESULT <json>`` line: (result, None), or
+    (None, "(exit N): why") with why from its ``ERROR`` line or its last stderr line."""
+    try:
+        r = subprocess.run([python, script, json.dumps(args)], capture_output=True, text=True)
+    except OSError as e:
+        return None, f"(exit 127): {type(e).__name__}: {e}"
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode or not line:
+        why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
+        return None, f"(exit {r.returncode}): " + (why or (r.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(line[0][len("RESULT "):]), None
+
+
 def bench_config(moe_impl="dispatch", shared_experts=1):
     from ring_jax.config import ModelConfig
 
@@ -231,17 +245,10 @@ def main():
         print(f"[tunix] ring_jax engine, same model without the shared expert: {t:.2f}s -> {ntok / t:.0f} tokens/s "
               f"({st['cpu_s']:.2f} CPU-s; load average {os.getloadavg()[0]:.1f})")
         a = dict(SIZES, batch=args.batch, prompt=args.prompt_len, new=args.new_tokens, repeats=args.repeats)
-        try:
-            r = subprocess.run([args.tunix_python, TUNIX_PEER, json.dumps(a)], capture_output=True, text=True)
-        except OSError as e:
-            r = subprocess.CompletedProcess([], 127, "", f"{type(e).__name__}: {e}")
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode or not line:
-            why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
-            why = why or (r.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"[tunix] failed (exit {r.returncode}): {why}")
+        tr, why = run_peer(args.tunix_python, TUNIX_PEER, a)
+        if tr is None:
+            print(f"[tunix] failed {why}")
         else:
-            tr = json.loads(line[0][7:])
             results["tunix_tokens_per_s"] = tr["tokens_per_s"]
             results["tunix_cpu_s"] = tr["cpu_s"]
             print(f"[tunix] Tunix {tr['tunix']} vanilla Sampler, greedy (jax {tr['jax']}, flax {tr['flax']}): "
