@@ -35,7 +35,8 @@ def define_flags():
     flags.DEFINE_list("families", ["chain_sum_1d", "countdown_10"], "task families (ring_jax.data.tasks.FAMILIES)")
     flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
     flags.DEFINE_float("sft_truncated", 0.3, "fraction of SFT worked solutions cut before their <answer> line (an "
-                       "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)")
+                       "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)",
+                       lower_bound=0.0, upper_bound=0.95)
     flags.DEFINE_integer("sft_steps", 500, "SFT steps (copying operands from the prompt is learned at ~250-350)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
