@@ -8,6 +8,7 @@ together with each slot's segment id and position, so a cached key obeys the sam
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -93,6 +94,146 @@ def _attention_bwd(res, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+# ------------------------------------------------------------------------------------- causal query-block skipping
+CAUSAL_BLOCK = 64  # query rows per block of the block-causal path (T == S only); 0 disables it
+
+
+def _num_causal_blocks(t: int, s: int, block: int | None = None) -> int:
+    """Query blocks of the block-causal path for T queries over S keys, or 0 when it does not apply (static)."""
+    block = CAUSAL_BLOCK if block is None else block
+    if not block or t != s or t % block or t < 2 * block:
+        return 0
+    return t // block
+
+
+def _upper_blocks_visible(mask, n: int):
+    """True when some query may attend a key in a later block than its own (the block-causal path then falls back
+    to the full one).  [B, T, S] mask, n blocks along both axes."""
+    t, s = mask.shape[-2:]
+    tb = jnp.arange(t, dtype=jnp.int32)[:, None] // (t // n)
+    sb = jnp.arange(s, dtype=jnp.int32)[None, :] // (s // n)
+    return jnp.any(mask & (sb > tb))
+
+
+def _blocked_fwd_core(q, kt, vt, mask, n: int):
+    """:func:`_attention_fwd_core` for T == S with query block i (rows [i*bs, (i+1)*bs)) reading only the keys
+    [0, (i+1)*bs): exact when every query's visible keys lie in blocks <= its own (``_upper_blocks_visible`` is
+    False).  The skipped keys then contribute exp(-1e30 - max) == 0 to every row that sees some key; a fully masked
+    row (uniform over all S keys in the full path) gets the skipped keys back exactly: the sum of their values in the
+    numerator and their count in the denominator."""
+    b, t, h, d = q.shape
+    kvh, s = kt.shape[1], kt.shape[2]
+    g, bs = h // kvh, t // n
+    # [B, KVH, n, G, bs, D]: block i's (g, t) rows are contiguous
+    qg = (q / jnp.asarray(math.sqrt(d), q.dtype)).reshape(b, n, bs, kvh, g, d).transpose(0, 3, 1, 4, 2, 5)
+    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+    vf = vt.astype(jnp.float32)
+    outs, ps, invs, igs = [], [], [], []
+    for i in range(n):
+        si = (i + 1) * bs
+        sc = jnp.einsum("bkgtd,bksd->bkgts", qg[:, :, i], kt[:, :, :si], preferred_element_type=jnp.float32)
+        sc = sc + bias[:, None, None, i * bs:si, :si]
+        row_max = jnp.max(sc, axis=-1, keepdims=True)
+        p = jnp.exp(sc - row_max)
+        full = row_max <= 0.5 * _MASKED  # fully masked row
+        lsum = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vt.dtype), vt[:, :, :si], preferred_element_type=jnp.float32)
+        if si < s:
+            lsum = lsum + jnp.where(full, float(s - si), 0.0)
+            o = o + jnp.where(full, jnp.sum(vf[:, :, si:], axis=2)[:, :, None, None, :], 0.0)
+        inv = 1.0 / lsum
+        outs.append((o * inv).astype(q.dtype))
+        ps.append(p)
+        invs.append(inv)
+        igs.append(jnp.where(full, 0.0, inv))
+    out = jnp.stack(outs, axis=2)  # [B, KVH, n, G, bs, D]
+    return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d), (qg, kt, vt, tuple(ps), tuple(invs), tuple(igs),
+                                                                 out)
+
+
+def _blocked_bwd_core(res, dout, n: int):
+    qg, kt, vt, ps, invs, igs, out = res
+    b, t, h, d = dout.shape
+    kvh, s = kt.shape[1], kt.shape[2]
+    g, bs = h // kvh, t // n
+    do = dout.reshape(b, n, bs, kvh, g, d).transpose(0, 3, 1, 4, 2, 5).astype(jnp.float32)
+    dqs, dk, dv = [], 0.0, 0.0
+    extra = jnp.zeros((b, kvh, d), jnp.float32)  # sum of do * inv over the fully masked rows of earlier blocks
+    extras = []
+    for i in range(n):
+        si = (i + 1) * bs
+        p, inv, ig = ps[i], invs[i], igs[i]
+        doi = do[:, :, i]
+        dsum = jnp.sum(doi * out[:, :, i].astype(jnp.float32), axis=-1, keepdims=True)
+        dp = jnp.einsum("bkgtd,bksd->bkgts", doi.astype(vt.dtype), vt[:, :, :si], preferred_element_type=jnp.float32)
+        ds = (p * (dp - dsum) * ig).astype(qg.dtype)
+        dvi = jnp.einsum("bkgtd,bkgts->bkds", (doi * inv).astype(vt.dtype), p.astype(vt.dtype),
+                         preferred_element_type=jnp.float32)
+        dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, kt[:, :, :si], preferred_element_type=jnp.float32))
+        dki = jnp.einsum("bkgtd,bkgts->bkds", qg[:, :, i], ds, preferred_element_type=jnp.float32)
+        pad = ((0, 0), (0, 0), (0, 0), (0, s - si))
+        dk = dk + jnp.pad(dki, pad)
+        dv = dv + jnp.pad(dvi, pad)
+        # key block i+1 onwards: the fully masked rows of blocks <= i (uniform over all keys in the full path)
+        extras.append(extra)
+        if si < s:
+            extra = extra + jnp.sum(jnp.where(ig == 0.0, doi * inv, 0.0), axis=(2, 3))
+    # extras[j]: what key block j gets from the fully masked rows of the blocks before it
+    dv = dv + jnp.repeat(jnp.stack(extras, axis=-1), bs, axis=-1)
+    dq = jnp.stack(dqs, axis=2) / math.sqrt(d)  # [B, KVH, n, G, bs, D]
+    return (dq.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d).astype(dout.dtype),
+            dk.transpose(0, 1, 3, 2).astype(kt.dtype), dv.transpose(0, 1, 3, 2).astype(vt.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_blocked(q, kt, vt, mask, n):
+    return _attention_blocked_fwd(q, kt, vt, mask, n)[0]
+
+
+def _blocked_res(q, kt, vt, mask, n):
+    out, (qg, _, _, ps, invs, igs, outb) = _blocked_fwd_core(q, kt, vt, mask, n)
+    return out, (qg, ps, invs, igs, outb)
+
+
+def _attention_blocked_fwd(q, kt, vt, mask, n):
+    res_shape = jax.eval_shape(lambda *a: _blocked_res(*a, n)[1], q, kt, vt, mask)
+
+    def fallback(q, kt, vt, mask):  # the full path; its backward recomputes the forward (rare: see _attention_any)
+        return _attention_fwd_core(q, kt, vt, mask)[0], jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                                                      res_shape)
+
+    ok = ~_upper_blocks_visible(mask, n)
+    out, res = jax.lax.cond(ok, partial(_blocked_res, n=n), fallback, q, kt, vt, mask)
+    return out, (ok, q, kt, vt, mask, res)
+
+
+def _attention_blocked_bwd(n, saved, dout):
+    ok, q, kt, vt, mask, res = saved
+
+    def blocked(q, kt, vt, mask, res, dout):
+        qg, ps, invs, igs, outb = res
+        return _blocked_bwd_core((qg, kt, vt, ps, invs, igs, outb), dout, n)
+
+    def fallback(q, kt, vt, mask, res, dout):
+        return _attention_bwd(_attention_fwd_core(q, kt, vt, mask)[1], dout)[:3]
+
+    return (*jax.lax.cond(ok, blocked, fallback, q, kt, vt, mask, res, dout), None)
+
+
+_attention_blocked.defvjp(_attention_blocked_fwd, _attention_blocked_bwd)
+
+
+def _attention_any(q, kt, vt, mask):
+    """The block-causal path when it applies (T == S, a multiple of CAUSAL_BLOCK, at least two blocks), else the
+    full one.  Same values and gradients either way (float32 summation order aside).  The block-causal path checks
+    at run time that no query sees a key of a later block (true for any mask of :func:`attention_mask` over keys in
+    position order, packed or padded) and otherwise computes the full path."""
+    n = _num_causal_blocks(q.shape[1], kt.shape[2])
+    if n:
+        return _attention_blocked(q, kt, vt, mask, n)
+    return _attention(q, kt, vt, mask)
+
+
 def dot_attention(q, k, v, mask):
     """q [B,T,H,D], k/v [B,S,KVH,D], mask [B,T,S] -> [B,T,H,D].  q is scaled by 1/sqrt(D) before q k^T and the
     softmax runs in float32 (the reference's order); the probabilities are normalised after the value matmul.
@@ -101,12 +242,12 @@ def dot_attention(q, k, v, mask):
     tokens, 8 / 2 heads): the G query heads of a KV head are rows of one [G*T, D] x [D, S] matmul, the mask is one
     additive bias shared by the heads, the backward uses rowsum(dO * O) instead of a reduction over the [.., T, S]
     probabilities and computes dK^T, dV^T so that no [.., T, S] array is transposed."""
-    return _attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    return _attention_any(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
 def dot_attention_heads_major(q, kt, vt, mask):
     """:func:`dot_attention` with kt / vt in the KV cache's [B, KVH, S, D] layout (no transpose of the keys)."""
-    return _attention(q, kt, vt, mask)
+    return _attention_any(q, kt, vt, mask)
 
 
 def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int, heads_major: bool = False):
