@@ -37,7 +37,8 @@ def define_flags():
     flags.DEFINE_float("sft_truncated", 0.3, "fraction of SFT worked solutions cut before their <answer> line (an "
                        "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)",
                        lower_bound=0.0, upper_bound=0.95)
-    flags.DEFINE_integer("sft_steps", 500, "SFT steps (copying operands from the prompt is learned at ~250-350)")
+    flags.DEFINE_integer("sft_steps", 800, "SFT steps (copying operands from the prompt is learned at ~250-350; "
+                         "held-out pass@1 0.16 at 500 steps, 0.31 at 800 for seed 0)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
     flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
