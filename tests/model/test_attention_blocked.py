@@ -86,3 +86,5 @@ def test_block_counts():
     assert A._num_causal_blocks(64, 64, 64) == 0  # a single block: full path
     assert A._num_causal_blocks(100, 100, 64) == 0
     assert A._num_causal_blocks(256, 256, 0) == 0
+    assert A._num_causal_blocks(1024, 1024, 64) == 16
+    assert A._num_causal_blocks(4096, 4096, 64) == 0  # 64 unrolled blocks: full path (compile time)
