@@ -150,12 +150,11 @@ def _blocked_fwd_core(q, kt, vt, mask, n: int):
         invs.append(inv)
         igs.append(jnp.where(full, 0.0, inv))
     out = jnp.stack(outs, axis=2)  # [B, KVH, n, G, bs, D]
-    return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d), (qg, kt, vt, tuple(ps), tuple(invs), tuple(igs),
-                                                                 out)
+    return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d), (qg, tuple(ps), tuple(invs), tuple(igs), out)
 
 
-def _blocked_bwd_core(res, dout, n: int):
-    qg, kt, vt, ps, invs, igs, out = res
+def _blocked_bwd_core(res, kt, vt, dout, n: int):
+    qg, ps, invs, igs, out = res
     b, t, h, d = dout.shape
     kvh, s = kt.shape[1], kt.shape[2]
     g, bs = h // kvh, t // n
@@ -193,20 +192,15 @@ def _attention_blocked(q, kt, vt, mask, n):
     return _attention_blocked_fwd(q, kt, vt, mask, n)[0]
 
 
-def _blocked_res(q, kt, vt, mask, n):
-    out, (qg, _, _, ps, invs, igs, outb) = _blocked_fwd_core(q, kt, vt, mask, n)
-    return out, (qg, ps, invs, igs, outb)
-
-
 def _attention_blocked_fwd(q, kt, vt, mask, n):
-    res_shape = jax.eval_shape(lambda *a: _blocked_res(*a, n)[1], q, kt, vt, mask)
+    res_shape = jax.eval_shape(lambda *a: _blocked_fwd_core(*a, n)[1], q, kt, vt, mask)
 
     def fallback(q, kt, vt, mask):  # the full path; its backward recomputes the forward (rare: see _attention_any)
         return _attention_fwd_core(q, kt, vt, mask)[0], jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                                                       res_shape)
 
     ok = ~_upper_blocks_visible(mask, n)
-    out, res = jax.lax.cond(ok, partial(_blocked_res, n=n), fallback, q, kt, vt, mask)
+    out, res = jax.lax.cond(ok, partial(_blocked_fwd_core, n=n), fallback, q, kt, vt, mask)
     return out, (ok, q, kt, vt, mask, res)
 
 
@@ -214,8 +208,7 @@ def _attention_blocked_bwd(n, saved, dout):
     ok, q, kt, vt, mask, res = saved
 
     def blocked(q, kt, vt, mask, res, dout):
-        qg, ps, invs, igs, outb = res
-        return _blocked_bwd_core((qg, kt, vt, ps, invs, igs, outb), dout, n)
+        return _blocked_bwd_core(res, kt, vt, dout, n)
 
     def fallback(q, kt, vt, mask, res, dout):
         return _attention_bwd(_attention_fwd_core(q, kt, vt, mask)[1], dout)[:3]
