@@ -81,6 +81,11 @@ def test_train_rows_with_and_without_the_peer():
     alone = _by(run_all.parse_train("", _train_json(False), CTX), "vs HF transformers")
     assert alone.peer == run_all.PEER_MISSING and "pip install torch==2.13.0 transformers==4.46.3" in alone.peer
     assert alone.ratio == "-" and alone.met == "not measured"
+    fast_wall = _train_json(True)
+    fast_wall["results"]["ring_jax[dispatch]"].update(x_transformers=1.3, x_transformers_cpu=1.05)
+    assert _by(run_all.parse_train("", fast_wall, CTX), "vs HF transformers").met == "no"  # wall alone is not enough
+    fast_wall["results"]["ring_jax[dispatch]"].update(x_transformers_cpu=1.25)
+    assert _by(run_all.parse_train("", fast_wall, CTX), "vs HF transformers").met == "yes"
 
 
 def test_sampling_rows_with_and_without_the_peer():
@@ -144,10 +149,12 @@ def test_tunix_rows_filled_failed_or_missing():
     """With --tunix_python the scripts' Tunix figures become ratios; a failed Tunix run says why; without it, the
     rows say 'not measured' (never a made-up figure)."""
     js = _train_json(True)
-    js["results"]["ring_jax[dispatch]"].update(x_tunix=3.9, x_tunix_cpu=2.5)
+    js["results"]["ring_jax[dispatch]"].update(x_tunix=3.9, x_tunix_cpu=3.2)
     js["results"]["tunix"] = {"tokens_per_s": 961.0, "tokens_per_s_cpu_norm": 1900.0, "mfu_cpu_norm": 0.1}
     row = _by(run_all.parse_train("", js, CTX), "Tunix")
     assert row.peer.startswith("961 tok/s") and row.ratio.startswith("3.90x") and row.met == "yes"
+    js["results"]["ring_jax[dispatch]"].update(x_tunix_cpu=2.5)  # met needs the wall AND the CPU-normalised ratio
+    assert _by(run_all.parse_train("", js, CTX), "Tunix").met == "no"
     failed = dict(_train_json(True), tunix_error="RuntimeError: Tunix import failed: No module named 'tunix'")
     row = _by(run_all.parse_train("", failed, CTX), "Tunix")
     assert "No module named 'tunix'" in row.peer and row.met == "not measured" and row.ratio == "-"

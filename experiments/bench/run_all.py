@@ -129,13 +129,16 @@ def parse_train(out: str, js, ctx) -> list[Row]:
     mine = (f"{_f(r['tokens_per_s'])} tok/s (CPU-normalised {_f(r['tokens_per_s_cpu_norm'])}; MFU "
             f"{100 * r['mfu_cpu_norm']:.0f}% of the measured matmul peak)")
     rows = []
+    # met only when the wall AND the CPU-normalised ratio reach the target: the torch peer runs with passive OpenMP
+    # waiting (spinning threads would steal the cores from the interleaved JAX rounds), which costs it wall time on an
+    # idle machine, so its wall ratio alone flatters ring_jax (BUILD_NOTES.md, train-step section of session 5)
     if "transformers" in res:
         t = res["transformers"]
         ratio = r["x_transformers"]
         rows.append(Row(label, mine, f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised "
                                      f"{_f(t['tokens_per_s_cpu_norm'])})",
                         f"{ratio:.2f}x (CPU-normalised {r['x_transformers_cpu']:.2f}x)", ">= 1.2x",
-                        _met(ctx, ratio >= 1.2)))
+                        _met(ctx, min(ratio, r["x_transformers_cpu"]) >= 1.2)))
     else:
         rows.append(Row(label, mine, ctx["peer_missing"], "-", ">= 1.2x", "not measured"))
     for other in res:
@@ -149,7 +152,7 @@ def parse_train(out: str, js, ctx) -> list[Row]:
         t = res["tunix"]
         rows.append(Row(label, mine, f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised {_f(t['tokens_per_s_cpu_norm'])})",
                         f"{r['x_tunix']:.2f}x (CPU-normalised {r['x_tunix_cpu']:.2f}x)", ">= 3x",
-                        _met(ctx, r["x_tunix"] >= 3)))
+                        _met(ctx, min(r["x_tunix"], r["x_tunix_cpu"]) >= 3)))
     else:
         rows.append(Row(label, mine, _tunix_missing(ctx, js.get("tunix_error")), "-", ">= 3x", "not measured"))
     return rows
