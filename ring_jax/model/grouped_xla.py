@@ -14,8 +14,10 @@ Every tile size is a static shape with its own 0/1-trip (tail) or n-trip (full) 
 routed work, a waste below one ladder step per expert, and a small fixed cost per expert -- so it stays nearly flat
 in E at fixed top-k, unlike the padded-tile path whose per-tile weight gather ``w[tile_expert]`` grows with E.
 
-- forward: [g | u] = x [w_g[e] | w_u[e]] (one matmul), y = (silu(g) u) w_d[e]; g and u (float32) are kept for the
-  backward, which also runs gate and up as one [t, 2F] operand (measured 1.01-1.03x on the bench train step).
+- forward: g = x w_g[e], u = x w_u[e], y = (silu(g) u) w_d[e]; g and u (float32) are kept for the backward.  From a
+  full tile of FUSE_MIN_TILE rows on, gate and up run as ONE matmul, [g | u] = x [w_g[e] | w_u[e]], and the backward
+  takes [dg | du] as one [t, 2F] operand (measured 1.01-1.03x on the bench train step; with small groups the per-call
+  weight concatenation costs more than it saves).
 - backward (custom_vjp): the same loops; rows of dy outside the tile are zeroed, d x is written under the row mask,
   and the weight gradients go straight into the [E, ...] float32 outputs: the expert's first tile *sets* its slice,
   later tiles add to it (an expert with no rows gets zeros), so there is no per-expert zero-fill / accumulate / copy.
@@ -56,6 +58,9 @@ def group_metadata(ids, num_experts: int) -> GroupMeta:
 
 DEFAULT_TILE = 128  # the smallest automatic full tile: one core's matmuls run near their peak from ~64-128 rows on
 MAX_AUTO_TILE = 1024
+# gate and up as ONE matmul from this full tile on: the [H, 2F] weight concatenation is one copy per expert per call,
+# which small groups do not amortise (64 experts x ~64 rows: 0.95x; 8 experts x ~512 rows: 1.02x)
+FUSE_MIN_TILE = 512
 
 
 def auto_tile(num_assignments: int, num_experts: int) -> int:
@@ -169,18 +174,23 @@ def _put(buf, val, r0, mask):
 def _swiglu_fwd(xs, wg, wu, wd, starts, sizes, levels, save: bool):
     """ys [M,H] (and g, u [M,F] float32 when ``save``).  Loops over the experts that have rows only."""
     m, f = xs.shape[0], wg.shape[-1]
+    fuse = levels[0] >= FUSE_MIN_TILE
     experts = jnp.argsort(sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
 
     def expert(i, carry):
         e = experts[i]
-        wgu_e, wd_e, start = jnp.concatenate([wg[e], wu[e]], axis=1), wd[e], starts[e]  # [H, 2F]: one matmul
+        wd_e, start = wd[e], starts[e]
+        w_in = jnp.concatenate([wg[e], wu[e]], axis=1) if fuse else (wg[e], wu[e])  # fused: [H, 2F], one matmul
         end = start + sizes[e]
 
         def tile(r, t, carry, first):
             r0, mask = _tile_rows(r, t, end, m)
             xt = lax.dynamic_slice_in_dim(xs, r0, t)
-            gu = _dot(xt, wgu_e)
-            g, u = gu[:, :f], gu[:, f:]
+            if fuse:
+                gu = _dot(xt, w_in)
+                g, u = gu[:, :f], gu[:, f:]
+            else:
+                g, u = _dot(xt, w_in[0]), _dot(xt, w_in[1])
             y = _dot((jax.nn.silu(g) * u).astype(xs.dtype), wd_e)
             return tuple(_put(b, v, r0, mask) for b, v in zip(carry, (y, g, u)))
 
@@ -194,9 +204,11 @@ def _swiglu_fwd(xs, wg, wu, wd, starts, sizes, levels, save: bool):
 
 def _swiglu_bwd(xs, wg, wu, wd, gs, us, dys, starts, sizes, levels):
     m, f = xs.shape[0], wg.shape[-1]
+    fuse = levels[0] >= FUSE_MIN_TILE
 
     def expert(e, carry):
-        wgu_e, wd_e, start, size = jnp.concatenate([wg[e], wu[e]], axis=1), wd[e], starts[e], sizes[e]
+        wd_e, start, size = wd[e], starts[e], sizes[e]
+        w_in = jnp.concatenate([wg[e], wu[e]], axis=1) if fuse else (wg[e], wu[e])
         end = start + size
 
         def tile(r, t, carry, first):
@@ -212,10 +224,14 @@ def _swiglu_bwd(xs, wg, wu, wd, gs, us, dys, starts, sizes, levels):
             dh = _dot(dy, wd_e.T)
             du = (dh * a).astype(xs.dtype)
             dg = (dh * u * sg * (1 + g * (1 - sg))).astype(xs.dtype)
-            dgu = jnp.concatenate([dg, du], axis=1)  # gate and up as one [t, 2F] operand: 2 matmuls instead of 4
-            dx = _dot(dgu, wgu_e.T)
-            dwgu = _dot(xt.T, dgu)
-            contrib = (dwgu[:, :f], dwgu[:, f:], _dot(h.T, dy))
+            if fuse:  # gate and up as one [t, 2F] operand: 2 matmuls instead of 4
+                dgu = jnp.concatenate([dg, du], axis=1)
+                dx = _dot(dgu, w_in.T)
+                dwgu = _dot(xt.T, dgu)
+                contrib = (dwgu[:, :f], dwgu[:, f:], _dot(h.T, dy))
+            else:
+                dx = _dot(dg, w_in[0].T) + _dot(du, w_in[1].T)
+                contrib = (_dot(xt.T, dg), _dot(xt.T, du), _dot(h.T, dy))
             # the expert's first tile sets its slice of dW, later tiles add to it
             dw = tuple(lax.dynamic_update_index_in_dim(o, c if first else o[e] + c, e, 0) for o, c in zip(dw, contrib))
             return _put(dxs, dx, r0, mask), dw

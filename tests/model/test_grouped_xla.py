@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ring_jax.model.grouped_xla import (DEFAULT_TILE, MAX_AUTO_TILE, auto_tile, combine, group_metadata,
-                                       permute, tile_levels)
+from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_tile, combine,
+                                       group_metadata, permute, tile_levels)
 from ring_jax.model.moe import moe_dense, moe_dispatch, moe_dispatch_gather, route
 
 
@@ -40,8 +40,9 @@ def _check(fn, x, ws, weights, ids, rtol=1e-5, atol=2e-5):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
 
 
-# (n, h, f, e, k, routing, tile): tile 0 = the default ladder (full tile 128); small tiles force several full tiles
-# per expert plus a tail; n*k < 8 exercises a tile clipped to the row count.
+# (n, h, f, e, k, routing, tile): tile 0 = the automatic full tile; small tiles force several full tiles per expert
+# plus a tail; n*k < 8 exercises a tile clipped to the row count; full tiles >= FUSE_MIN_TILE run gate and up as one
+# matmul.
 CASES = [
     (37, 16, 24, 8, 2, "random", 0),
     (37, 16, 24, 8, 2, "random", 8),
@@ -54,12 +55,16 @@ CASES = [
     (2, 8, 8, 4, 3, "one", 0),
     (16, 32, 32, 8, 2, "skewed", 0),  # a decode step of 16 rows (the engine's dense fast path vs dispatch)
     (16, 32, 32, 8, 2, "one", 0),  # ... with 6 of the 8 experts empty
+    (300, 8, 12, 4, 2, "skewed", FUSE_MIN_TILE),  # fused gate|up: one expert past a full tile, tails, an empty one
+    (1100, 8, 12, 4, 2, "random", 0),  # the automatic tile (1024) fused: every expert in one tail tile
 ]
 
 
 @pytest.mark.parametrize("n,h,f,e,k,routing,tile", CASES)
 def test_dispatch_matches_dense(n, h, f, e, k, routing, tile):
     x, ws, weights, ids = _case(n * 131 + e + k, n, h, f, e, k, routing)
+    if n >= 300:  # the fused cases: check that they really take the fused path
+        assert tile_levels(tile, n * k, num_experts=e)[0] >= FUSE_MIN_TILE
     _check(lambda *a: moe_dispatch(*a, tile), x, ws, weights, ids)
 
 
