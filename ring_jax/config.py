@@ -81,7 +81,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
-    moe_tile: int = 0  # full row tile of the dispatch path's grouped loop (0 = automatic: grouped_xla.auto_tile)
+    moe_tile: int = 0  # full row tile of the dispatch path's grouped loop (0 = automatic: grouped_xla.auto_full_tile)
     # expert-parallel capacity factor: None = dropless (capacity = local tokens); c > 0 keeps at most
     # ceil(c * local_tokens * k / num_experts) tokens per expert per device and drops (counts) the rest
     moe_capacity_factor: float | None = None

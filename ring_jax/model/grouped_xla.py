@@ -63,7 +63,13 @@ MAX_AUTO_TILE = 1024
 FUSE_MIN_TILE = 512
 
 
-def auto_tile(num_assignments: int, num_experts: int) -> int:
+def _gate_up(wg, wu, e, levels):
+    """Expert e's gate and up weights: one [H, 2F] array when the full tile fuses them (``FUSE_MIN_TILE``), else the
+    pair."""
+    return jnp.concatenate([wg[e], wu[e]], axis=1) if levels[0] >= FUSE_MIN_TILE else (wg[e], wu[e])
+
+
+def auto_full_tile(num_assignments: int, num_experts: int) -> int:
     """The full tile when none is set: the power of two >= twice the mean group size (2 M / E), in [DEFAULT_TILE,
     MAX_AUTO_TILE].  A typical expert then runs as ONE tail tile: a single matmul big enough for XLA:CPU to split
     over the cores.  Fixed 128-row tiles run one core's matmuls one after another: on the idle 2-core VM tile 1024
@@ -76,9 +82,9 @@ def auto_tile(num_assignments: int, num_experts: int) -> int:
 
 
 def tile_levels(tile: int, num_assignments: int, min_tile: int = 8, num_experts: int = 1) -> tuple:
-    """(T, tail sizes ascending, the last = T).  T = tile (0: ``auto_tile``) clipped to [1, M]; tails step by
+    """(T, tail sizes ascending, the last = T).  T = tile (0: ``auto_full_tile``) clipped to [1, M]; tails step by
     min_tile up to 8 * min_tile, then by twice that up to twice that, and so on (a tail wastes < one step)."""
-    t = max(1, min(tile or auto_tile(num_assignments, num_experts), num_assignments))
+    t = max(1, min(tile or auto_full_tile(num_assignments, num_experts), num_assignments))
     step, tails = max(1, min(min_tile, t)), []
     v = step
     while v < t:
@@ -174,13 +180,13 @@ def _put(buf, val, r0, mask):
 def _swiglu_fwd(xs, wg, wu, wd, starts, sizes, levels, save: bool):
     """ys [M,H] (and g, u [M,F] float32 when ``save``).  Loops over the experts that have rows only."""
     m, f = xs.shape[0], wg.shape[-1]
-    fuse = levels[0] >= FUSE_MIN_TILE
+    fuse = levels[0] >= FUSE_MIN_TILE  # as in _gate_up
     experts = jnp.argsort(sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
 
     def expert(i, carry):
         e = experts[i]
         wd_e, start = wd[e], starts[e]
-        w_in = jnp.concatenate([wg[e], wu[e]], axis=1) if fuse else (wg[e], wu[e])  # fused: [H, 2F], one matmul
+        w_in = _gate_up(wg, wu, e, levels)
         end = start + sizes[e]
 
         def tile(r, t, carry, first):
@@ -204,11 +210,11 @@ def _swiglu_fwd(xs, wg, wu, wd, starts, sizes, levels, save: bool):
 
 def _swiglu_bwd(xs, wg, wu, wd, gs, us, dys, starts, sizes, levels):
     m, f = xs.shape[0], wg.shape[-1]
-    fuse = levels[0] >= FUSE_MIN_TILE
+    fuse = levels[0] >= FUSE_MIN_TILE  # as in _gate_up
 
     def expert(e, carry):
         wd_e, start, size = wd[e], starts[e], sizes[e]
-        w_in = jnp.concatenate([wg[e], wu[e]], axis=1) if fuse else (wg[e], wu[e])
+        w_in = _gate_up(wg, wu, e, levels)
         end = start + size
 
         def tile(r, t, carry, first):
@@ -272,7 +278,7 @@ grouped_swiglu.defvjp(_grouped_fwd, _grouped_bwd)
 
 def moe_grouped(x, weights, ids, wg, wu, wd, tile: int = 0):
     """Routed SwiGLU experts, dropless and exact: [N,H] float32 = sum_j weights[n,j] * expert_{ids[n,j]}(x[n]).
-    ``tile``: the full tile T (0 = ``auto_tile``)."""
+    ``tile``: the full tile T (0 = ``auto_full_tile``)."""
     n, k = ids.shape
     levels = tile_levels(tile, n * k, num_experts=wg.shape[0])
     meta = group_metadata(ids, wg.shape[0])

@@ -107,7 +107,7 @@ def auto_tile(num_assignments: int, num_experts: int) -> int:
 
 def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
     """The default path: dropless grouped SwiGLU (``grouped_xla.moe_grouped``); ``tile`` = full row tile (0: automatic,
-    ``grouped_xla.auto_tile``)."""
+    ``grouped_xla.auto_full_tile``)."""
     return moe_grouped(x, weights, ids, wg, wu, wd, tile)
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_tile, combine,
+from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_full_tile, combine,
                                        group_metadata, permute, tile_levels)
 from ring_jax.model.moe import moe_dense, moe_dispatch, moe_dispatch_gather, route
 
@@ -100,11 +100,11 @@ def test_tile_ladder_covers_every_remainder():
 
 def test_auto_tile_holds_a_typical_expert_in_one_tile():
     for m, e in ((4096, 8), (4096, 16), (4096, 64), (512, 8), (10, 4), (1 << 20, 8), (300, 1)):
-        t = auto_tile(m, e)
+        t = auto_full_tile(m, e)
         assert t & (t - 1) == 0 and DEFAULT_TILE <= t <= MAX_AUTO_TILE, (m, e, t)
         assert t >= min(2 * m / e, MAX_AUTO_TILE), (m, e, t)  # twice the mean group fits in one tile
         assert t == DEFAULT_TILE or t / 2 < 2 * m / e, (m, e, t)  # and no larger than needed
-    assert auto_tile(4096, 8) == 1024 and auto_tile(4096, 16) == 512 and auto_tile(64, 8) == 128
+    assert auto_full_tile(4096, 8) == 1024 and auto_full_tile(4096, 16) == 512 and auto_full_tile(64, 8) == 128
     assert tile_levels(0, 4096, num_experts=8)[0] == 1024 and tile_levels(0, 100, num_experts=8)[0] == 100
 
 
