@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ring_jax.config import ConfigError, ModelConfig
@@ -192,15 +192,17 @@ class _Reader:
     def __init__(self, hf_dir: str):
         idx = os.path.join(hf_dir, INDEX_NAME)
         single = os.path.join(hf_dir, "model.safetensors")
+        self.handles, self.used = {}, set()
         if os.path.exists(idx):
-            with open(idx) as f:
-                self.where = {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
+            weight_map = _read_json(idx).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{idx}: no 'weight_map' object")
+            self.where = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
-                self.where = {k: single for k in f.keys()}
+            self.handles[single] = _open_shard(single)
+            self.where = {k: single for k in self.handles[single].keys()}
         else:
             raise CheckpointError(f"{hf_dir}: no {INDEX_NAME} or model.safetensors")
-        self.handles, self.used = {}, set()
 
     def __call__(self, name: str, shape: tuple) -> np.ndarray:
         if name not in self.where:
@@ -209,7 +211,7 @@ class _Reader:
         if path not in self.handles:
             if not os.path.exists(path):
                 raise CheckpointError(f"shard {path} (holding {name!r}) not found")
-            self.handles[path] = safe_open(path, framework="numpy")
+            self.handles[path] = _open_shard(path)
         arr = self.handles[path].get_tensor(name)
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
@@ -218,6 +220,27 @@ class _Reader:
 
     def unexpected(self) -> list[str]:
         return sorted(set(self.where) - self.used)
+
+
+def _open_shard(path: str):
+    """A safetensors file opened for reading; CheckpointError naming it when it is damaged (e.g. truncated: the
+    header promises more bytes than the file holds) instead of the library's bare SafetensorError."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
@@ -262,7 +285,7 @@ def load_config(hf_dir: str, **runtime) -> ModelConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{hf_dir}: no config.json")
-    return ModelConfig.from_json_file(path, **runtime)
+    return ModelConfig.from_hf_dict(_read_json(path), **runtime)
 
 
 def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | None = None,

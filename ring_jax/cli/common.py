@@ -168,11 +168,14 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_init_record(out_dir: str, ckpt_dir: str, step: int, params, chief: bool = True) -> None:
-    """``<out_dir>/init.json``: the checkpoint (directory, step) a run's parameters were initialised from and their
+def write_init_record(out_dir: str, ckpt_dir: str | None, step: int | None, params, chief: bool = True,
+                      **source) -> None:
+    """``<out_dir>/init.json``: where a run's parameters were initialised from -- the checkpoint (directory, step),
+    or with ``ckpt_dir=None`` the ``source`` keywords (``hf_dir=...`` or ``preset=..., seed=...``) -- and their
     per-array checksums (``ring_jax.train.checkpoint.tree_checksums``, the list every checkpoint's meta stores under
-    ``checksums.params``), so a chained run (``ring-jax-rl-schedule``) can show that it started exactly where the
-    previous stage ended.  Every process computes the checksums (a collective); the chief writes the file."""
+    ``checksums.params``).  A chained run (``ring-jax-rl-schedule``) shows with it that it started exactly where the
+    previous stage ended; a resumed RL run rebuilds its KL reference (the initial policy) from it and checks the
+    checksums.  Every process computes the checksums (a collective); the chief writes the file."""
     import jax
     import numpy as np
 
@@ -180,8 +183,9 @@ def write_init_record(out_dir: str, ckpt_dir: str, step: int, params, chief: boo
 
     sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
     if chief:
-        write_json(os.path.join(out_dir, "init.json"), {"init_ckpt": os.path.abspath(ckpt_dir), "step": int(step),
-                                                        "params_checksums": sums})
+        rec = {"init_ckpt": os.path.abspath(ckpt_dir) if ckpt_dir else None,
+               "step": int(step) if step is not None else None, **source, "params_checksums": sums}
+        write_json(os.path.join(out_dir, "init.json"), rec)
 
 
 def die(msg: str, code: int = 1):
@@ -190,6 +194,40 @@ def die(msg: str, code: int = 1):
     sys.exit(code)
 
 
+def resume_point(ckpt_dir: str, resume: bool) -> int | None:
+    """The checkpoint step a training run in ``ckpt_dir`` starts from, or None for a fresh start: the one rule of
+    every training CLI, so that none starts from scratch over a run that had checkpoints.
+
+    - ``ckpt_dir`` holds checkpoints: without ``resume`` a usage error (exit 2: pass --resume or choose another
+      --out_dir); with it, the newest step.  Restoring may fall back to an older readable step; when none is
+      readable the restore raises ``CheckpointError`` and moves nothing, and the caller ``die``s with it, so every
+      later --resume fails the same way;
+    - no checkpoint, but ``<ckpt_dir>.corrupt/`` holds quarantined ones: the run had checkpoints, refused (exit 1
+      with ``resume``, exit 2 without);
+    - neither: None (a fresh run; with ``resume`` logged as nothing to resume).
+    """
+    from ring_jax.train.checkpoint import corrupt_dir, latest_step_in
+
+    latest = latest_step_in(ckpt_dir)
+    if latest is not None:
+        if not resume:
+            usage(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                  "or choose another --out_dir")
+        return latest
+    corrupt = corrupt_dir(ckpt_dir)
+    quarantined = sorted(os.listdir(corrupt)) if os.path.isdir(corrupt) else []
+    if quarantined:
+        msg = (f"{ckpt_dir} holds no checkpoint, but {corrupt} holds {len(quarantined)} unreadable one(s) "
+               f"({', '.join(quarantined[:4])}): refusing to start from scratch over a run that had checkpoints; "
+               f"repair or remove {corrupt}, or choose another --out_dir")
+        if resume:
+            die(msg)
+        usage(msg)
+    if resume:
+        logging.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    return None
+
+
 __all__ = ["build_mesh", "define_model_flags", "define_runtime_flags", "die", "init_distributed", "init_params",
-           "model_config_from_flags", "parse_ckpt_ref", "runtime_overrides", "usage", "write_init_record",
-           "write_json"]
+           "model_config_from_flags", "parse_ckpt_ref", "resume_point", "runtime_overrides", "usage",
+           "write_init_record", "write_json"]

@@ -116,7 +116,7 @@ def main(argv):
 
     from ring_jax.data import DataError
     from ring_jax.data.pipeline import make_sft_dataset
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, latest_step_in
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer
     from ring_jax.train.loop import LoopConfig, NonFiniteError, batches_with_state, train_loop
     from ring_jax.train.losses import LossConfig, sft_loss_fn
     from ring_jax.train.metrics import MetricsWriter, flops_per_token, measure_matmul_peak
@@ -141,10 +141,7 @@ def main(argv):
 
     out_dir = os.path.abspath(FLAGS.out_dir)
     ckpt_dir = os.path.join(out_dir, "ckpt")
-    latest = latest_step_in(ckpt_dir)
-    if latest is not None and not FLAGS.resume:
-        usage(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to continue "
-              "or choose another --out_dir")
+    resuming = common.resume_point(ckpt_dir, FLAGS.resume) is not None
 
     # ---- data
     if FLAGS.synthetic_corpus:
@@ -158,7 +155,7 @@ def main(argv):
                 os.path.join(out_dir, "tokenizer")):
             from ring_jax.data.jsonl import iter_records
 
-            records = [r for _, _, r in iter_records(source) if isinstance(r, dict)]
+            records = [r for _, _, r in iter_records(source)]  # corpus_texts keeps only the usable ones
     tok = _tokenizer(out_dir, records, cfg, chief, init_run or "")
     if tok.vocab_size > cfg.vocab_size:
         if FLAGS.hf_dir or FLAGS.init_ckpt:
@@ -178,7 +175,6 @@ def main(argv):
                  total_steps, FLAGS.global_batch)
 
     # ---- model, optimizer, state
-    resuming = FLAGS.resume and latest is not None
     graphdef, pvars, params = common.init_params(cfg, mesh, FLAGS.seed, FLAGS.hf_dir,
                                                  materialize=not (resuming or init_dir))
     optimizer, schedule = make_optimizer(optim_cfg, total_steps, decay_mask(pvars))
@@ -198,8 +194,6 @@ def main(argv):
             if chief:
                 print(f"resumed from step {start_step} of {ckpt_dir}", flush=True)
         else:
-            if FLAGS.resume:
-                logging.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
             if init_dir:
                 try:
                     with Checkpointer(init_dir, read_only=True) as c:

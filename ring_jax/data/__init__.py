@@ -13,6 +13,7 @@ _EXPORTS = {
         "ChatTemplate",
         "ChatRenderer",
         "ChatFormatError",
+        "check_messages",
         "CHATML",
         "LING",
         "TEMPLATES",

@@ -133,6 +133,15 @@ def _check_message(m, template: ChatTemplate) -> tuple[str, str]:
     return role, content
 
 
+def check_messages(messages, template: ChatTemplate = CHATML) -> list[tuple[str, str]]:
+    """``(role, content)`` of every message, or ChatFormatError: the structural checks :meth:`ChatRenderer.render`
+    applies (a non-empty list of ``{role, content}`` with known roles, string contents, no empty assistant turn),
+    without a tokenizer, so records can be vetted before the tokenizer exists (e.g. to train one on them)."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ChatFormatError("messages must be a non-empty list")
+    return [_check_message(m, template) for m in messages]
+
+
 class ChatRenderer:
     """Renders conversations to ``(ids, loss_mask)`` with a tokenizer and a :class:`ChatTemplate`.
 
@@ -172,12 +181,9 @@ class ChatRenderer:
           ChatFormatError: empty conversation, unknown role, non-string content, empty assistant turn, or content
             containing a special token.
         """
-        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-            raise ChatFormatError("messages must be a non-empty list")
         ids: list[int] = []
         mask: list[int] = []
-        for m in messages:
-            role, content = _check_message(m, self.template)
+        for role, content in check_messages(messages, self.template):
             trained = 1 if role == "assistant" else 0
             body = self._content_ids(role, content) + self._end[role]
             ids += self._header[role]

@@ -12,16 +12,20 @@ One checkpoint = one step directory ``<dir>/<step>/`` with five items:
 Saves are asynchronous (the device->host copy happens before ``save`` returns, the writes in the background);
 orbax writes into a temporary directory and renames it when complete, so a killed save never looks like a
 checkpoint.  Restoring walks the steps newest first: a step that fails to restore (truncated or missing files,
-undecodable data, a checksum mismatch, step mismatch) is reported, moved to ``<dir>.corrupt/``, and the previous
-step is tried.  Export to Hugging Face format: ``restore_params`` -> ``nnx.merge`` -> ``ring_jax.hf.save_pretrained``
-(see ``ring_jax.cli.export``).
+undecodable data, a checksum mismatch, step mismatch) is reported and the previous step is tried; once an older step
+has restored, the unreadable newer ones are moved to ``<dir>.corrupt/`` (so the resumed run can write those steps
+again).  When no step is readable nothing is moved: the directory still shows that the run had checkpoints.
+Export to Hugging Face format: ``restore_params`` -> ``nnx.merge`` -> ``ring_jax.hf.save_pretrained`` (see
+``ring_jax.cli.export``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging as pylogging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -81,6 +85,36 @@ def tree_checksums(tree):
     return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
 
+def _quiet_abandoned_reads() -> None:
+    """Silence (once per process) the teardown noise of a failed restore, and nothing else.
+
+    When one array of a restore fails, orbax's ``run_sync`` raises and closes its private asyncio loop while the
+    tensorstore reads of the other arrays are still in flight.  As each finishes, (1) tensorstore's completion
+    callback calls ``loop.call_soon_threadsafe`` on the closed loop and the ``RuntimeError('Event loop is closed')``
+    is printed as an unraisable exception from a tensorstore thread, and (2) the abandoned futures, garbage
+    collected with their tensorstore errors unread, are logged by asyncio as "Future/Task exception was never
+    retrieved".  That is a traceback per array (hundreds of lines on stderr), harmless (the failure itself is
+    reported), and arriving at any time up to process exit.  Other unraisable exceptions go to the hook installed
+    before; other asyncio records are kept."""
+    previous = sys.unraisablehook
+    if not getattr(previous, "ring_jax_quiet", False):
+        def hook(unraisable):
+            exc = unraisable.exc_value
+            if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+                previous(unraisable)
+
+        hook.ring_jax_quiet = True
+        sys.unraisablehook = hook
+    pylogging.getLogger("asyncio").addFilter(_keep_asyncio_record)  # a no-op when already added
+
+
+def _keep_asyncio_record(record) -> bool:
+    """False for asyncio's report of an abandoned future holding a tensorstore read error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and "tensorstore" in str(exc) and str(record.msg).startswith(
+        ("Future exception was never retrieved", "Task exception was never retrieved")))
+
+
 def _checksums(tree) -> list[int]:
     return [int(v) for v in np.asarray(jax.device_get(tree_checksums(tree)))]
 
@@ -137,8 +171,11 @@ class Checkpointer:
         sums = {"params": _checksums(params)}
         if state is not None:
             sums["opt_state"] = _checksums(state.opt_state)
+        # the state's own update count: == step, unless one loop step makes several updates (RL's
+        # --updates_per_rollout); checked on restore
+        extra = {"state_step": int(state.step)} if state is not None else {}
         items["meta"] = ocp.args.JsonSave(dict(meta or {}, step=int(step), has_state=state is not None,
-                                               checksums=sums))
+                                               checksums=sums, **extra))
         t0 = time.time()
         self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         if wait:
@@ -171,7 +208,7 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             src = os.path.join(self.directory, str(step))
-            dst_dir = self.directory + ".corrupt"
+            dst_dir = corrupt_dir(self.directory)
             os.makedirs(dst_dir, exist_ok=True)
             dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
             if os.path.exists(src):
@@ -207,8 +244,10 @@ class Checkpointer:
                 data=ocp.args.JsonRestore()))
             state = TrainState(params=r.params, opt_state=r.opt_state, step=r.train["step"],
                                skipped=r.train["skipped"], rng=r.train["rng"])
-            if int(state.step) != step:
-                raise CheckpointError(f"train.step={int(state.step)} does not match the directory name {step}")
+            want = int(meta.get("state_step", step))
+            if int(state.step) != want:
+                raise CheckpointError(f"train.step={int(state.step)} does not match the recorded {want} (checkpoint "
+                                      f"{step})")
             self._verify(meta, "params", state.params)
             self._verify(meta, "opt_state", state.opt_state)
             return Restored(step, state, state.params, r.data or None, meta)
@@ -229,31 +268,40 @@ class Checkpointer:
             raise CheckpointError(f"{name}: checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}")
 
     def _restore(self, step, abstract_state, abstract_params) -> Restored:
-        errors = []
+        """``step``, or the newest readable step; unreadable newer steps are quarantined only once an older one
+        has restored, so a directory where nothing restores is left as it was (and keeps refusing a fresh start)."""
+        _quiet_abandoned_reads()
+        unreadable = []  # (step, message), newest first
         for s in self._candidates(step):
             try:
-                return self._restore_one(s, abstract_state, abstract_params)
+                restored = self._restore_one(s, abstract_state, abstract_params)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                errors.append(f"step {s}: {msg}")
                 if step is not None:
                     raise CheckpointError(f"checkpoint step {s} in {self.directory} is unreadable ({msg})") from e
                 if isinstance(e, CheckpointError) and "parameters-only" in msg:
                     raise
-                logging.error("checkpoint step %d in %s is unreadable (%s); falling back to the previous one",
-                              s, self.directory, msg)
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one", s,
+                                self.directory, msg)
+                unreadable.append((s, msg))
+                continue
+            for bad, msg in unreadable:
                 if jax.process_index() == 0:
-                    print(f"warning: checkpoint step {s} in {self.directory} is unreadable ({msg}); "
-                          "falling back to the previous one", flush=True)
-                self._quarantine(s)
-        raise CheckpointError(f"no readable checkpoint in {self.directory}"
-                              + (f": {'; '.join(errors)}" if errors else " (it is empty)"))
+                    print(f"warning: checkpoint step {bad} in {self.directory} is unreadable ({msg}); "
+                          f"restored step {s} instead", flush=True)
+                self._quarantine(bad)
+            return restored
+        if not unreadable:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (it is empty)")
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: all {len(unreadable)} steps fail to "
+                              "restore (nothing was moved); " + "; ".join(f"step {s}: {m}" for s, m in unreadable))
 
     def restore(self, abstract_state: TrainState, shardings: TrainState | None = None,
                 step: int | None = None) -> Restored:
         """The newest readable checkpoint (or exactly ``step``) as a TrainState placed like ``abstract_state``
         (ShapeDtypeStructs, e.g. ``abstract_train_state``; pass ``shardings`` to set where each leaf goes), plus
-        the data iterator state and meta.  Unreadable newer steps are reported and moved aside."""
+        the data iterator state and meta.  Unreadable newer steps are reported and, once an older step has restored,
+        moved aside."""
         abstract_state = TrainState(*[_abstract(a, s) for a, s in zip(
             abstract_state, shardings if shardings is not None else [None] * len(TrainState._fields))])
         return self._restore(step, abstract_state, None)
@@ -272,6 +320,11 @@ class Checkpointer:
                 errors.append(f"step {s}: {type(e).__name__}: {e}"[:200])
         raise CheckpointError(f"no readable checkpoint metadata in {self.directory}"
                               + (f": {'; '.join(errors)}" if errors else " (it is empty)"))
+
+
+def corrupt_dir(directory: str) -> str:
+    """Where unreadable steps of checkpoint directory ``directory`` are moved: ``<directory>.corrupt``."""
+    return os.path.abspath(directory) + ".corrupt"
 
 
 def latest_step_in(directory: str) -> int | None:
@@ -309,5 +362,5 @@ def data_state_json(it) -> dict | None:
     return jax.tree.map(lambda x: x.item() if isinstance(x, np.generic) else x, st)
 
 
-__all__ = ["CheckpointError", "Checkpointer", "ITEMS", "Restored", "data_state_json", "latest_step_in",
-           "model_config_from_meta", "resolve_ckpt_dir", "tree_checksums"]
+__all__ = ["CheckpointError", "Checkpointer", "ITEMS", "Restored", "corrupt_dir", "data_state_json",
+           "latest_step_in", "model_config_from_meta", "resolve_ckpt_dir", "tree_checksums"]

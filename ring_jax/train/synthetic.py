@@ -11,6 +11,9 @@ import os
 
 import numpy as np
 
+from ring_jax.data.chat import ChatFormatError, check_messages
+from ring_jax.data.jsonl import RecordError, record_to_messages
+
 
 def _add(a: int, b: int) -> str:
     da, db = str(a)[::-1], str(b)[::-1]
@@ -87,13 +90,16 @@ def write_jsonl(records, path: str) -> str:
 
 
 def corpus_texts(records) -> list[str]:
-    """Strings to train a tokenizer on (prompts and responses of chat records, message contents otherwise)."""
+    """Strings to train a tokenizer on: the message contents of every record the SFT reader accepts (the same
+    ``record_to_messages`` + chat-template checks; any value ``iter_records`` yields may be passed).  A bad record
+    is left out here without a word: the reader skips, counts and reports it (file:line) when it loads the data
+    with the tokenizer, so each bad line is reported once, with or without --tokenizer."""
     texts = []
     for r in records:
-        if "messages" in r:
-            texts.extend(m.get("content", "") for m in r["messages"])
-        else:
-            texts.extend(str(r.get(k, "")) for k in ("system", "prompt", "response") if r.get(k))
+        try:
+            texts.extend(content for _, content in check_messages(record_to_messages(r)))
+        except (RecordError, ChatFormatError):
+            continue
     return texts
 
 

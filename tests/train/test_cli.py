@@ -11,34 +11,9 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
-from tests.flags import FAST_COMPILE, with_fast_compile
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BASE = ["--preset=tiny", "--synthetic_corpus=300", "--seq_len=128", "--global_batch=4", "--micro_batches=2",
-        "--steps=8", "--ckpt_every=2", "--keep=10", "--lr=3e-3", "--warmup_steps=2", "--peak_flops=0",
-        "--progress_bar=false"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One CPU device; a persistent compilation cache shared by the module's runs (compiles once)."""
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return e
-
-
-def sft(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "ring_jax.cli.sft", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def finish(p, timeout=240):
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
+from tests.flags import with_fast_compile
+from tests.train.cli_run import BASE, ROOT, error_lines, finish, sft
 
 
 def records(run_dir):
@@ -61,15 +36,6 @@ def wait_for(cond, timeout, proc=None, what=""):
         if time.time() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(env, tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("run_a"))
-    rc, out, err = finish(sft(BASE + [f"--out_dir={run}"], env))
-    assert rc == 0, err[-3000:]
-    assert "done: step 8" in out
-    return run
 
 
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, env, tmp_path):
@@ -126,7 +92,7 @@ def test_bad_flags_fail_with_one_line(uninterrupted, env, tmp_path):
     procs = [(sft(a, e), want) for a, e, want in cases]  # concurrently: they fail before compiling anything
     for p, want in procs:
         rc, out, err = finish(p, 120)
-        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("I", "W"))]
+        lines = error_lines(err)
         assert rc == 2 and "Traceback" not in err, err[-2000:]
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], err[-2000:]
 
