@@ -59,7 +59,9 @@ def test_every_c3po_step_trains_exactly_phi_tokens(executed):
         assert m["responses"] == 16  # 4 prompts x 4 samples
         assert m["tokens"] == PHI and m["budget_shortfall"] == 0 and m["normalizer"] == PHI
         assert 1 <= m["responses_selected"] <= m["responses"] and m["discarded_tokens"] >= 0
-        assert m["loss"] == m["loss"]  # not NaN
+        # an update runs iff some selected response carries signal (skip_no_signal), and then its loss is finite
+        assert m["updates"] == float(m["informative_selected"] > 0)
+        assert (m["loss"] == m["loss"]) == bool(m["updates"])
 
 
 def test_hf_export_reloads_identically(executed):

@@ -88,11 +88,11 @@ def main(argv=None):
     from ring_jax.model import build_model
     from ring_jax.rewards.registry import register
     from ring_jax.rl.losses import PolicyLossConfig
-    from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, RLStep, rl_loss_fn
+    from ring_jax.rl.step import RLConfig, RLStep, make_rl_train_step
     from ring_jax.sharding import make_mesh
     from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-    from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, make_train_step,
-                                     split_model, train_state_shardings)
+    from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, split_model,
+                                     train_state_shardings)
 
     @register("bench_even_tokens", overwrite=True)
     def _even(record, response):  # dummy reward: fraction of even token ids
@@ -128,8 +128,7 @@ def main(argv=None):
                                     decay_mask(pvars))
         sh = train_state_shardings(pvars, abstract_train_state(params0, opt), mesh)
         state = create_train_state(params0, opt, sh)
-        train_step = make_train_step(graphdef, rl_loss_fn(rl), opt, mesh, sh, 1, schedule=sched,
-                                     sum_aux_keys=RL_SUM_KEYS)
+        train_step = make_rl_train_step(graphdef, rl, opt, mesh, sh, schedule=sched)
         ref = jax.tree.map(lambda x: x.copy(), state.params) if a.beta else None
         step = RLStep(graphdef, train_step, rl, encode_prompt=lambda r: r["prompt_ids"],
                       decode=lambda ids: " ".join(map(str, ids)), stop_ids=stop_ids, ref_params=ref, seed=a.seed,

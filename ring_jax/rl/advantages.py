@@ -2,6 +2,10 @@
 
 Every token of response i gets A_i.  ``std`` is the population standard deviation over the K responses of one
 prompt; a group whose rewards are all equal gets zero advantages (it carries no learning signal).
+
+Responses whose reward could not be computed (the reward function raised, timed out or returned NaN) are not
+failures of the policy: ``valid`` masks them out of their group's mean and std, and they get advantage 0 (the RL
+step also keeps them out of the token budget).  A group with fewer than two valid responses has no signal.
 """
 
 from __future__ import annotations
@@ -9,16 +13,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def group_advantages(rewards, group_ids, eps: float = 1e-6) -> np.ndarray:
-    """rewards [N] and group_ids [N] (the prompt each response answers) -> advantages [N] (float32)."""
+def group_advantages(rewards, group_ids, eps: float = 1e-6, valid=None) -> np.ndarray:
+    """rewards [N] and group_ids [N] (the prompt each response answers) -> advantages [N] (float32).  ``valid`` [N]
+    bool (default all): which rewards enter the group statistics; the others get 0."""
     r = np.asarray(rewards, np.float64)
     g = np.asarray(group_ids)
     if r.shape != g.shape or r.ndim != 1:
         raise ValueError(f"rewards {r.shape} and group_ids {g.shape} must be equal 1-D shapes")
+    ok = np.ones(r.shape, bool) if valid is None else np.asarray(valid, bool)
+    if ok.shape != r.shape:
+        raise ValueError(f"valid {ok.shape} must match rewards {r.shape}")
     adv = np.zeros_like(r)
     for gid in np.unique(g):
-        m = g == gid
-        adv[m] = (r[m] - r[m].mean()) / (r[m].std() + eps)
+        m = (g == gid) & ok
+        if m.sum() >= 2:
+            adv[m] = (r[m] - r[m].mean()) / (r[m].std() + eps)
     return adv.astype(np.float32)
 
 

@@ -4,27 +4,31 @@ Each selected response becomes one document ``prompt ids + kept response ids`` p
 (first fit, in selection order) with segment ids and positions restarting per document, as the SFT packer does.
 Per-token arrays follow the SFT convention: position t predicts ``targets[t] = tokens[t + 1]``; the response token j
 (at index P + j) is therefore trained at t = P + j - 1, where its sampler log-probability ``old_logp``, advantage and
-loss weight are placed.  Rows are padded to a power of two and then to a multiple of ``row_multiple`` (micro-batches x
-data-parallel size), so the jitted step sees a few bucketed shapes, never one per step.
+loss weight are placed, with its truncated importance weight ``tis`` (1 where none is given).  Rows are padded to a
+power of two and then to a multiple of ``row_multiple`` (micro-batches x data-parallel size), so the jitted step
+sees a few bucketed shapes, never one per step.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages")
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis")
+FLOAT_FIELDS = ("weights", "old_logp", "advantages", "tis")
 
 
 def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len: int, row_multiple: int = 1,
-               min_rows: int = 0, pow2_rows: bool = True):
-    """prompts/responses/old_logps: per selected response (lists of int / float arrays); advantages, keep,
-    weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
+               min_rows: int = 0, pow2_rows: bool = True, tis=None):
+    """prompts/responses/old_logps (and ``tis``, optional): per selected response (lists of int / float arrays);
+    advantages, keep, weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
     docs = []
-    for p, r, lp, a, k, w in zip(prompts, responses, old_logps, advantages, keep, weights):
+    tis = tis if tis is not None else [None] * len(prompts)
+    for p, r, lp, a, k, w, iw in zip(prompts, responses, old_logps, advantages, keep, weights, tis):
         p, r, lp = np.asarray(p, np.int32), np.asarray(r, np.int32)[:k], np.asarray(lp, np.float32)[:k]
+        iw = np.ones(len(r), np.float32) if iw is None else np.asarray(iw, np.float32)[:k]
         if len(p) + len(r) > seq_len:
             raise ValueError(f"prompt {len(p)} + response {len(r)} tokens exceed the row length {seq_len}")
-        docs.append((p, r, lp, float(a), float(w)))
+        docs.append((p, r, lp, float(a), float(w), iw))
     rows: list[list] = []
     fill: list[int] = []
     for d in docs:
@@ -42,11 +46,11 @@ def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len
     if pow2_rows:  # a handful of row buckets, so a varying batch (sample-level baselines) does not recompile
         total = 1 << (total - 1).bit_length()
     total = -(-total // row_multiple) * row_multiple if row_multiple > 1 else total
-    out = {f: np.zeros((total, seq_len), np.float32 if f in ("weights", "old_logp", "advantages") else np.int32)
-           for f in FIELDS}
+    out = {f: np.zeros((total, seq_len), np.float32 if f in FLOAT_FIELDS else np.int32) for f in FIELDS}
+    out["tis"][:] = 1.0
     for i, row in enumerate(rows):
         at = 0
-        for seg, (p, r, lp, a, w) in enumerate(row, start=1):
+        for seg, (p, r, lp, a, w, iw) in enumerate(row, start=1):
             ids = np.concatenate([p, r])
             n = len(ids)
             sl = slice(at, at + n)
@@ -58,5 +62,6 @@ def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len
             out["weights"][i, t] = w
             out["old_logp"][i, t] = lp
             out["advantages"][i, t] = a
+            out["tis"][i, t] = iw
             at += n
     return out, used_rows

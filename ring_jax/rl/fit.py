@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ring_jax.config import ModelConfig
 from ring_jax.model.transformer import build_model
-from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, policy_logprobs, rl_loss_fn
+from ring_jax.rl.step import RLConfig, make_rl_train_step, policy_logprobs
 from ring_jax.sampling import engine as eng
 from ring_jax.sampling.types import pow2_bucket
 from ring_jax.sharding import batch_sharding
@@ -172,12 +172,12 @@ def sft_step(setup: Setup, seq_len: int, global_batch: int, micro_batches: int =
 
 
 def rl_step(setup: Setup, rl: RLConfig, rows: int, seq_len: int, micro_batches: int = 1) -> Report:
-    """The RL train step (``make_train_step`` + ``rl_loss_fn``) on [rows, seq_len] packed rows; the frozen
+    """The RL train step (``make_rl_train_step``) on [rows, seq_len] packed rows; the frozen
     reference parameters are resident when ``rl.policy.beta`` > 0."""
-    step = make_train_step(setup.graphdef, rl_loss_fn(rl), setup.optimizer, setup.mesh, setup.shardings,
-                           micro_batches, schedule=setup.schedule, sum_aux_keys=RL_SUM_KEYS)
+    step = make_rl_train_step(setup.graphdef, rl, setup.optimizer, setup.mesh, setup.shardings,
+                              schedule=setup.schedule, num_micro=micro_batches)
     batch = {k: setup.rows((rows, seq_len)) for k in ("tokens", "targets", "positions", "segment_ids")}
-    keys = ("weights", "old_logp", "advantages") + (("ref_logp",) if rl.policy.beta else ())
+    keys = ("weights", "old_logp", "advantages", "tis") + (("ref_logp",) if rl.policy.beta else ())
     batch.update({k: setup.rows((rows, seq_len), jnp.float32) for k in keys})
     compiled = step.lower(setup.state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
     resident = {"reference params": setup.params_bytes} if rl.policy.beta else {}

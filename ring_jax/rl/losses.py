@@ -2,9 +2,13 @@
 
 Per trained token t of response i, with r_t = exp(logp_t - old_logp_t):
 
-    l_t = -[ min(r_t A_i, clip(r_t, 1 - eps, 1 + eps) A_i) - beta * KL_t ] - alpha_ent * H_t
+    l_t = -[ w_t^IS min(r_t A_i, clip(r_t, 1 - eps, 1 + eps) A_i) - beta * KL_t ] - alpha_ent * H_t
 
-KL_t is the k3 estimator of KL(pi_theta || pi_ref): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased,
+r_t compares the trained policy with pi_old, the temperature-1 log-probabilities of the policy that sampled (the
+engine's ``raw_logprobs``): with several updates per rollout (``RLConfig.updates_per_rollout``) r_t moves away from 1
+after the first update and the clip acts.  w_t^IS is the truncated importance weight between the sampler and pi_old
+(:func:`tis_weights`; 1 when the rollout samples the policy itself, at temperature 1 with no top-p / top-k), held
+constant.  KL_t is the k3 estimator of KL(pi_theta || pi_ref): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased,
 non-negative).  H_t is the entropy of the policy's full next-token distribution; subtracting alpha_ent * H from the
 loss rewards exploration.  The step loss is ``sum_t w_t l_t / normaliser``:
 
@@ -13,8 +17,8 @@ loss rewards exploration.  The step loss is ``sum_t w_t l_t / normaliser``:
 - ``seq_mean``: w_t = 1 / len_i, normaliser = number of responses (GRPO's mean per sequence, then per batch).
 
 Weights and the normaliser are fixed for the whole step before it is split into micro-batches or devices, so the
-loss and gradients do not depend on the split (tests/rl/test_invariance.py).  The MoE balance and z losses are added
-by the train step with their own coefficients.
+loss and gradients do not depend on the split (``tests/rl/test_rl_step.py``, against a NumPy oracle).  The MoE
+balance and z losses are added by the train step with their own coefficients.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 AGGREGATIONS = ("c3po", "token_mean", "seq_mean")
+TIS_LEVELS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +75,45 @@ def chunked_token_logprobs(hidden, head_weight, targets, chunk: int):
     return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def policy_loss_sum(logp, entropy, old_logp, advantages, weights, ref_logp=None, cfg: PolicyLossConfig = PolicyLossConfig()):
-    """Weighted sum over tokens of l_t (see module doc) and weighted sums of diagnostics.  All inputs [B,T]."""
+def tis_weights(old_logp, sampler_logp, cap: float, level: str = "token") -> tuple[np.ndarray, np.ndarray]:
+    """Truncated importance sampling between the sampler and pi_old, for one response (host side, NumPy).
+
+    ``old_logp`` [G]: log pi_old(y_t) at temperature 1 (what the loss's ratio uses); ``sampler_logp`` [G]: the
+    log-probability of y_t under the distribution it was actually drawn from (after temperature / top-k / top-p:
+    ``Completion.logprobs``).  ``level="token"`` (verl's and slime's default): w_t = min(pi_old(y_t) / q(y_t), cap);
+    ``"sequence"``: every token gets min(prod_t pi_old(y_t) / q(y_t), cap), which makes the estimate unbiased for a
+    whole response where per-token weights are not (their prefix is still drawn from q).  ``cap <= 0``: no correction
+    (all weights 1).  Returns (weights [G] float32, truncated [G] bool: the untruncated weight exceeded ``cap``).
+
+    Top-p / top-k never sample the tail they cut, so no weighting of the samples recovers the tail's share of the
+    gradient: the correction removes the bias on the sampler's support only (tests/rl/test_tis.py)."""
+    old = np.asarray(old_logp, np.float64)
+    q = np.asarray(sampler_logp, np.float64)
+    if old.shape != q.shape:
+        raise ValueError(f"old_logp {old.shape} and sampler_logp {q.shape} differ")
+    if cap <= 0:
+        return np.ones(old.shape, np.float32), np.zeros(old.shape, bool)
+    if level not in TIS_LEVELS:
+        raise ValueError(f"TIS level {level!r}: one of {TIS_LEVELS}")
+    log_w = old - q if level == "token" else np.full(old.shape, float(np.sum(old - q)))
+    w = np.exp(np.minimum(log_w, 80.0))
+    return np.minimum(w, cap).astype(np.float32), w > cap
+
+
+def policy_loss_sum(logp, entropy, old_logp, advantages, weights, ref_logp=None,
+                    cfg: PolicyLossConfig = PolicyLossConfig(), tis=None):
+    """Weighted sum over tokens of l_t (see module doc) and weighted sums of diagnostics.  All inputs [B,T];
+    ``tis``: the importance weights w^IS (None: 1).
+
+    Diagnostics over trained tokens (weight > 0): ``clip_count`` (tokens where the clip acts: the clipped term is the
+    smaller one, so the token passes no policy gradient; verl's ``pg_clipfrac``),
+    ``ratio_sum`` / ``ratio_max``, ``approx_kl_sum`` (k3 estimate of KL(pi_old || pi_theta): (r - 1) - log r per
+    token), ``kl_sum`` (to pi_ref), ``entropy_sum``, ``token_count``."""
     ratio = jnp.exp(logp - old_logp)
     clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
     pg = jnp.minimum(ratio * advantages, clipped * advantages)
+    if tis is not None:
+        pg = jax.lax.stop_gradient(tis.astype(jnp.float32)) * pg
     if ref_logp is not None and cfg.beta:
         d = ref_logp - logp
         kl = jnp.exp(d) - d - 1.0
@@ -86,8 +125,10 @@ def policy_loss_sum(logp, entropy, old_logp, advantages, weights, ref_logp=None,
     stats = {
         "kl_sum": jnp.sum(trained * kl),
         "entropy_sum": jnp.sum(trained * entropy),
-        "clip_count": jnp.sum(trained * (jnp.abs(ratio - clipped) > 0)),
+        "clip_count": jnp.sum(trained * (clipped * advantages < ratio * advantages)),
         "ratio_sum": jnp.sum(trained * ratio),
+        "ratio_max": jnp.max(jnp.where(trained > 0, ratio, 0.0)),
+        "approx_kl_sum": jnp.sum(trained * ((ratio - 1.0) - (logp - old_logp))),
         "token_count": jnp.sum(trained),
     }
     return jnp.sum(w * per_token), stats

@@ -1,11 +1,23 @@
-"""One RL step: rollout on the live parameters -> rewards -> advantages -> selection -> packed rows -> reference
-log-probabilities -> micro-batched update (ring_jax.train.step.make_train_step).
+"""One RL step: rollout on the live parameters -> rewards -> advantages -> selection of N disjoint budgets ->
+for each: packed rows -> reference log-probabilities -> micro-batched update (ring_jax.train.step.make_train_step).
 
 The sampling engine reads ``state.params`` (the trainer's own arrays, on the trainer's mesh): no copy, no host round
 trip, so each rollout uses the weights of the previous update.  The sampler's per-token log-probabilities at
-temperature 1 are the old-policy log-probabilities; the step logs how far the trainer's recomputed log-probabilities
-drift from them (``logprob_drift``: mean |logp_trainer - logp_sampler| over trained tokens; both see the same
-parameters, so this measures numerical sampler/trainer mismatch).
+temperature 1 are pi_old, the policy that sampled.  With ``updates_per_rollout = N > 1`` the pool feeds N optimiser
+updates, each on its own budget of Phi tokens (``selection.select_budgets``), so from the second update on the
+trained policy differs from pi_old and the PPO clip acts (Ring-lite trains several mini-batches per rollout batch).
+
+Off-policy correction: at temperature != 1 or with top-p / top-k the rollout samples another distribution q than
+pi_old; each trained token then carries the truncated importance weight min(pi_old / q, C) (``losses.tis_weights``,
+``tis_cap``; its statistics are logged under ``tis/``).  ``logprob_drift`` is mean |logp_trainer - logp_pi_old| over
+the first update's tokens, where both see the same parameters: numerical sampler/trainer mismatch.
+
+Failing rewards (the reward function raised, timed out or returned NaN) are not policy failures: such responses are
+left out of their group's statistics and out of every budget, counted per task (``reward_failed/<task>``) and the
+first error of each kind is logged; past ``max_reward_fail_frac`` of a rollout the step raises
+:class:`RewardFailureError` without touching the state.  An update whose selected responses all have advantage 0
+carries no policy-gradient signal (only the KL, entropy and MoE aux terms): it is skipped (``skip_no_signal``),
+counted, and the state's step counter still advances, so the next rollout draws new samples.
 """
 
 from __future__ import annotations
@@ -17,19 +29,28 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from ring_jax.rewards import registry as rewards
 from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.batch import build_rows
-from ring_jax.rl.losses import (PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, token_logprobs,
-                                token_weights)
-from ring_jax.rl.selection import fixed_count, select_budget
+from ring_jax.rl.losses import (TIS_LEVELS, PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, tis_weights,
+                                token_logprobs, token_weights)
+from ring_jax.rl.selection import fixed_count, select_budgets
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import FINISH_STOP, SamplingParams
+from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
 
-RL_SUM_KEYS = ("expert_load", "kl_sum", "entropy_sum", "clip_count", "ratio_sum", "token_count", "drift_sum")
+RL_SUM_KEYS = ("expert_load", "kl_sum", "entropy_sum", "clip_count", "ratio_sum", "token_count", "drift_sum",
+               "approx_kl_sum")
+RL_MAX_KEYS = ("ratio_max",)
+
+
+class RewardFailureError(StepAborted):
+    """Too many responses of one rollout could not be scored (their reward function raised, timed out or returned
+    a non-finite value)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +77,21 @@ class RLConfig:
     # rows longer than this: token log-probabilities from logits made this many positions at a time (same values,
     # no [R, T, V] float32 buffer: 15 GiB per 32k-token row at V = 126k); 0 = always full logits
     logit_chunk: int = 1024
+    updates_per_rollout: int = 1  # optimiser updates per rollout, each on its own budget of Phi tokens
+    tis_cap: float = 2.0  # C of the truncated importance weight min(pi_old / q_sampler, C); <= 0: no correction
+    tis_level: str = "token"  # token | sequence (see losses.tis_weights)
+    skip_no_signal: bool = True  # skip an update whose selected responses all have advantage 0
+    max_reward_fail_frac: float = 0.1  # abort when a larger fraction of a rollout's rewards fail
+
+    def __post_init__(self):
+        if self.updates_per_rollout < 1:
+            raise ValueError(f"updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.tis_level not in TIS_LEVELS:
+            raise ValueError(f"tis_level {self.tis_level!r}: one of {TIS_LEVELS}")
+        if not 0.0 <= self.max_reward_fail_frac <= 1.0:
+            raise ValueError(f"max_reward_fail_frac must be in [0, 1], got {self.max_reward_fail_frac}")
 
 
 def policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk: int = 0):
@@ -78,7 +114,8 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
         logp, ent, out = policy_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"],
                                          rl.logit_chunk)
         ref = mb.get("ref_logp")
-        total, stats = policy_loss_sum(logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy)
+        total, stats = policy_loss_sum(logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy,
+                                       tis=mb.get("tis"))
         trained = (mb["weights"] > 0).astype(jnp.float32)
         load = out.expert_load
         load = jnp.mean(load, axis=0) if load.shape[0] else jnp.zeros((load.shape[1],), jnp.float32)
@@ -88,6 +125,17 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
         return total, aux
 
     return loss_fn
+
+
+def make_rl_train_step(graphdef, rl: RLConfig, optimizer, mesh, shardings, *, schedule=None, num_micro=None,
+                       **kw) -> Callable:
+    """``make_train_step`` with the RL loss and the RL statistics' reductions (sums over micro-batches for the
+    ``RL_SUM_KEYS``, maxima for ``RL_MAX_KEYS``); ``num_micro`` defaults to ``rl.num_micro``."""
+    from ring_jax.train.step import make_train_step
+
+    return make_train_step(graphdef, rl_loss_fn(rl), optimizer, mesh, shardings,
+                           rl.num_micro if num_micro is None else num_micro, schedule=schedule,
+                           sum_aux_keys=RL_SUM_KEYS, max_aux_keys=RL_MAX_KEYS, **kw)
 
 
 def make_ref_logp_fn(graphdef, logit_chunk: int = 0):
@@ -102,8 +150,14 @@ def make_ref_logp_fn(graphdef, logit_chunk: int = 0):
 
 
 class RLStep:
-    """``step(state, records) -> (state, metrics)``: one RL step on a list of prompt records (each with ``prompt``
-    text or ``prompt_ids``, and ``task`` for the reward registry).  Pluggable into ring_jax.train.loop.train_loop."""
+    """``step(state, records) -> (state, metrics)``: one RL step (one rollout, ``updates_per_rollout`` optimiser
+    updates) on a list of prompt records (each with ``prompt`` text or ``prompt_ids``, and ``task`` for the reward
+    registry).  Pluggable into ring_jax.train.loop.train_loop.
+
+    Metrics: per update u (1-based) ``update/<u>/{loss, grad_norm, clip_frac, ratio_mean, ratio_max, approx_kl, kl,
+    tokens, skipped_no_signal}``; the unprefixed ``loss``, ``grad_norm`` are means over the updates that ran, the
+    token statistics (``clip_frac``, ``ratio_mean``, ``approx_kl``, ``kl``, ``entropy``) are over all their tokens,
+    ``ratio_max`` the largest; ``tokens`` / ``kept_tokens`` / ``budget_shortfall`` add up over the updates."""
 
     def __init__(self, graphdef, train_step: Callable, rl: RLConfig, *, encode_prompt: Callable[[dict], Sequence[int]],
                  decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int] = (), ref_params=None,
@@ -116,6 +170,7 @@ class RLStep:
         self.ref_fn = make_ref_logp_fn(graphdef, rl.logit_chunk) if self.ref_params is not None else None
         self.row_multiple, self.seed, self.to_device = row_multiple, seed, to_device
         self.calls = 0
+        self._errors_logged: set = set()
 
     def rollout(self, params, prompts: list[list[int]], key: int):
         rl = self.rl
@@ -124,11 +179,67 @@ class RLStep:
                             n=rl.samples_per_prompt, stop_token_ids=self.stop_ids)
         return engine.generate(prompts, sp, key=key)
 
+    # -------------------------------------------------------------------------------------------- rewards
+    def score(self, recs: list[dict], texts: list[str]):
+        """(rewards [N] float32, valid [N] bool, reward metrics): failed rewards are counted per task, the first
+        error of each (task, kind) is logged, and past ``max_reward_fail_frac`` :class:`RewardFailureError`."""
+        rl = self.rl
+        results, rstats = rewards.score_batch(recs, texts, timeout_s=rl.reward_timeout_s)
+        valid = np.array([r.ok for r in results], bool)
+        tasks = [r.get("task") if isinstance(r, dict) else None for r in recs]
+        failed_by_task: dict = {}
+        for res, task in zip(results, tasks):
+            if res.ok:
+                continue
+            failed_by_task[task] = failed_by_task.get(task, 0) + 1
+            kind = "timeout" if res.timed_out else res.error.split(":", 1)[0]
+            if (task, kind) not in self._errors_logged:
+                self._errors_logged.add((task, kind))
+                logging.warning("reward for task %r failed (%s); such responses are left out of their group and "
+                                "the budget (first of its kind, later ones only counted)", task, res.error)
+        reward = np.array([r.reward for r in results], np.float32)
+        if rl.binary_reward:
+            reward = binarize_rewards(reward, tasks)
+        metrics = rstats.to_dict()
+        metrics["reward_failed"] = float((~valid).sum())
+        for task, n in failed_by_task.items():
+            metrics[f"reward_failed/{task}"] = float(n)
+        frac = float((~valid).mean()) if len(valid) else 0.0
+        if frac > rl.max_reward_fail_frac:
+            detail = ", ".join(f"{t}: {n}" for t, n in sorted(failed_by_task.items(), key=str))
+            first = next(r.error for r in results if not r.ok)
+            raise RewardFailureError(f"{int((~valid).sum())} of {len(valid)} rewards of this rollout failed ({detail}; "
+                                     f"first error: {first}), more than max_reward_fail_frac="
+                                     f"{rl.max_reward_fail_frac}")
+        return reward, valid, metrics
+
+    # -------------------------------------------------------------------------------------------- one update
+    def _batch(self, comps, sel, adv, tis):
+        rl = self.rl
+        w, normaliser = token_weights(rl.aggregation, sel.keep, rl.budget)
+        rows, used_rows = build_rows([comps[i].prompt_ids for i in sel.index], [comps[i].token_ids for i in sel.index],
+                                     [comps[i].raw_logprobs for i in sel.index], adv[sel.index], sel.keep, w,
+                                     rl.seq_len, row_multiple=self.row_multiple * rl.num_micro,
+                                     tis=[tis[i][0] for i in sel.index])
+        batch = self.to_device({k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids", "weights",
+                                                     "old_logp", "advantages", "tis")})
+        if self.ref_fn is not None:
+            batch["ref_logp"] = self.ref_fn(self.ref_params, batch["tokens"], batch["positions"],
+                                            batch["segment_ids"], batch["targets"])
+            jax.block_until_ready(batch["ref_logp"])
+        return batch, normaliser, len(rows["tokens"]), used_rows
+
+    @staticmethod
+    def _skip(state):
+        """The state after a skipped update: parameters and optimizer untouched, one more step taken and skipped
+        (as the non-finite guard counts its skips), so the schedule and the next rollout's key move on."""
+        return state._replace(step=state.step + 1, skipped=state.skipped + 1)
+
     def __call__(self, state, records: list[dict]):
         rl = self.rl
         self.calls += 1
         step_key = self.seed * 1_000_003 + int(jax.device_get(state.step))
-        times = {}
+        times = {"reference": 0.0, "train": 0.0}
         t0 = time.perf_counter()
         prompts = [list(map(int, self.encode_prompt(r))) for r in records]
         comps = self.rollout(state.params, prompts, step_key)
@@ -137,56 +248,98 @@ class RLStep:
         t0 = time.perf_counter()
         texts = [self.decode([t for t in c.token_ids.tolist() if t not in self.stop_ids]) for c in comps]
         recs = [records[c.prompt_index] for c in comps]
-        results, rstats = rewards.score_batch(recs, texts, timeout_s=rl.reward_timeout_s)
-        reward = np.array([r.reward for r in results], np.float32)
-        if rl.binary_reward:
-            reward = binarize_rewards(reward, [r.get("task") for r in recs])
-        adv = group_advantages(reward, [c.prompt_index for c in comps])
+        reward, valid, reward_metrics = self.score(recs, texts)
+        adv = group_advantages(reward, [c.prompt_index for c in comps], valid=valid)
         lengths = np.array([len(c.token_ids) for c in comps])
+        n_upd = rl.updates_per_rollout
         if rl.aggregation == "c3po":
-            sel = select_budget(lengths, rl.budget, rl.selection_order, seed=step_key, advantages=adv)
+            sels = select_budgets(lengths, rl.budget, n_upd, rl.selection_order, seed=step_key, advantages=adv,
+                                  eligible=valid)
         else:
-            sel = fixed_count(lengths, rl.responses_per_step or len(comps), seed=step_key)
-        w, normaliser = token_weights(rl.aggregation, sel.keep, rl.budget)
-        rows, used_rows = build_rows([comps[i].prompt_ids for i in sel.index], [comps[i].token_ids for i in sel.index],
-                                     [comps[i].raw_logprobs for i in sel.index], adv[sel.index], sel.keep, w,
-                                     rl.seq_len, row_multiple=self.row_multiple * rl.num_micro)
+            per = rl.responses_per_step or max(int(valid.sum()) // n_upd, 1)
+            sels = fixed_count(lengths, per, seed=step_key, parts=n_upd, eligible=valid)
+        tis = [tis_weights(c.raw_logprobs, c.logprobs, rl.tis_cap, rl.tis_level) for c in comps]
         times["reward"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        batch = {k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp",
-                                      "advantages")}
-        batch = self.to_device(batch)
-        if self.ref_fn is not None:
-            batch["ref_logp"] = self.ref_fn(self.ref_params, batch["tokens"], batch["positions"],
-                                            batch["segment_ids"], batch["targets"])
-            jax.block_until_ready(batch["ref_logp"])
-        times["reference"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        state, m = self.train_step(state, batch, normaliser)
-        m = jax.device_get(m)
-        times["train"] = time.perf_counter() - t0
-
-        n_tok = max(float(m["token_count"]), 1.0)
-        metrics = {k: v for k, v in m.items() if k not in RL_SUM_KEYS or k == "expert_load"}
-        metrics.update({
-            "kl": float(m["kl_sum"]) / n_tok, "entropy": float(m["entropy_sum"]) / n_tok,
-            "clip_frac": float(m["clip_count"]) / n_tok, "ratio_mean": float(m["ratio_sum"]) / n_tok,
-            "logprob_drift": float(m["drift_sum"]) / n_tok,
-            "tokens": float(sel.selected_tokens), "kept_tokens": float(sel.selected_tokens),
-            "discarded_tokens": float(sel.discarded_tokens), "budget_shortfall": float(sel.shortfall),
-            "responses_selected": float(len(sel.index)), "responses": float(len(comps)),
-            "rows": float(len(rows["tokens"])), "rows_used": float(used_rows),
-            "response_len_mean": float(lengths.mean()), "response_len_max": float(lengths.max()),
-            "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
-            "reward_mean": float(reward.mean()), "normalizer": float(normaliser),
-            "informative_responses": float(np.count_nonzero(adv)),
-            "informative_selected": float(np.count_nonzero(adv[sel.index])),
-        })
-        metrics.update(rstats.to_dict())
+        ups = []
+        for sel in sels:
+            if len(sel.index) == 0 or (rl.skip_no_signal and not np.any(adv[sel.index] != 0)):
+                state = self._skip(state)
+                ups.append({"sel": sel, "m": None})
+                continue
+            t0 = time.perf_counter()
+            batch, normaliser, n_rows, used_rows = self._batch(comps, sel, adv, tis)
+            times["reference"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            state, m = self.train_step(state, batch, normaliser)
+            m = jax.device_get(m)
+            times["train"] += time.perf_counter() - t0
+            ups.append({"sel": sel, "m": m, "normaliser": normaliser, "rows": n_rows, "rows_used": used_rows})
+        metrics = self._metrics(ups, comps, lengths, reward, adv, valid, tis)
+        metrics.update(reward_metrics)
         for k, v in times.items():
             metrics[f"time/{k}_s"] = v
         self.last_completions = comps
         self.last_texts = texts
+        self.last_selections = sels
         return state, metrics
+
+    # -------------------------------------------------------------------------------------------- metrics
+    def _metrics(self, ups, comps, lengths, reward, adv, valid, tis) -> dict:
+        ran = [u for u in ups if u["m"] is not None]
+        out: dict = {}
+        sums = {k: 0.0 for k in RL_SUM_KEYS if k != "expert_load"}
+        for i, u in enumerate(ups, start=1):
+            sel, m = u["sel"], u["m"]
+            pre = f"update/{i}/"
+            out[pre + "tokens"] = float(sel.selected_tokens)
+            out[pre + "skipped_no_signal"] = float(m is None)
+            if m is None:
+                continue
+            n_tok = max(float(m["token_count"]), 1.0)
+            out.update({pre + "loss": float(m["loss"]), pre + "grad_norm": float(m["grad_norm"]),
+                        pre + "clip_frac": float(m["clip_count"]) / n_tok,
+                        pre + "ratio_mean": float(m["ratio_sum"]) / n_tok, pre + "ratio_max": float(m["ratio_max"]),
+                        pre + "approx_kl": float(m["approx_kl_sum"]) / n_tok, pre + "kl": float(m["kl_sum"]) / n_tok})
+            for k in sums:
+                sums[k] += float(m[k])
+        n_tok = max(sums["token_count"], 1.0)
+        if ran:
+            last = ran[-1]["m"]
+            out.update({k: v for k, v in last.items() if k not in RL_SUM_KEYS + RL_MAX_KEYS + ("loss", "grad_norm")})
+            out.update({
+                "loss": float(np.mean([u["m"]["loss"] for u in ran])),
+                "grad_norm": float(np.mean([u["m"]["grad_norm"] for u in ran])),
+                "skipped": float(sum(float(u["m"]["skipped"]) for u in ran)),
+                "kl": sums["kl_sum"] / n_tok, "entropy": sums["entropy_sum"] / n_tok,
+                "clip_frac": sums["clip_count"] / n_tok, "ratio_mean": sums["ratio_sum"] / n_tok,
+                "ratio_max": max(float(u["m"]["ratio_max"]) for u in ran), "approx_kl": sums["approx_kl_sum"] / n_tok,
+                "logprob_drift": float(ups[0]["m"]["drift_sum"]) / max(float(ups[0]["m"]["token_count"]), 1.0)
+                if ups[0]["m"] is not None else float("nan"),
+                "rows": float(sum(u["rows"] for u in ran)), "rows_used": float(sum(u["rows_used"] for u in ran)),
+                "normalizer": float(ran[0]["normaliser"]),
+            })
+        else:  # every update skipped: the keys a plot or a caller reads are still there
+            out.update({"loss": float("nan"), "grad_norm": float("nan"), "skipped": 0.0,
+                        "normalizer": token_weights(self.rl.aggregation, ups[0]["sel"].keep, self.rl.budget)[1]})
+        selected = [u["sel"] for u in ups]
+        kept = float(sum(s.selected_tokens for s in selected))
+        sel_idx = np.concatenate([s.index for s in selected]) if selected else np.zeros((0,), int)
+        w_sel = np.concatenate([tis[i][0][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
+        t_sel = np.concatenate([tis[i][1][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
+        out.update({
+            "updates": float(len(ran)), "skipped_no_signal": float(len(ups) - len(ran)),
+            "tokens": kept, "kept_tokens": kept, "discarded_tokens": float(selected[0].discarded_tokens),
+            "budget_shortfall": float(sum(s.shortfall for s in selected)),
+            "responses_selected": float(len(sel_idx)), "responses": float(len(comps)),
+            "response_len_mean": float(lengths.mean()), "response_len_max": float(lengths.max()),
+            "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
+            "reward_mean": float(reward[valid].mean()) if valid.any() else float("nan"),
+            "informative_responses": float(np.count_nonzero(adv)),
+            "informative_selected": float(np.count_nonzero(adv[sel_idx])),
+            "tis/weight_mean": float(w_sel.mean()) if w_sel.size else float("nan"),
+            "tis/weight_min": float(w_sel.min()) if w_sel.size else float("nan"),
+            "tis/weight_max": float(w_sel.max()) if w_sel.size else float("nan"),
+            "tis/truncated_frac": float(t_sel.mean()) if t_sel.size else 0.0,
+        })
+        return out

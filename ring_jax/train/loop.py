@@ -30,6 +30,14 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
+class StepAborted(RuntimeError):
+    """Raised by a step function that gives up BEFORE changing the state it was given (e.g. the RL step when too
+    many rewards failed).  :func:`train_loop` then checkpoints the last completed step, if it has not yet, and
+    re-raises, so the run can be resumed from where it stopped; ``.last_checkpoint`` names that step."""
+
+    last_checkpoint: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     total_steps: int  # the step number to stop at (steps are 1-based: the last step run is total_steps)
@@ -117,12 +125,21 @@ def train_loop(step_fn: Callable, state, batches: Iterator, *, start_step: int, 
         return to_device(host), dstate
 
     multi = jax.process_count() > 1
+    prev_dstate = None  # the data state after the last completed step's batch
     with SignalGuard(signals=() if multi else (signal.SIGTERM, signal.SIGINT)) as guard:
         nxt = fetch() if step < cfg.total_steps else None
         while step < cfg.total_steps and nxt is not None:
             batch, dstate = nxt
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            try:
+                state, metrics = step_fn(state, batch)
+            except StepAborted as e:
+                if checkpointer is not None and step > start_step and saved_at != step:
+                    checkpointer.save(step, state, prev_dstate, meta_for(step), wait=True)
+                    saved_at = step
+                e.last_checkpoint = saved_at if saved_at is not None else (start_step or None)
+                raise
+            prev_dstate = dstate
             step += 1
             nxt = fetch() if step < cfg.total_steps else None  # overlaps the device computation
             last = _scalars(jax.device_get(metrics))
@@ -189,4 +206,5 @@ def batches_with_state(it) -> Iterator:
         yield batch, data_state_json(it)
 
 
-__all__ = ["LoopConfig", "LoopResult", "NonFiniteError", "SignalGuard", "batches_with_state", "train_loop"]
+__all__ = ["LoopConfig", "LoopResult", "NonFiniteError", "SignalGuard", "StepAborted", "batches_with_state",
+           "train_loop"]

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings
 
 SUM_AUX_KEYS = ("expert_load", "ce_tokens")  # aux entries summed over micro-batches (the rest are averaged)
+MAX_AUX_KEYS = ()  # aux entries maximised over micro-batches (non-negative statistics such as a largest ratio)
 
 
 class TrainState(NamedTuple):
@@ -129,7 +130,7 @@ def split_micro(x, num_micro: int):
 def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, num_micro: int, *, schedule: Callable | None = None,
                     normalizer_fn: Callable = loss_token_count, sum_aux_keys=SUM_AUX_KEYS,
-                    rules: ShardingRules = DEFAULT_RULES, donate: bool = True) -> Callable:
+                    max_aux_keys=MAX_AUX_KEYS, rules: ShardingRules = DEFAULT_RULES, donate: bool = True) -> Callable:
     """Build ``step(state, batch, normalizer=None) -> (new_state, metrics)``, jit-compiled.
 
     Args:
@@ -137,7 +138,8 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
       loss_fn: ``loss_fn(model, micro_batch) -> (token_loss_sum, aux)``.  ``token_loss_sum`` is a float32 scalar
         SUM of per-token losses (not a mean); ``aux`` a dict of arrays: ``aux["aux_loss"]`` (optional) is added to
         the objective as a mean over micro-batches, every entry is reported in the metrics (entries named in
-        ``sum_aux_keys`` summed over micro-batches, the others averaged).
+        ``sum_aux_keys`` summed over micro-batches, those in ``max_aux_keys`` (non-negative) maximised, the others
+        averaged).
       optimizer: optax transformation over the pure parameter tree.
       mesh, state_shardings: where the state lives (``train_state_shardings``); batch leaves are sharded by
         ``ring_jax.sharding.batch_sharding`` (rows over the data-like axes).
@@ -185,7 +187,8 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
             g_acc, obj_acc, tls_acc, aux_acc = carry
             (obj, (tls, aux)), g = grad_fn(state.params, mb)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            aux_acc = jax.tree.map(lambda a, b: a + jnp.asarray(b, jnp.float32), aux_acc, aux)
+            aux_acc = {k: (jnp.maximum if k in max_aux_keys else jnp.add)(aux_acc[k], jnp.asarray(v, jnp.float32))
+                       for k, v in aux.items()}
             return (g_acc, obj_acc + obj, tls_acc + tls, aux_acc), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -218,7 +221,7 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step - state.skipped), jnp.float32)
         for k, v in aux_sum.items():
-            metrics[k] = v if k in sum_aux_keys else v / num_micro
+            metrics[k] = v if k in sum_aux_keys or k in max_aux_keys else v / num_micro
         return new_state, metrics
 
     compiled: dict = {}
@@ -309,6 +312,6 @@ def bench_adapter(cfg, seed: int = 0, lr: float = 1e-4):
     return run
 
 
-__all__ = ["SUM_AUX_KEYS", "TrainState", "abstract_train_state", "bench_adapter", "create_train_state",
+__all__ = ["MAX_AUX_KEYS", "SUM_AUX_KEYS", "TrainState", "abstract_train_state", "bench_adapter", "create_train_state",
            "data_parallel_size", "global_batch", "init_train_state", "loss_token_count", "make_train_step",
            "split_micro", "split_model", "train_state_shardings"]

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, token_logprobs, token_weights
-from ring_jax.rl.selection import fixed_count, select_budget
+from ring_jax.rl.selection import fixed_count, select_budget, select_budgets
 
 
 def test_group_advantages_oracle():
@@ -23,6 +23,16 @@ def test_group_advantages_oracle():
         want = [(r - mu) / (sd + 1e-6) for r in rs]
         np.testing.assert_allclose(adv[np.array(groups) == g], want, rtol=1e-5, atol=1e-6)
     assert np.all(adv[4:8] == 0)  # all-equal group: no signal
+
+
+def test_group_advantages_leave_out_failed_rewards():
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0]
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    valid = [True, True, False, False, True, False, False, True]  # group 0: [1, 0]; group 1: [1, 0]
+    adv = group_advantages(rewards, groups, valid=valid)
+    np.testing.assert_allclose(adv, [1, -1, 0, 0, 1, 0, 0, -1], atol=1e-5)
+    adv = group_advantages([1, 0, 1], [0, 0, 0], valid=[True, False, False])  # one valid: no signal
+    np.testing.assert_array_equal(adv, [0, 0, 0])
 
 
 def test_binarize_rewards_keeps_reward_model_scores():
@@ -67,6 +77,42 @@ def test_budget_selection_properties(lengths, budget, order, seed):
             assert set(np.flatnonzero(nonempty_inf)) <= set(sel.index.tolist())
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=40), st.integers(1, 120), st.integers(1, 4),
+       st.sampled_from(["random", "rollout", "informative_first"]), st.integers(0, 3))
+def test_disjoint_budgets_properties(lengths, budget, num, order, seed):
+    rng = np.random.default_rng(seed)
+    adv = rng.choice([0.0, 1.0, -1.0], len(lengths))
+    eligible = rng.random(len(lengths)) > 0.2
+    sels = select_budgets(lengths, budget, num, order, seed, advantages=adv, eligible=eligible)
+    lengths = np.array(lengths)
+    assert len(sels) == num
+    taken = np.concatenate([s.index for s in sels])
+    assert len(set(taken.tolist())) == len(taken)  # no response in two updates
+    assert eligible[taken].all()
+    pool = int(lengths[eligible].sum())
+    left = pool
+    for s in sels:  # each budget exactly Phi while the eligible pool lasts, in one greedy pass
+        assert s.selected_tokens == int(s.keep.sum()) <= budget
+        if len(s.index):
+            np.testing.assert_array_equal(s.keep[:-1], lengths[s.index[:-1]])
+            assert int(s.keep[:-1].sum()) < budget
+        assert s.selected_tokens == min(budget, left)
+        left -= int(lengths[s.index].sum())
+        assert s.shortfall == budget - s.selected_tokens
+    assert sels[0].discarded_tokens == int(lengths.sum()) - sum(s.selected_tokens for s in sels)
+    one = select_budget(lengths, budget, order, seed, advantages=adv, eligible=eligible)
+    np.testing.assert_array_equal(one.index, sels[0].index)  # the first budget is the single-budget selection
+
+
+def test_fixed_count_parts_are_disjoint():
+    lengths = np.arange(1, 21)
+    parts = fixed_count(lengths, 6, seed=1, parts=3)
+    idx = np.concatenate([p.index for p in parts])
+    assert [len(p.index) for p in parts] == [6, 6, 6] and len(set(idx.tolist())) == 18
+    assert parts[0].discarded_tokens == int(lengths.sum() - lengths[idx].sum())
+
+
 def test_selection_is_deterministic_given_seed():
     lengths = np.random.default_rng(0).integers(1, 100, 64)
     a, b = select_budget(lengths, 1000, seed=7), select_budget(lengths, 1000, seed=7)
@@ -76,16 +122,16 @@ def test_selection_is_deterministic_given_seed():
         select_budget(lengths, 10, order="fastest")
     with pytest.raises(ValueError, match="advantage"):
         select_budget(lengths, 10, order="informative_first")
-    assert fixed_count(lengths, 5).index.shape == (5,)
+    assert fixed_count(lengths, 5)[0].index.shape == (5,)
 
 
-def _np_loss(logits, targets, old, ref, adv, w, c):
+def _np_loss(logits, targets, old, ref, adv, w, c, tis=1.0):
     lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     logp = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
     p = np.exp(logits - lse[..., None])
     ent = -np.sum(p * np.log(p), -1)
     r = np.exp(logp - old)
-    pg = np.minimum(r * adv, np.clip(r, 1 - c.clip_eps, 1 + c.clip_eps) * adv)
+    pg = tis * np.minimum(r * adv, np.clip(r, 1 - c.clip_eps, 1 + c.clip_eps) * adv)
     kl = np.exp(ref - logp) - (ref - logp) - 1
     return np.sum(w * (-(pg - c.beta * kl) - c.alpha_ent * ent))
 
@@ -100,11 +146,19 @@ def test_policy_loss_against_numpy():
     adv = rng.normal(size=(b, t)).astype(np.float32)
     w = (rng.random((b, t)) > 0.3).astype(np.float32)
     c = PolicyLossConfig(clip_eps=0.2, beta=0.1, alpha_ent=0.05)
+    tis = rng.uniform(0.3, 2.0, (b, t)).astype(np.float32)
     logp, ent = token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
-    got, stats = policy_loss_sum(logp, ent, old, adv, w, ref, c)
-    np.testing.assert_allclose(float(got), _np_loss(logits.astype(np.float64), targets, old, ref, adv, w, c),
+    got, stats = policy_loss_sum(logp, ent, old, adv, w, ref, c, tis=jnp.asarray(tis))
+    np.testing.assert_allclose(float(got), _np_loss(logits.astype(np.float64), targets, old, ref, adv, w, c, tis),
                                rtol=1e-5)
     assert float(stats["token_count"]) == w.sum()
+    lp = np.asarray(logp, np.float64)
+    r = np.exp(lp - old)
+    m = w > 0
+    clipped = ((adv > 0) & (r > 1.2)) | ((adv < 0) & (r < 0.8))  # where the clip takes the gradient away
+    assert float(stats["clip_count"]) == clipped[m].sum() and clipped[m].any()
+    np.testing.assert_allclose(float(stats["ratio_max"]), r[m].max(), rtol=1e-5)
+    np.testing.assert_allclose(float(stats["approx_kl_sum"]), np.sum(((r - 1) - np.log(r))[m]), rtol=1e-4)
 
 
 def test_entropy_bonus_encourages_exploration():
