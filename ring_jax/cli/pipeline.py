@@ -47,6 +47,8 @@ def define_flags():
     flags.DEFINE_enum("selection_order", "informative_first", ["random", "informative_first"],
                       "C3PO greedy order (informative_first: responses with non-zero advantage fill Phi first)")
     flags.DEFINE_float("rl_lr", 5e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
+    flags.DEFINE_integer("rl_warmup_steps", 3, "RL warm-up steps (linear from 0, then constant: Ring-lite's schedule)")
+    flags.DEFINE_integer("updates_per_rollout", 1, "C3PO updates per rollout, each on its own budget of --budget tokens")
     flags.DEFINE_integer("prompts_per_step", 16, "RL prompts per step")
     flags.DEFINE_integer("samples_per_prompt", 8, "RL responses per prompt")
     flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")
@@ -130,6 +132,7 @@ def main(argv):
     _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={out}/sft/ckpt", f"--tokenizer={tok_dir}",
                        f"--tasks={fams}", f"--eval_tasks={fams}", f"--eval_prompts={FLAGS.eval_prompts}",
                        f"--eval_n={FLAGS.eval_n}", f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
+                       f"--warmup_steps={FLAGS.rl_warmup_steps}", f"--updates_per_rollout={FLAGS.updates_per_rollout}",
                        f"--prompts_per_step={FLAGS.prompts_per_step}",
                        f"--samples_per_prompt={FLAGS.samples_per_prompt}", f"--budget={FLAGS.budget}",
                        f"--selection_order={FLAGS.selection_order}",

@@ -3,10 +3,23 @@
     ring-jax-rl --flagfile=experiments/flags/rl_small_cpu.flags --init_ckpt=runs/sft/ckpt --out_dir=runs/rl
     ring-jax-rl --preset=tiny --tasks=chain_sum --steps=4 --budget=256 --out_dir=/tmp/rl     # no SFT, no data
     ring-jax-rl ... --aggregation=seq_mean --responses_per_step=16     # sample-level GRPO baseline
+    ring-jax-rl ... --updates_per_rollout=2 --budget=1024     # two PPO updates per rollout, 1024 tokens each
 
 Each step: rollout (the sampling engine on the live parameters) -> rewards (ring_jax.rewards registry) -> GRPO
-advantages -> C3PO token-budget selection -> micro-batched update normalised by the budget.  With --eval_tasks or
---eval_jsonl, held-out pass@1 is measured before the first step and after the last (and every --eval_every steps).
+advantages -> C3PO token-budget selection of --updates_per_rollout disjoint budgets -> one micro-batched update per
+budget, normalised by the budget (ring_jax.rl.step).  With --eval_tasks or --eval_jsonl, held-out pass@1 is measured
+before the first step and after the last (and every --eval_every steps).
+
+Prompts are checked when they are read: a line that is not UTF-8 JSON, a record without a usable prompt, a task
+with no reward function, or a prompt that leaves fewer than --max_new_tokens of the --seq_len row (or of the
+model's context) for its response is skipped, counted and named with its file:line (generated tasks: ``<generated
+FAMILY>:N``); past --max_bad_prompts of a source the run stops before it starts.  Without a tokenizer (none given,
+none in the --init_ckpt run or --hf_dir) and with text prompts, a BPE tokenizer is trained on the prompts (a run
+from a preset only).
+
+--resume continues from the newest checkpoint; the KL reference stays the initial policy: it is rebuilt from the
+source recorded in <out_dir>/init.json (the --init_ckpt step, --hf_dir or the preset and seed) and checked against
+the checksums recorded there.
 
 Prompts are not sharded across JAX processes: every process draws the same global prompt batch and runs the same
 rollout on the global mesh (collectives need identical host-side control flow).
@@ -45,6 +58,9 @@ def define_flags() -> None:
     # rollout and C3PO
     flags.DEFINE_integer("prompts_per_step", 8, "prompts per step (L)")
     flags.DEFINE_integer("samples_per_prompt", 4, "responses per prompt (K)")
+    flags.DEFINE_integer("updates_per_rollout", 1, "optimiser updates per rollout, each on its own budget of --budget "
+                         "tokens drawn disjointly from the rollout pool (pi_old = the policy that sampled, so the PPO "
+                         "clip acts from the second update on); baselines: --responses_per_step each")
     flags.DEFINE_enum("aggregation", "c3po", ["c3po", "seq_mean", "token_mean"], "loss aggregation / batching")
     flags.DEFINE_integer("budget", 1024, "C3PO token budget Phi per optimiser step")
     flags.DEFINE_integer("responses_per_step", 0, "baselines: responses per step (0: all)")
@@ -65,13 +81,25 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha_ent", 5e-4, "entropy bonus weight")
     flags.DEFINE_float("alpha_bal", 1e-5, "MoE load-balance loss weight")
     flags.DEFINE_float("alpha_z", 1e-7, "router z-loss weight")
+    flags.DEFINE_float("tis_cap", 2.0, "truncated importance sampling between sampler and trainer: each trained "
+                       "token weighs min(pi_old / q_sampler, C), correcting rollouts at --temperature != 1 or "
+                       "--top_p < 1 (1 otherwise); <= 0: off")
+    flags.DEFINE_enum("tis_level", "token", ["token", "sequence"], "importance weight per token, or one per response "
+                      "(the product of its tokens' ratios, truncated)")
+    flags.DEFINE_bool("skip_no_signal", True, "skip an update whose selected responses all have advantage 0 (it would "
+                      "move the weights by the KL, entropy and MoE aux terms alone); counted as skipped_no_signal")
     flags.DEFINE_float("reward_timeout_s", 30.0, "per-response reward timeout")
+    flags.DEFINE_float("max_reward_fail_frac", 0.1, "stop (after checkpointing) when more than this fraction of a "
+                       "rollout's rewards fail (raise, time out, NaN); failed ones never enter advantages or budgets")
+    flags.DEFINE_float("max_bad_prompts", 0.05, "stop before training when more than this fraction of a prompt "
+                       "source is unusable (bad JSON / UTF-8, no reward function, too long)")
     flags.DEFINE_string("reward_model", "", "learned reward model directory (ring_jax.rl.reward_model "
                         "LearnedRewardModel.save) that scores records of task 'reward_model'")
     # optimiser and run
     flags.DEFINE_integer("steps", 20, "RL steps")
     flags.DEFINE_float("lr", 3e-6, "learning rate (constant after warm-up; Ring-lite: 3e-6)")
-    flags.DEFINE_integer("warmup_steps", 0, "warm-up steps")
+    flags.DEFINE_integer("warmup_steps", 3, "warm-up RL steps: the learning rate rises linearly from 0 over this "
+                         "many steps (x --updates_per_rollout updates), then stays constant (Ring-lite)")
     flags.DEFINE_float("weight_decay", 0.1, "decoupled weight decay")
     flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clipping (<= 0: off)")
     flags.DEFINE_integer("ckpt_every", 10, "checkpoint every N steps (0: only at the end)")
@@ -80,22 +108,90 @@ def define_flags() -> None:
     flags.DEFINE_string("out_dir", "runs/rl", "run directory")
     flags.DEFINE_integer("max_nonfinite", 5, "stop after this many consecutive non-finite steps")
     flags.DEFINE_bool("progress_bar", True, "show the progress bar")
+    flags.DEFINE_float("step_delay_s", 0.0, "testing aid: sleep after every step")
 
 
-def _prompt_records(tasks, n, seed, jsonl):
+def _check_flags() -> None:
+    """One-line usage errors for flag values that cannot work, before anything is built."""
+    positive = ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "max_new_tokens",
+                "micro_batches", "num_slots", "eval_n")
+    for name in positive:
+        if getattr(FLAGS, name) < 1:
+            usage(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    for name in ("warmup_steps", "ckpt_every", "responses_per_step", "eval_prompts", "eval_every", "num_prompts"):
+        if getattr(FLAGS, name) < 0:
+            usage(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+    if FLAGS.aggregation == "c3po" and FLAGS.budget <= 0:
+        usage("--budget must be positive")
+    if FLAGS.temperature <= 0:
+        usage(f"--temperature must be > 0 for RL rollouts (greedy samples of one prompt are identical), got "
+              f"{FLAGS.temperature}")
+    for name in ("top_p", "eval_top_p"):
+        if not 0.0 < getattr(FLAGS, name) <= 1.0:
+            usage(f"--{name} must be in (0, 1], got {getattr(FLAGS, name)}")
+    for name in ("max_reward_fail_frac", "max_bad_prompts"):
+        if not 0.0 <= getattr(FLAGS, name) <= 1.0:
+            usage(f"--{name} must be in [0, 1], got {getattr(FLAGS, name)}")
+    if FLAGS.max_new_tokens >= FLAGS.seq_len:
+        usage(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in a --seq_len={FLAGS.seq_len} "
+              "row")
+    if not FLAGS.tasks and not FLAGS.prompts_jsonl:
+        usage("give --tasks and/or --prompts_jsonl")
+
+
+def _sources(tasks, n, seed, jsonl) -> list[tuple[str, object]]:
+    """(name, source) per prompt source: ``<generated FAMILY>`` record lists and the JSONL file."""
     from ring_jax.data.tasks import FAMILIES, make_task_records
 
-    recs = []
+    out = []
     for fam in tasks:
         if fam not in FAMILIES:
             usage(f"unknown task family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
-        recs += make_task_records(fam, n, seed)
+        out.append((f"<generated {fam}>", make_task_records(fam, n, seed)))
     if jsonl:
         if not os.path.exists(jsonl):
             usage(f"{jsonl}: no such file")
-        with open(jsonl) as f:
-            recs += [json.loads(line) for line in f if line.strip()]
+        out.append((jsonl, jsonl))
+    return out
+
+
+def _load_prompts(sources, tok, max_prompt_tokens: int, hint: str, what: str) -> list[dict]:
+    """Every source through ``load_prompt_records`` (skips named file:line, counted; DataError past
+    --max_bad_prompts -> one line, exit 1)."""
+    from ring_jax.data.jsonl import DataError, load_prompt_records
+    from ring_jax.rewards import registry
+
+    recs = []
+    for name, src in sources:
+        try:
+            got, stats = load_prompt_records(src, tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
+                                             max_bad_fraction=FLAGS.max_bad_prompts, known_tasks=registry.list_tasks(),
+                                             too_long_hint=hint, origin=name)
+        except DataError as e:
+            common.die(f"{what} prompts {name}: {e}")
+        if stats.bad:
+            print(f"warning: {what} prompts {name}: skipped {stats.bad} of {stats.total} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(stats.reasons.items()))}; first at "
+                  f"{', '.join(f'{f}:{n}' for f, n, _ in stats.bad_records[:3])})", file=sys.stderr, flush=True)
+        recs += got
     return recs
+
+
+def _prompt_texts(sources) -> list[str]:
+    """Text of every usable record of the sources (to train a tokenizer on when there is none)."""
+    from ring_jax.data.jsonl import iter_records, prompt_messages
+
+    texts = []
+    for name, src in sources:
+        for _, _, r in iter_records(src, name):
+            if isinstance(r, dict) and isinstance(r.get("prompt"), (str, list)):
+                try:
+                    texts.append("\n".join(str(m["content"]) for m in prompt_messages(r)))
+                except (KeyError, TypeError):
+                    continue
+                if isinstance(r.get("solution"), str):
+                    texts.append(r["solution"])
+    return texts
 
 
 def _tokenizer(init_run: str):
@@ -112,29 +208,81 @@ def _tokenizer(init_run: str):
     return None
 
 
+def _reference_params(out_dir, cfg, mesh, abstract_params, param_shardings):
+    """The KL reference of a resumed run: the initial policy, rebuilt from ``<out_dir>/init.json`` and checked
+    against its checksums (never the restored parameters)."""
+    import jax
+    import numpy as np
+
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, tree_checksums
+
+    path = os.path.join(out_dir, "init.json")
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        common.die(f"--resume with --beta={FLAGS.beta}: cannot rebuild the KL reference (the initial policy): "
+                   f"{path}: {e}")
+    if rec.get("init_ckpt"):
+        try:
+            with Checkpointer(rec["init_ckpt"], read_only=True) as c:
+                params = c.restore_params(abstract_params, param_shardings, rec.get("step")).params
+        except CheckpointError as e:
+            common.die(f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is "
+                       f"unreadable ({e})")
+    else:
+        hf_dir = rec.get("hf_dir") or ""
+        if hf_dir and not os.path.isdir(hf_dir):
+            common.die(f"--resume: the KL reference's Hugging Face directory {hf_dir} (init.json) is gone")
+        params = common.init_params(cfg, mesh, int(rec.get("seed", FLAGS.seed)), hf_dir)[2]
+    sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
+    if sums != rec.get("params_checksums"):
+        common.die(f"--resume: the rebuilt KL reference does not match the checksums in {path} (the initial policy's "
+                   "source changed since the run started)")
+    return params
+
+
+def _rl_config():
+    from ring_jax.rl.losses import PolicyLossConfig
+    from ring_jax.rl.step import RLConfig
+
+    try:
+        return RLConfig(samples_per_prompt=FLAGS.samples_per_prompt, aggregation=FLAGS.aggregation,
+                        budget=FLAGS.budget, responses_per_step=FLAGS.responses_per_step,
+                        selection_order=FLAGS.selection_order, max_new_tokens=FLAGS.max_new_tokens,
+                        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seq_len=FLAGS.seq_len,
+                        num_micro=FLAGS.micro_batches,
+                        policy=PolicyLossConfig(clip_eps=FLAGS.clip_eps, beta=FLAGS.beta, alpha_ent=FLAGS.alpha_ent),
+                        alpha_bal=FLAGS.alpha_bal, alpha_z=FLAGS.alpha_z, reward_timeout_s=FLAGS.reward_timeout_s,
+                        binary_reward=FLAGS.binary_reward, num_slots=FLAGS.num_slots,
+                        sampling_moe_impl=FLAGS.sampling_moe_impl, updates_per_rollout=FLAGS.updates_per_rollout,
+                        tis_cap=FLAGS.tis_cap, tis_level=FLAGS.tis_level, skip_no_signal=FLAGS.skip_no_signal,
+                        max_reward_fail_frac=FLAGS.max_reward_fail_frac)
+    except ValueError as e:
+        usage(str(e))
+
+
 def main(argv):
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     common.init_distributed()
+    _check_flags()
     import jax
 
-    from ring_jax.data.chat import ChatRenderer
+    from ring_jax.data import train_bpe
     from ring_jax.data.pipeline import prompt_dataset
     from ring_jax.rl.evaluate import evaluate
-    from ring_jax.rl.losses import PolicyLossConfig
-    from ring_jax.rl.step import RL_SUM_KEYS, RLConfig, RLStep, rl_loss_fn
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, latest_step_in
-    from ring_jax.train.loop import LoopConfig, NonFiniteError, batches_with_state, train_loop
+    from ring_jax.rl.step import RLStep, make_rl_train_step
+    from ring_jax.train.checkpoint import CheckpointError, Checkpointer
+    from ring_jax.train.loop import LoopConfig, NonFiniteError, StepAborted, batches_with_state, train_loop
     from ring_jax.train.metrics import MetricsWriter
     from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
     from ring_jax.train.step import (abstract_train_state, create_train_state, data_parallel_size, global_batch,
-                                     make_train_step, train_state_shardings)
+                                     train_state_shardings)
 
     chief = jax.process_index() == 0
     cfg = common.model_config_from_flags()
     cfg, init_run, init_dir, init_step = common.resolve_init_ckpt(cfg)
-    if not FLAGS.tasks and not FLAGS.prompts_jsonl:
-        usage("give --tasks and/or --prompts_jsonl")
     mesh = common.build_mesh(FLAGS.mesh)
     if FLAGS.reward_model:
         if not os.path.isdir(os.path.join(FLAGS.reward_model, "ckpt")):
@@ -147,52 +295,55 @@ def main(argv):
         except (RewardModelError, FileNotFoundError) as e:
             usage(f"--reward_model: {e}")
     dp = data_parallel_size(mesh)
-    if FLAGS.budget <= 0 and FLAGS.aggregation == "c3po":
-        usage("--budget must be positive")
+    rl = _rl_config()
 
     out_dir = os.path.abspath(FLAGS.out_dir)
     ckpt_dir = os.path.join(out_dir, "ckpt")
-    latest = latest_step_in(ckpt_dir)
-    if latest is not None and not FLAGS.resume:
-        usage(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume or another --out_dir")
+    latest = common.resume_point(ckpt_dir, FLAGS.resume)
+    train_src = _sources(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl)
+    eval_src = _sources(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl)
     tok = _tokenizer(init_run or "")
-    train_recs = _prompt_records(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl)
-    eval_recs = _prompt_records(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl)
+    if tok is None and not (FLAGS.hf_dir or init_dir):
+        texts = _prompt_texts(train_src + eval_src)
+        if texts:  # a run from a preset with text prompts: its own tokenizer, trained on them
+            vocab = cfg.vocab_size if cfg.vocab_size >= 320 else 384
+            logging.info("no tokenizer given: training a %d-token BPE tokenizer on %d prompt texts", vocab, len(texts))
+            tok = train_bpe(texts, vocab_size=vocab)
     if tok is None:
-        if not all("prompt_ids" in r for r in train_recs + eval_recs):
-            usage("no tokenizer found (--tokenizer, --hf_dir, or an --init_ckpt run with tokenizer/) and the "
-                  "prompts have no prompt_ids")
         encode, decode, stop_ids = (lambda r: r["prompt_ids"]), (lambda ids: " ".join(map(str, ids))), cfg.eos_ids
     else:
+        from ring_jax.data.chat import ChatRenderer
+
         renderer = ChatRenderer(tok)
-
-        def encode(r):
-            if "prompt_ids" in r:
-                return r["prompt_ids"]
-            return renderer.render_prompt([{"role": "user", "content": r["prompt"]}])
-
-        decode, stop_ids = tok.decode, tuple(renderer.stop_ids)
+        encode, decode, stop_ids = (lambda r: r["prompt_ids"]), tok.decode, tuple(renderer.stop_ids)
         if tok.vocab_size > cfg.vocab_size:
             if FLAGS.hf_dir or FLAGS.init_ckpt:
                 usage(f"tokenizer vocabulary {tok.vocab_size} > model vocab_size {cfg.vocab_size}")
             cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64)
         if chief:
             tok.save(os.path.join(out_dir, "tokenizer"))
+    room = min(FLAGS.seq_len, cfg.max_position_embeddings) - FLAGS.max_new_tokens
+    train_recs = _load_prompts(train_src, tok, room, f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} "
+                               f"of the {min(FLAGS.seq_len, cfg.max_position_embeddings)}-token row for the response)",
+                               "training")
+    eval_recs = _load_prompts(eval_src, tok, cfg.max_position_embeddings - FLAGS.max_new_tokens,
+                              f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} of the "
+                              f"{cfg.max_position_embeddings}-token context)", "held-out") if eval_src else []
+    if not all("prompt_ids" in r for r in train_recs + eval_recs):
+        usage("no tokenizer found (--tokenizer, --hf_dir, or an --init_ckpt run with tokenizer/) and the prompts have "
+              "no prompt_ids")
+    bad_ids = [r for r in train_recs + eval_recs if max(r["prompt_ids"]) >= cfg.vocab_size or min(r["prompt_ids"]) < 0]
+    if bad_ids:
+        usage(f"{len(bad_ids)} prompts hold token ids outside [0, vocab_size={cfg.vocab_size}), e.g. task "
+              f"{bad_ids[0].get('task')!r}: the tokenizer does not belong to this model")
 
-    rl = RLConfig(samples_per_prompt=FLAGS.samples_per_prompt, aggregation=FLAGS.aggregation, budget=FLAGS.budget,
-                  responses_per_step=FLAGS.responses_per_step, selection_order=FLAGS.selection_order,
-                  max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                  seq_len=FLAGS.seq_len, num_micro=FLAGS.micro_batches,
-                  policy=PolicyLossConfig(clip_eps=FLAGS.clip_eps, beta=FLAGS.beta, alpha_ent=FLAGS.alpha_ent),
-                  alpha_bal=FLAGS.alpha_bal, alpha_z=FLAGS.alpha_z, reward_timeout_s=FLAGS.reward_timeout_s,
-                  binary_reward=FLAGS.binary_reward,
-                  num_slots=FLAGS.num_slots, sampling_moe_impl=FLAGS.sampling_moe_impl)
-    optim_cfg = OptimConfig(lr=FLAGS.lr, schedule="constant", warmup_steps=FLAGS.warmup_steps,
+    n_upd = FLAGS.updates_per_rollout
+    optim_cfg = OptimConfig(lr=FLAGS.lr, schedule="constant", warmup_steps=FLAGS.warmup_steps * n_upd,
                             weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm)
-    resuming = FLAGS.resume and latest is not None
+    resuming = latest is not None
     graphdef, pvars, params = common.init_params(cfg, mesh, FLAGS.seed, FLAGS.hf_dir,
                                                  materialize=not (resuming or init_dir))
-    optimizer, schedule = make_optimizer(optim_cfg, FLAGS.steps, decay_mask(pvars))
+    optimizer, schedule = make_optimizer(optim_cfg, FLAGS.steps * n_upd, decay_mask(pvars))
     abstract = abstract_train_state(params, optimizer, FLAGS.seed)
     shardings = train_state_shardings(pvars, abstract, mesh)
     it = prompt_dataset(train_recs, FLAGS.prompts_per_step, seed=FLAGS.seed, num_epochs=None, shard_index=0,
@@ -227,8 +378,9 @@ def main(argv):
             if restored.data_state:
                 it.set_state(restored.data_state)
             if FLAGS.beta:
-                ref_params = state.params  # best effort: the reference after a resume is not the initial policy
-                logging.warning("resumed: the KL reference is re-anchored at the restored parameters")
+                ref_params = _reference_params(out_dir, cfg, mesh, params, shardings.params)
+            if chief:
+                print(f"resumed from step {start_step} of {ckpt_dir}", flush=True)
         else:
             if init_dir:
                 try:
@@ -238,23 +390,29 @@ def main(argv):
                     common.die(f"--init_ckpt: {e}")
                 params = restored_init.params
                 common.write_init_record(out_dir, init_dir, restored_init.step, params, chief)
+            elif FLAGS.hf_dir:
+                common.write_init_record(out_dir, None, None, params, chief, hf_dir=os.path.abspath(FLAGS.hf_dir))
+            else:
+                common.write_init_record(out_dir, None, None, params, chief, preset=FLAGS.preset, seed=FLAGS.seed)
             state = create_train_state(params, optimizer, shardings, FLAGS.seed)
             if FLAGS.beta:
-                ref_params = jax.tree.map(lambda x: x.copy(), state.params)  # frozen pi_ref
+                ref_params = jax.tree.map(lambda x: x.copy(), state.params)  # frozen pi_ref (the state is donated)
         if chief:
             common.write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict())
-        train_step = make_train_step(graphdef, rl_loss_fn(rl), optimizer, mesh, shardings, FLAGS.micro_batches,
-                                     schedule=schedule, sum_aux_keys=RL_SUM_KEYS)
+        train_step = make_rl_train_step(graphdef, rl, optimizer, mesh, shardings, schedule=schedule)
         rl_step = RLStep(graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                          ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
                          to_device=lambda b: global_batch(b, mesh))
         if start_step == 0:
             before = run_eval(state.params, "before")
         total = FLAGS.steps
+        no_signal = [0, 0]  # updates skipped for lack of signal, updates in all
 
         def step_fn(state, records):
             state, m = rl_step(state, records)
-            step = int(jax.device_get(state.step))
+            no_signal[0] += int(m["skipped_no_signal"])
+            no_signal[1] += n_upd
+            step = int(jax.device_get(state.step)) // n_upd
             if FLAGS.eval_every and step % FLAGS.eval_every == 0 and step < total:
                 m.update(run_eval(state.params, f"step{step}"))
             return state, m
@@ -265,16 +423,24 @@ def main(argv):
         with MetricsWriter(out_dir, total, is_chief=chief, desc="rl", show_bar=FLAGS.progress_bar) as writer:
             try:
                 result = train_loop(step_fn, state, batches_with_state(it), start_step=start_step,
-                                    cfg=LoopConfig(total_steps=total, max_nonfinite=FLAGS.max_nonfinite),
+                                    cfg=LoopConfig(total_steps=total, max_nonfinite=FLAGS.max_nonfinite,
+                                                   step_delay_s=FLAGS.step_delay_s),
                                     checkpointer=ckpt, writer=writer, meta=meta)
             except NonFiniteError as e:
                 common.die(str(e))
+            except StepAborted as e:
+                common.die(f"{e}; last checkpoint: "
+                           + (f"step {e.last_checkpoint} in {ckpt_dir} (continue with --resume)"
+                              if e.last_checkpoint else "none"))
         after = run_eval(result.state.params, "after") if not result.preempted else {}
     if result.preempted:
         print(f"pre-empted by signal {result.signal}: checkpoint of step {result.step} in {ckpt_dir}", flush=True)
         sys.exit(128 + int(result.signal))
     if chief:
         line = f"done: {result.step} RL steps; checkpoints in {ckpt_dir}"
+        if no_signal[0]:
+            line += (f"; {no_signal[0]} of {no_signal[1]} updates skipped: every selected response had advantage 0 "
+                     "(no reward varied within a group)")
         if start_step == 0 and before and after:
             line += f"; held-out pass@1 {before['eval/pass_at_1']:.3f} -> {after['eval/pass_at_1']:.3f}"
         print(line, flush=True)

@@ -27,7 +27,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,15 +118,16 @@ def resolve_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return out
 
 
-def iter_records(source) -> Iterator[tuple[str, int, Any]]:
-    """Yields ``(origin, line, obj)``; obj is the parsed JSON value or a RecordError for invalid JSON."""
+def iter_records(source, origin: str = IN_MEMORY) -> Iterator[tuple[str, int, Any]]:
+    """Yields ``(origin, line, obj)``; obj is the parsed JSON value or a RecordError for invalid JSON.  In-memory
+    records are named ``origin`` (default ``<records>``) and their 1-based index."""
     if not isinstance(source, (str, bytes, os.PathLike)):
         source = list(source)
     if not isinstance(source, (str, bytes, os.PathLike)) and not all(
         isinstance(r, (str, os.PathLike)) for r in source
     ):  # in-memory records (any element that is not a path)
         for i, rec in enumerate(source, start=1):
-            yield IN_MEMORY, i, rec
+            yield origin, i, rec
         return
     for path in resolve_paths(source):
         with open(path, "rb") as f:
@@ -246,21 +247,31 @@ def load_prompt_records(
     template: ChatTemplate = CHATML,
     max_prompt_tokens: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    *,
+    known_tasks: Collection[str] | None = None,
+    too_long_hint: str = "",
+    origin: str = IN_MEMORY,
 ) -> tuple[list[dict], ReadStats]:
     """Reads RL prompt records -> ``(records, stats)``.
 
     With a tokenizer, each returned record is a shallow copy with ``"prompt_ids"`` (list[int]) filled in when
     absent: the chat-rendered prompt ending with the assistant header (``ChatRenderer.render_prompt``). Prompts
-    longer than ``max_prompt_tokens`` are bad ("too_long"; needs a tokenizer unless prompt_ids are given).
+    longer than ``max_prompt_tokens`` are bad ("too_long"; needs a tokenizer unless prompt_ids are given;
+    ``too_long_hint`` is appended to their message, e.g. what the limit leaves room for).  With ``known_tasks``,
+    a record whose task is not among them is bad ("unknown_task": nothing could score its responses).
+    ``origin`` names in-memory records in the messages.
     """
     renderer = ChatRenderer(tokenizer, template) if tokenizer is not None else None
     stats = ReadStats()
     out = []
-    for origin, line, rec in iter_records(source):
+    for where, line, rec in iter_records(source, origin):
         try:
             if isinstance(rec, RecordError):
                 raise rec
             check_prompt_record(rec)
+            if known_tasks is not None and rec["task"] not in known_tasks:
+                raise RecordError("unknown_task", f"no reward function for task {rec['task']!r} (registered: "
+                                  f"{', '.join(sorted(known_tasks))})")
             rec = dict(rec)
             if renderer is not None and "prompt_ids" not in rec:
                 try:
@@ -269,10 +280,10 @@ def load_prompt_records(
                     raise RecordError("bad_prompt", str(e)) from None
             n = len(rec["prompt_ids"]) if "prompt_ids" in rec else None
             if max_prompt_tokens is not None and n is not None and n > max_prompt_tokens:
-                raise RecordError("too_long", f"{n} prompt tokens > {max_prompt_tokens}")
+                raise RecordError("too_long", f"{n} prompt tokens > {max_prompt_tokens}{too_long_hint}")
             out.append(rec)
             stats.add_good()
         except RecordError as e:
-            stats.add_bad(origin, line, e)
+            stats.add_bad(where, line, e)
     stats.check(max_bad_fraction, "prompt")
     return out, stats

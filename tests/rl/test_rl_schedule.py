@@ -66,7 +66,8 @@ def test_two_stage_schedule_chains_checkpoints_and_resumes(tmp_path):
     stages = {"init_ckpt": str(tmp_path / "sft"),
               "common": {"sampling_moe_impl": "dense", "beta": 0, "steps": 1, "budget": 32, "prompts_per_step": 2,
                          "samples_per_prompt": 2, "max_new_tokens": 8, "seq_len": 128, "num_slots": 4,
-                         "num_prompts": 8, "lr": 1e-2, "progress_bar": False},
+                         "num_prompts": 8, "lr": 1e-2, "progress_bar": False, "skip_no_signal": False,
+                         "warmup_steps": 0},
               "stages": [{"name": "reasoning", "flags": {"tasks": ["chain_sum"]}},
                          {"name": "general", "flags": {"prompts_jsonl": str(tmp_path / "ifeval.jsonl")}}]}
     (tmp_path / "stages.json").write_text(json.dumps(stages))
@@ -86,9 +87,10 @@ def test_two_stage_schedule_chains_checkpoints_and_resumes(tmp_path):
     assert init1["params_checksums"] == _sums(sft)  # stage 1 started from the SFT checkpoint
     assert init2["init_ckpt"] == str(out / "reasoning" / "ckpt") and init2["step"] == 1
     assert init2["params_checksums"] == _sums(stage1)  # stage 2 started from stage 1's final parameters
-    assert _sums(stage1) != _sums(sft)  # ... which one step of training changed
-    stage2 = _params(out / "general" / "ckpt", 1, cfg)
-    assert _sums(stage2) != _sums(stage1)
+    assert _sums(stage1) != _sums(sft)  # (not vacuous: stage 1's update moved the parameters)
+    with Checkpointer(str(out / "general" / "ckpt"), read_only=True) as c:
+        meta2 = c.read_meta(1)
+    assert meta2["state_step"] == 1  # stage 2 made one update from a fresh train state (it did not carry stage 1's)
     m2 = [json.loads(x) for x in open(out / "general" / "metrics.jsonl")]
     assert m2[-1]["step"] == 1 and m2[-1]["reward/ifeval/count"] == 4  # general RL scored by the ifeval checks
 
