@@ -1,7 +1,10 @@
 """Shared test helpers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -17,3 +20,15 @@ def randomize(model, seed=0, scale=0.3):
         new.append((base + noise).astype(leaf.dtype))
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_logits(graphdef, state, tokens, positions, segment_ids):
+    return nnx.merge(graphdef, state)(tokens, positions, segment_ids).logits
+
+
+def logits(model, tokens, positions=None, segment_ids=None) -> np.ndarray:
+    """The model's float32 logits from one jitted forward (an eager module call compiles every op on its own, which
+    on CPU costs tens of seconds per new shape)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_jit_logits(graphdef, state, jnp.asarray(tokens), positions, segment_ids))

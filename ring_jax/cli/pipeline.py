@@ -48,7 +48,7 @@ def define_flags():
                       "C3PO greedy order (informative_first: responses with non-zero advantage fill Phi first)")
     flags.DEFINE_float("rl_lr", 5e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
     flags.DEFINE_integer("rl_warmup_steps", 3, "RL warm-up steps (linear from 0, then constant: Ring-lite's schedule)")
-    flags.DEFINE_integer("updates_per_rollout", 1, "C3PO updates per rollout, each on its own budget of --budget tokens")
+    flags.DEFINE_integer("updates_per_rollout", 1, "C3PO updates per rollout, each on its own --budget tokens")
     flags.DEFINE_integer("prompts_per_step", 16, "RL prompts per step")
     flags.DEFINE_integer("samples_per_prompt", 8, "RL responses per prompt")
     flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")

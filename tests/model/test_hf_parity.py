@@ -10,7 +10,7 @@ from ring_jax.config import ModelConfig, get_preset
 from ring_jax.hf import load_pretrained, save_pretrained
 from ring_jax.model import build_model
 from tests import numpy_reference as ref
-from tests.helpers import randomize
+from tests.helpers import logits, randomize
 
 BASE = get_preset("tiny")
 CASES = {
@@ -39,7 +39,7 @@ def test_parity_with_numpy_reference(tmp_path, name):
     cfg = CASES[name]
     model = randomize(build_model(cfg, seed=1), seed=2)
     toks = _tokens(cfg)
-    ours = np.asarray(model(toks).logits)
+    ours = logits(model, toks)
     out = save_pretrained(model, str(tmp_path / "hf"), dtype="float32", max_shard_size="20KB")
     c = json.load(open(os.path.join(out, "config.json")))
     sd = ref.load_state_dict(out)
@@ -47,7 +47,7 @@ def test_parity_with_numpy_reference(tmp_path, name):
     assert np.max(np.abs(ours - want)) < 1e-4
     for impl in ("dense", "ragged"):
         loaded, _ = load_pretrained(out, moe_impl=impl)
-        got = np.asarray(loaded(toks).logits)
+        got = logits(loaded, toks)
         assert np.max(np.abs(got - want)) < 1e-4, impl
 
 
@@ -59,7 +59,7 @@ def test_left_padding_matches_reference(tmp_path):
     mask[0, :4] = 0
     mask[2, :1] = 0
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    ours = np.asarray(model(toks, positions=pos, segment_ids=mask).logits)
+    ours = logits(model, toks, pos, mask)
     out = save_pretrained(model, str(tmp_path / "hf"), dtype="float32")
     want = ref.forward(json.load(open(os.path.join(out, "config.json"))), ref.load_state_dict(out), toks, mask)
     real = mask.astype(bool)
@@ -81,7 +81,7 @@ def test_bfloat16_export_round_trip(tmp_path):
     sd = ref.load_state_dict(out)
     loaded, _ = load_pretrained(out)
     want = ref.forward(json.load(open(os.path.join(out, "config.json"))), sd, _tokens(cfg))
-    got = np.asarray(loaded(_tokens(cfg)).logits)
+    got = logits(loaded, _tokens(cfg))
     assert np.max(np.abs(got - want)) < 1e-4  # same bf16-rounded weights on both sides
-    ours = np.asarray(model(_tokens(cfg)).logits)
+    ours = logits(model, _tokens(cfg))
     assert np.max(np.abs(ours - want)) < 0.05 * np.max(np.abs(want))  # only bf16 weight rounding differs

@@ -14,7 +14,7 @@ from ring_jax.config import ConfigError, ModelConfig, get_preset
 from ring_jax.hf import CheckpointError, load_pretrained, save_pretrained
 from ring_jax.model import abstract_model, build_model
 from ring_jax.model.moe import moe_dense, moe_dispatch, moe_ragged, route
-from tests.helpers import randomize
+from tests.helpers import logits, randomize
 
 
 def test_ling_lite_counts_abstractly():
@@ -48,9 +48,12 @@ def test_moe_paths_agree_values_and_grads(k, e):
     def loss(fn, *a):
         return lambda x, wg, wu, wd, w: jnp.sum(jnp.sin(fn(x, w, ids, wg, wu, wd, *a)))
 
-    ref_v, ref_g = jax.value_and_grad(loss(moe_dense), argnums=(0, 1, 2, 3, 4))(x, wg, wu, wd, weights)
+    def value_and_grad(fn, *a):  # jitted: eager grads compile every op on its own (slow on CPU)
+        return jax.jit(jax.value_and_grad(loss(fn, *a), argnums=(0, 1, 2, 3, 4)))(x, wg, wu, wd, weights)
+
+    ref_v, ref_g = value_and_grad(moe_dense)
     for fn, extra in ((moe_dispatch, (8,)), (moe_dispatch, (0,)), (moe_ragged, ())):
-        v, g = jax.value_and_grad(loss(fn, *extra), argnums=(0, 1, 2, 3, 4))(x, wg, wu, wd, weights)
+        v, g = value_and_grad(fn, *extra)
         np.testing.assert_allclose(v, ref_v, rtol=1e-5)
         for a, b in zip(g, ref_g):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -76,9 +79,9 @@ def test_packed_segments_do_not_attend_across():
     packed = np.concatenate([a, b, [0, 0]])[None]
     seg = np.array([[1] * 5 + [2] * 6 + [0, 0]])
     pos = np.array([list(range(5)) + list(range(6)) + [0, 0]])
-    got = np.asarray(model(packed, pos, seg).logits[0])
-    np.testing.assert_allclose(got[:5], np.asarray(model(a[None]).logits[0]), atol=1e-5)
-    np.testing.assert_allclose(got[5:11], np.asarray(model(b[None]).logits[0]), atol=1e-5)
+    got = logits(model, packed, jnp.asarray(pos), jnp.asarray(seg))[0]
+    np.testing.assert_allclose(got[:5], logits(model, a[None])[0], atol=1e-5)
+    np.testing.assert_allclose(got[5:11], logits(model, b[None])[0], atol=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32():
@@ -87,7 +90,7 @@ def test_bfloat16_compute_close_to_float32():
     m16 = build_model(cfg.replace(dtype="bfloat16"), seed=0)
     nnx.update(m16, nnx.state(m32, nnx.Param))
     toks = np.arange(12)[None] % cfg.vocab_size
-    l32, l16 = np.asarray(m32(toks).logits), np.asarray(m16(toks).logits)
+    l32, l16 = logits(m32, toks), logits(m16, toks)
     assert l16.dtype == np.float32  # logits always float32
     # bf16 rounding can flip a near-tied top-k choice for a token, so compare on average, not at the worst token
     assert np.mean(np.abs(l16 - l32)) < 0.05 * np.mean(np.abs(l32))

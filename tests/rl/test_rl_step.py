@@ -19,7 +19,7 @@ from ring_jax.rl.losses import PolicyLossConfig
 from ring_jax.rl.step import RLConfig, RLStep, RewardFailureError, make_rl_train_step
 from ring_jax.sharding import make_mesh
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, make_train_step, split_model,
+from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, split_model,
                                  train_state_shardings)
 from tests.helpers import randomize
 from tests.rl.oracle import policy_loss_and_dlogits
@@ -221,7 +221,8 @@ def test_update_without_signal_is_skipped():
 
     records = [{"task": "never", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
     before = jax.tree.map(np.array, state.params)
-    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=lambda ids: " ".join(map(str, ids)))
+    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"],
+                 decode=lambda ids: " ".join(map(str, ids)))
     state, m = rls(state, records)
     assert m["skipped_no_signal"] == 1 and m["updates"] == 0 and int(state.step) == 1 and int(state.skipped) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
@@ -287,7 +288,8 @@ def test_c3po_steps_raise_the_reward():
     graphdef, state, step = _setup(mesh, lr=3e-2)
     rl = RLConfig(samples_per_prompt=8, budget=160, max_new_tokens=8, seq_len=64, num_slots=32, binary_reward=False,
                   selection_order="informative_first", policy=RLConfig().policy.__class__(beta=0.0, alpha_ent=0.0))
-    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=lambda ids: " ".join(map(str, ids)),
+    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"],
+                 decode=lambda ids: " ".join(map(str, ids)),
                  seed=5)
     records = [{"task": "likes_seven", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
     means = []

@@ -5,7 +5,6 @@ The JAX compilation cache lives there too, so a program one run compiled is load
 shapes, in any worker."""
 
 import fcntl
-import os
 
 import pytest
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from tests.flags import with_fast_compile
+from tests.helpers import logits as jit_logits
 from tests.train.cli_run import BASE, ROOT, error_lines, finish, sft
 
 
@@ -144,6 +145,8 @@ def test_sample_cli_reads_an_orbax_checkpoint(uninterrupted, env, tmp_path):
     got = json.loads(out.read_text().splitlines()[0])["ids"]
     model, _, _ = restore_model(uninterrupted)
     ids = [5, 6, 7, 8]
-    for _ in range(5):  # oracle: repeated argmax over the full uncached forward
-        ids.append(int(np.argmax(np.asarray(model(np.array([ids])).logits[0, -1]))))
+    for _ in range(5):  # oracle: repeated argmax over the full uncached forward (zero-padded to one shape: causal)
+        row = np.zeros((1, 9), np.int32)
+        row[0, :len(ids)] = ids
+        ids.append(int(np.argmax(jit_logits(model, row)[0, len(ids) - 1])))
     assert got == ids[4:]
