@@ -93,14 +93,18 @@ def _quiet_abandoned_reads() -> None:
     callback calls ``loop.call_soon_threadsafe`` on the closed loop and the ``RuntimeError('Event loop is closed')``
     is printed as an unraisable exception from a tensorstore thread, and (2) the abandoned futures, garbage
     collected with their tensorstore errors unread, are logged by asyncio as "Future/Task exception was never
-    retrieved".  That is a traceback per array (hundreds of lines on stderr), harmless (the failure itself is
-    reported), and arriving at any time up to process exit.  Other unraisable exceptions go to the hook installed
-    before; other asyncio records are kept."""
+    retrieved", and (3) a suspended read coroutine closed by the garbage collector re-raises its read error
+    ("Encountered error while reading array index"), printed as "Exception ignored in: <coroutine ...>".  That is
+    a traceback per array (hundreds of lines on stderr), harmless (the failure itself is reported), and arriving at
+    any time up to process exit.  Other unraisable exceptions go to the hook installed before; other asyncio
+    records are kept."""
     previous = sys.unraisablehook
     if not getattr(previous, "ring_jax_quiet", False):
         def hook(unraisable):
             exc = unraisable.exc_value
-            if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            abandoned_read = str(exc).startswith("Encountered error while reading array index")
+            if not (closed_loop or abandoned_read):
                 previous(unraisable)
 
         hook.ring_jax_quiet = True
