@@ -5,15 +5,11 @@ uninterrupted run bit for bit, and bad input failing in one line."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.flags import FAST_COMPILE
-from tests.train.test_cli import records, wait_for
+from tests.train.cli_run import cli, cli_env, finish, kill_at_checkpoint, records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHI, STEPS, UPDATES = 48, 4, 2
 # no --tokenizer: the run trains one on the prompts (the module docstring's example relies on it); two updates per
 # rollout at top-p 0.9 (clip and TIS weights in play), beta > 0 (a KL reference to keep across the resume); updates
@@ -27,27 +23,17 @@ BASE = ["--preset=tiny", "--tasks=chain_sum", "--num_prompts=200", "--eval_tasks
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return e
+    return cli_env(str(tmp_path_factory.mktemp("jax_cache")))
 
 
 def rl(args, env):
-    return subprocess.Popen([sys.executable, "-m", "ring_jax.cli.rl", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(p, timeout=400):
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
+    return cli("ring_jax.cli.rl", args, env)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(env, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("rl_a"))
-    rc, out, err = finish(rl(BASE + [f"--out_dir={run}"], env))
+    rc, out, err = finish(rl(BASE + [f"--out_dir={run}"], env), 400)
     assert rc == 0, err[-3000:]
     return run, out
 
@@ -79,14 +65,10 @@ def test_sigkill_then_resume_keeps_the_kl_reference_bit_exact(uninterrupted, env
     restored parameters, or reusing donated buffers, fails this)."""
     run = str(tmp_path / "rl_b")
     p = rl(BASE + [f"--out_dir={run}", "--step_delay_s=1.0"], env)
-    try:
-        wait_for(lambda: os.path.isdir(os.path.join(run, "ckpt", "2")), 300, p, "checkpoint 2")
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
+    kill_at_checkpoint(p, run, 2, 300)
     assert p.returncode == -signal.SIGKILL
     assert max(records(run)) < STEPS, "the run finished before it was killed"
-    rc, out, err = finish(rl(BASE + [f"--out_dir={run}", "--resume"], env))
+    rc, out, err = finish(rl(BASE + [f"--out_dir={run}", "--resume"], env), 400)
     assert rc == 0, err[-3000:]
     assert "resumed from step 2 of" in out
     want, got = records(uninterrupted[0]), records(run)

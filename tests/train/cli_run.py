@@ -1,10 +1,13 @@
 """Running the training CLIs in subprocesses (one CPU device each), shared by tests/train/conftest.py (the
 session's ``env`` and ``uninterrupted`` run) and the CLI tests."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 from tests.flags import FAST_COMPILE
 
@@ -45,3 +48,34 @@ def error_lines(stderr: str) -> list[str]:
     """The lines of ``stderr`` that are not absl INFO / WARNING records (a clean failure leaves exactly one,
     ``error: ...``)."""
     return [line for line in stderr.splitlines() if line.strip() and not _LOG_RECORD.match(line)]
+
+
+def records(run_dir):
+    """step -> the last record written for it (a resumed run rewrites the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out[r["step"]] = r
+    return out
+
+
+def wait_for(cond, timeout, proc=None, what=""):
+    t0 = time.time()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early ({proc.returncode}) waiting for {what}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill_at_checkpoint(p, run_dir, step: int, timeout) -> None:
+    """SIGKILL ``p`` as soon as ``<run_dir>/ckpt/<step>`` exists (and in any case), then reap it."""
+    try:
+        wait_for(lambda: os.path.isdir(os.path.join(run_dir, "ckpt", str(step))), timeout, p, f"checkpoint {step}")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()

@@ -7,46 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 
 from tests.flags import with_fast_compile
 from tests.helpers import logits as jit_logits
-from tests.train.cli_run import BASE, ROOT, error_lines, finish, sft
-
-
-def records(run_dir):
-    """step -> the last record written for it (a resumed run rewrites the steps after its checkpoint)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out[r["step"]] = r
-    return out
-
-
-def wait_for(cond, timeout, proc=None, what=""):
-    t0 = time.time()
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited early ({proc.returncode}) waiting for {what}: "
-                                 f"{proc.stderr.read()[-3000:]}")
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.train.cli_run import BASE, ROOT, error_lines, finish, kill_at_checkpoint, records, sft, wait_for
 
 
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, env, tmp_path):
     run = str(tmp_path / "run_b")
     p = sft(BASE + [f"--out_dir={run}", "--step_delay_s=0.4"], env)
-    try:
-        wait_for(lambda: os.path.isdir(os.path.join(run, "ckpt", "4")), 240, p, "checkpoint 4")
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
+    kill_at_checkpoint(p, run, 4, 240)
     assert p.returncode == -signal.SIGKILL
     killed_at = max(records(run))
     assert killed_at < 8, "the run finished before it was killed"
