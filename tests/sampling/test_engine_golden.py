@@ -1,0 +1,42 @@
+"""The engine reproduces the tokens and log-probabilities of the engine before the decode-throughput work (issue 15):
+greedy and sampled with fixed keys, with top-k / top-p and stop tokens, at slot counts that take different decode
+MoE paths.  Golden file and the exact runs: tests/sampling/golden.py."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.sampling import golden
+from tests.sampling.models import random_model
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return golden.run_all(random_model(golden.config(), seed=3))
+
+
+@pytest.fixture(scope="module")
+def want():
+    with open(golden.GOLDEN) as f:
+        return json.load(f)
+
+
+def test_tokens_and_logprobs_equal_the_previous_engine(runs, want):
+    assert runs.keys() == want.keys()
+    for name in want:
+        assert len(runs[name]) == len(want[name]), name
+        for got, ref in zip(runs[name], want[name]):
+            where = f"{name} prompt {ref['prompt']} sample {ref['sample']}"
+            assert (got["prompt"], got["sample"], got["finish"]) == (ref["prompt"], ref["sample"], ref["finish"]), where
+            assert got["tokens"] == ref["tokens"], where
+            np.testing.assert_allclose(got["logprobs"], ref["logprobs"], rtol=0, atol=2e-5, err_msg=where)
+            np.testing.assert_allclose(got["raw_logprobs"], ref["raw_logprobs"], rtol=0, atol=2e-5, err_msg=where)
+
+
+def test_the_golden_runs_are_not_trivial(want):
+    """The file holds sampled (not all-greedy) rows that differ between samples, and some early stops."""
+    t1 = want["8/t1"]
+    assert len({tuple(r["tokens"]) for r in t1 if r["prompt"] == 0}) == 3
+    assert any(r["finish"] == "stop" for r in want["8/t1_topp095_stops"])
+    assert any(len(r["tokens"]) == 12 for r in want["2/greedy"])
