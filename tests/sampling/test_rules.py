@@ -105,3 +105,39 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     want = np.exp(np.asarray(sampling_logprobs(logits, temp[:1], topk[:1], topp[:1], filtered=True))[0])
     assert freq[4] == freq[5] == 0.0
     np.testing.assert_allclose(freq, want, atol=0.03)
+
+
+def _sorted_filter(logits, top_k, top_p):
+    """The engine's filter before issue 15 (a full sort per row), as the reference for the bisection thresholds."""
+    v = logits.shape[-1]
+    s = -jnp.sort(-logits, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    kk = jnp.where(top_k <= 0, v, jnp.minimum(top_k, v))
+    in_k = rank < kk[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, s, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    thresh = jnp.take_along_axis(s, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(logits >= thresh, logits, -jnp.inf)
+
+
+def test_bisection_filter_equals_the_sorted_filter():
+    """Without a sort, the same kept set as the sort + cumsum formulation, except where the top-p boundary token's
+    mass lies within float32 rounding of p (then either answer is the float64 one up to rounding)."""
+    rng = np.random.default_rng(5)
+    b, v = 512, 300
+    logits = jnp.asarray(rng.normal(0, 3.0, (b, v)).astype(np.float32))
+    ks = jnp.asarray(rng.choice([0, 1, 7, 40, 299, 300, 500], b).astype(np.int32))
+    ps = jnp.asarray(rng.choice([1.0, 0.95, 0.9, 0.5, 0.01], b).astype(np.float32))
+    got = np.isfinite(np.asarray(filter_logits(logits, ks, ps)))
+    want = np.isfinite(np.asarray(jax.jit(_sorted_filter)(logits, ks, ps)))
+    for i in np.nonzero((got != want).any(axis=1))[0]:
+        row = np.asarray(logits[i], np.float64)
+        if ks[i] > 0:
+            row = np.where(row >= np.sort(row)[::-1][min(int(ks[i]), v) - 1], row, -np.inf)
+        probs = _np_softmax(row)
+        before = np.sort(probs)[::-1].cumsum() - np.sort(probs)[::-1]
+        n = min(got[i].sum(), want[i].sum())
+        assert abs(before[n] - ps[i]) < 1e-6, (i, got[i].sum(), want[i].sum(), before[n], ps[i])
+    assert (got == want).all(axis=1).mean() > 0.99
