@@ -35,7 +35,7 @@ UPSTREAM_CLASS_DEFAULTS = dict(
     initializer_range=0.02, use_sliding_window=False,
 )
 
-MOE_IMPLS = ("dispatch", "ragged", "dense", "pallas")
+MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
 RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile", "moe_capacity_factor", "attn_chunk",
                   "moe_chunk")
 

@@ -14,6 +14,8 @@ Compute paths (``ModelConfig.moe_impl``):
   tile, one batched matmul) for comparison: its per-tile weight gather grows with E.
 - ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
   about as much as the dense path).
+- ``capacity``: the sort again, then every expert's rows gathered into a fixed [E, C, H] block for three batched
+  matmuls (:func:`moe_capacity`), falling back to dense / dispatch when a group outgrows C: the decode path on CPU.
 - ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
 
 The block also returns router statistics for the load-balance loss (``E * sum_i P_i F_i``) and the router z-loss
@@ -22,6 +24,7 @@ The block also returns router statistics for the load-balance loss (``E * sum_i 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.grouped_xla import moe_grouped
+from ring_jax.model.grouped_xla import group_metadata, moe_grouped
 from ring_jax.model.layers import SwiGLU, dtype_of, param
 
 
@@ -145,6 +148,52 @@ def moe_ragged(x, weights, ids, wg, wu, wd):
     return _combine(y_sorted, srt, weights)
 
 
+CAPACITY_FACTOR = 1.5  # rows per expert of the capacity path, as a multiple of the mean group size
+DENSE_FALLBACK_MAX_ROWS = 64  # the capacity path's fallback: all experts up to this many tokens, dispatch above
+
+
+def capacity_rows(num_assignments: int, num_experts: int, factor: float = CAPACITY_FACTOR) -> int:
+    """Static rows per expert of :func:`moe_capacity`: ``factor`` x the mean group size, a multiple of 8."""
+    want = math.ceil(factor * num_assignments / max(1, num_experts))
+    return max(8, -(-want // 8) * 8)
+
+
+def moe_capacity(x, weights, ids, wg, wu, wd, capacity: int = 0):
+    """Decode-sized grouped experts: every expert's assignments gathered into one [E, C, H] block (C static rows,
+    zero-padded), three canonical batched matmuls [E, C, H] x [E, H, F], gathered back by assignment.  Built for
+    the few hundred (token, slot) assignments of a decode step on CPU, where the dispatch path's per-expert loop is
+    mostly fixed cost and the dense path runs E/k times the routed work.  Exact and dropless: when some expert has
+    more than C assignments the same call computes the block with the all-experts path (up to
+    ``DENSE_FALLBACK_MAX_ROWS`` tokens) or the dispatch path instead (``lax.cond``: only one branch runs).
+    ``capacity``: C (0 = :func:`capacity_rows`)."""
+    n, h = x.shape
+    e, k = wg.shape[0], ids.shape[1]
+    m = n * k
+    c = capacity or capacity_rows(m, e)
+    meta = group_metadata(ids, e)
+
+    def blocks(x):
+        slot = jnp.arange(c, dtype=jnp.int32)
+        pos = jnp.minimum(meta.starts[:, None] + slot[None, :], m - 1)  # [E, C] sorted positions
+        tok = jnp.where(slot[None, :] < meta.sizes[:, None], meta.order[pos] // k, n)  # n: the zero row
+        xb = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])[tok]  # [E, C, H]
+        g = jnp.einsum("ech,ehf->ecf", xb, wg)
+        u = jnp.einsum("ech,ehf->ecf", xb, wu)
+        y = jnp.einsum("ecf,efh->ech", jax.nn.silu(g) * u, wd).reshape(e * c, h)
+        expert = ids.reshape(-1)
+        row = expert * c + meta.inv - meta.starts[expert]  # each assignment's row in the blocks
+        return jnp.einsum("nkh,nk->nh", y[row].reshape(n, k, h).astype(jnp.float32), weights)
+
+    def fallback(x):
+        if n <= DENSE_FALLBACK_MAX_ROWS:
+            return moe_dense(x, weights, ids, wg, wu, wd)
+        return moe_dispatch(x, weights, ids, wg, wu, wd)
+
+    if c >= n:  # every expert fits (an expert holds at most one assignment per token)
+        return blocks(x)
+    return jax.lax.cond(jnp.max(meta.sizes) <= c, blocks, fallback, x)
+
+
 def moe_pallas(x, weights, ids, wg, wu, wd):
     from kernels.ops import moe_ffn  # kernels/ sits below model/ in the import order
 
@@ -175,15 +224,9 @@ class MoEBlock(nnx.Module):
 
         if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
             return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor)
-        if self.impl == "dense":
-            y = moe_dense(flat, weights, ids, wg, wu, wd)
-        elif self.impl == "dispatch":
-            y = moe_dispatch(flat, weights, ids, wg, wu, wd, self.tile)
-        elif self.impl == "ragged":
-            y = moe_ragged(flat, weights, ids, wg, wu, wd)
-        else:
-            y = moe_pallas(flat, weights, ids, wg, wu, wd)
-        return y, jnp.zeros((), jnp.int32)
+        paths = {"dense": moe_dense, "dispatch": lambda *a: moe_dispatch(*a, self.tile), "ragged": moe_ragged,
+                 "capacity": moe_capacity, "pallas": moe_pallas}
+        return paths[self.impl](flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
 
     def __call__(self, x, token_mask):
         b, t, h = x.shape

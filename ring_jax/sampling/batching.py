@@ -160,9 +160,11 @@ def run(engine: SamplingEngine, prompts, params, *, key, state, mode, on_tokens)
             admit(free)
         n_active = sum(x is not None for x in slots)
         min_active = n_active if (mode == "continuous" and pending) else 1
+        td = time.perf_counter()
         ds, bt, bl, br, steps = engine._decode(state, ds, np.int32(min_active), chunk=engine.chunk,
                                                filtered=filtered)
         active, ngen, hit, bt, bl, br, steps = to_numpy((ds.active, ds.ngen, ds.stop_hit, bt, bl, br, steps))
+        stats["decode_seconds"] += time.perf_counter() - td
         stats["decode_calls"] += 1
         stats["decode_steps"] += int(steps)
         stats["row_steps"] += int(steps) * b

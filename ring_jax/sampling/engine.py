@@ -53,7 +53,7 @@ class SamplingEngine:
       min_prompt_bucket: smallest prompt-length bucket (buckets are powers of two).
       moe_impl: MoE compute path for prefill and decode (same parameters, another graphdef).  None (default):
         prefill takes the model's configured path and decode the one :func:`decode_moe_impl` picks for
-        ``num_slots`` rows (on CPU the all-experts "dense" path while the slots are few).
+        ``num_slots`` rows (on CPU the "capacity" path up to a mean expert group of 32 rows).
     """
 
     def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
@@ -121,23 +121,23 @@ def graphdef_of(cfg: ModelConfig):
     return nnx.split(abstract_model(cfg))[0]
 
 
-DENSE_DECODE_MAX_ROWS = 64  # measured crossover on CPU (bench MoE, 8 experts top-2): see decode_moe_impl
+CAPACITY_DECODE_MAX_GROUP = 32  # measured crossover on CPU (bench MoE, 8 experts top-2): see decode_moe_impl
 
 
 def decode_moe_impl(cfg: ModelConfig, num_slots: int, backend: str | None = None) -> str:
     """MoE compute path for decoding ``num_slots`` rows (one token each per step) when the caller names none.
 
-    On CPU, a decode step has so few (token, slot) assignments that the dispatch path's per-expert loop is all fixed
-    cost (an expert's weight slices are copied out and run through [rows, H] matmuls of a few rows).  Once the
-    assignments at least match the experts (``num_slots * k >= E``: every expert has rows on average anyway), running
-    every expert on every row as three canonical batched matmuls and combining with the routing weights (``dense``:
-    the same function to float32 rounding) reads the same weights in a handful of big ops; its E/k-fold extra flops
-    stay below the dispatch overhead up to ~``DENSE_DECODE_MAX_ROWS`` rows at the benchmark sizes.  Other backends,
-    dense-MLP models and larger batches keep the configured path."""
+    On CPU a decode step has few (token, slot) assignments: the dispatch path's per-expert loop is then mostly
+    fixed cost, and the all-experts ``dense`` path runs E/k times the routed work.  The ``capacity`` path
+    (``moe.moe_capacity``: every expert's rows in one [E, C, H] block, C = 1.5x the mean group, three batched
+    matmuls; exact, with a fallback when a group outgrows C) beat both on the bench MoE (8 experts top-2) up to 128
+    rows, a mean group of 32 (``CAPACITY_DECODE_MAX_GROUP``); from 256 rows dispatch is faster (BUILD_NOTES.md,
+    "Rollouts at RL batch sizes").  With fewer assignments than experts (a row or two), dispatch reads only the
+    experts in use.  Other backends and dense-MLP models keep the configured path."""
     backend = backend or jax.default_backend()
     e, k = cfg.num_experts or 0, cfg.num_experts_per_tok
-    if backend == "cpu" and e and num_slots * k >= e and num_slots <= DENSE_DECODE_MAX_ROWS:
-        return "dense"
+    if backend == "cpu" and e and e <= num_slots * k <= CAPACITY_DECODE_MAX_GROUP * e:
+        return "capacity"
     return cfg.moe_impl
 
 
@@ -193,7 +193,7 @@ def _prefill(graphdef, state, tokens, lengths, *, cache_len: int):
     out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
                 compute_logits=False, return_hidden=True)
     h_last = out.hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
-    logits = jnp.einsum("bh,hv->bv", h_last, model.head_weight(), preferred_element_type=jnp.float32)
+    logits = project(h_last, model.head_weight())
     return _place(out.cache), _place({"logits": logits})["logits"]
 
 
@@ -228,9 +228,15 @@ def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base
         stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop")))
 
 
-def decode_step(model, ds: DecodeState, *, filtered: bool):
+def project(hidden, head):
+    """Logits [B, V] float32 of final hidden states [B, H] under the output projection ``head`` [H, V]."""
+    return jnp.einsum("bh,hv->bv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def decode_step(model, ds: DecodeState, *, filtered: bool, head=None):
     """One step for every row: sample from ds.logits, stop check, feed the token.  Returns (new state, token,
-    sampling logprob, raw logprob); rows inactive at entry return token -1."""
+    sampling logprob, raw logprob); rows inactive at entry return token -1.  ``head``: the model's
+    ``head_weight()``, computed once by the caller for many steps (with norm_head it is a pass over [H, V])."""
     step_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(ds.keys), ds.ngen)
     tok, lp, raw = rules.sample_tokens(ds.logits, step_keys, ds.temperature, ds.top_k, ds.top_p, filtered=filtered)
     tok = jnp.where(ds.active, tok, -1)
@@ -238,8 +244,10 @@ def decode_step(model, ds: DecodeState, *, filtered: bool):
     hit = ds.active & jnp.any(tok[:, None] == ds.stop_ids, axis=-1)
     still = ds.active & ~hit & (ngen < ds.max_new)
     feed = jnp.maximum(tok, 0)[:, None]
-    out = model(feed, ds.pos[:, None], still.astype(jnp.int32)[:, None], cache=ds.cache, write_idx=ds.pos)
-    ds = ds._replace(cache=out.cache, logits=out.logits[:, 0], pos=ds.pos + still.astype(jnp.int32), ngen=ngen,
+    out = model(feed, ds.pos[:, None], still.astype(jnp.int32)[:, None], cache=ds.cache, write_idx=ds.pos,
+                compute_logits=False, return_hidden=True)
+    logits = project(out.hidden[:, 0], model.head_weight() if head is None else head)
+    ds = ds._replace(cache=out.cache, logits=logits, pos=ds.pos + still.astype(jnp.int32), ngen=ngen,
                      active=still, stop_hit=ds.stop_hit | hit)
     return ds, tok, lp, raw
 
@@ -248,6 +256,7 @@ def _decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtere
     """Up to ``chunk`` decode steps; stops early once fewer than max(min_active, 1) rows are active.
     Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run)."""
     model = nnx.merge(graphdef, state)
+    head = model.head_weight()  # once per call, outside the loop
     b = ds.pos.shape[0]
     bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32),
             jnp.zeros((b, chunk), jnp.float32))
@@ -259,7 +268,7 @@ def _decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtere
 
     def body(c):
         i, d, (bt, bl, br) = c
-        d, tok, lp, raw = decode_step(model, d, filtered=filtered)
+        d, tok, lp, raw = decode_step(model, d, filtered=filtered, head=head)
         return i + 1, d, (bt.at[:, i].set(tok), bl.at[:, i].set(lp), br.at[:, i].set(raw))
 
     steps, ds, (bt, bl, br) = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, bufs))

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from ring_jax.config import ConfigError, ModelConfig, get_preset
 from ring_jax.hf import CheckpointError, load_pretrained, save_pretrained
 from ring_jax.model import abstract_model, build_model
-from ring_jax.model.moe import moe_dense, moe_dispatch, moe_ragged, route
+from ring_jax.model.moe import moe_capacity, moe_dense, moe_dispatch, moe_ragged, route
 from tests.helpers import logits, randomize
 
 
@@ -52,7 +52,11 @@ def test_moe_paths_agree_values_and_grads(k, e):
         return jax.jit(jax.value_and_grad(loss(fn, *a), argnums=(0, 1, 2, 3, 4)))(x, wg, wu, wd, weights)
 
     ref_v, ref_g = value_and_grad(moe_dense)
-    for fn, extra in ((moe_dispatch, (8,)), (moe_dispatch, (0,)), (moe_ragged, ())):
+    # capacity: the default C (fits for k=6 e=16; overflows into the dense fallback for e=8, every token on the
+    # same experts), C=8 (falls back for k=1 e=4: groups of ~9) and C >= n (no fallback compiled)
+    paths = ((moe_dispatch, (8,)), (moe_dispatch, (0,)), (moe_ragged, ()), (moe_capacity, ()), (moe_capacity, (8,)),
+             (moe_capacity, (64,)))
+    for fn, extra in paths:
         v, g = value_and_grad(fn, *extra)
         np.testing.assert_allclose(v, ref_v, rtol=1e-5)
         for a, b in zip(g, ref_g):

@@ -203,24 +203,25 @@ def test_bad_requests(engine):
 
 
 def test_decode_moe_path_selection(model, engine):
-    """Unless moe_impl is given, decode on CPU runs the all-experts dense path while num_slots * k >= E and the slots
-    are few; prefill keeps the configured path."""
-    from ring_jax.sampling.engine import DENSE_DECODE_MAX_ROWS, decode_moe_impl
+    """Unless moe_impl is given, decode on CPU runs the capacity path while E <= num_slots * k <= 32 E (a mean
+    expert group of at most 32 rows); prefill keeps the configured path."""
+    from ring_jax.sampling.engine import CAPACITY_DECODE_MAX_GROUP, decode_moe_impl
 
     e, k = CFG.num_experts, CFG.num_experts_per_tok
-    assert decode_moe_impl(CFG, e // k, "cpu") == "dense"
+    assert decode_moe_impl(CFG, e // k, "cpu") == "capacity"
     assert decode_moe_impl(CFG, e // k - 1, "cpu") == CFG.moe_impl  # fewer assignments than experts
-    assert decode_moe_impl(CFG, DENSE_DECODE_MAX_ROWS + 1, "cpu") == CFG.moe_impl
+    assert decode_moe_impl(CFG, CAPACITY_DECODE_MAX_GROUP * e // k, "cpu") == "capacity"
+    assert decode_moe_impl(CFG, CAPACITY_DECODE_MAX_GROUP * e // k + 1, "cpu") == CFG.moe_impl
     assert decode_moe_impl(CFG, 4, "gpu") == CFG.moe_impl
     assert decode_moe_impl(CFG.replace(num_experts=None, moe_intermediate_size=None), 4, "cpu") == CFG.moe_impl
     if jax.default_backend() == "cpu":
-        assert engine.decode_moe_impl == "dense" and engine.cfg.moe_impl == "dispatch"
+        assert engine.decode_moe_impl == "capacity" and engine.cfg.moe_impl == "dispatch"
     explicit = SamplingEngine.from_model(model, num_slots=4, chunk=4, cache_len=64, moe_impl="dispatch")
     assert explicit.decode_moe_impl == "dispatch" and explicit.decode_graphdef is explicit.graphdef
 
 
-def test_dense_decode_equals_dispatch_decode(model, engine):
-    """The decode fast path (dense MoE) gives the tokens and logprobs of the configured dispatch path."""
+def test_capacity_decode_equals_dispatch_decode(model, engine):
+    """The decode fast path (capacity MoE) gives the tokens and logprobs of the configured dispatch path."""
     disp = SamplingEngine.from_model(model, num_slots=4, chunk=4, cache_len=64, moe_impl="dispatch")
     sp = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
     for params in (GREEDY, sp):
