@@ -21,14 +21,17 @@ from ring_jax.model.layers import apply_rope, dtype_of, param
 _MASKED = -1e30  # finite: a fully masked (padding) query gets a uniform, finite softmax instead of NaN
 
 
-# Logical axes of LayerCache.k / .v (names of ring_jax.sharding.LOGICAL_RULES): kv heads before the cache length,
-# the layout the attention matmuls read, so that decoding does not transpose the whole cache at every step.
+# Logical axes of LayerCache.v and .k (names of ring_jax.sharding.LOGICAL_RULES): kv heads before the cache
+# length, and the keys stored transposed ([.., D, S]): the layouts the decode step's two matmuls (q k^T, p v) read
+# as they are.  With keys as [.., S, D], XLA:CPU copied every layer's K into the other layout at every decode step
+# (measured 1.4-1.9x on the attention core at 16-256 rows, BUILD_NOTES.md "Rollouts at RL batch sizes").
 CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
 
 
 class LayerCache(NamedTuple):
-    k: jax.Array  # [B, KVH, S, D] post-RoPE keys
-    v: jax.Array  # [B, KVH, S, D]
+    k: jax.Array  # [B, KVH, D, S] post-RoPE keys, transposed (K_CACHE_AXES)
+    v: jax.Array  # [B, KVH, S, D] (CACHE_AXES)
 
 
 class CacheView(NamedTuple):
@@ -246,6 +249,22 @@ def dot_attention_heads_major(q, kt, vt, mask):
     return _attention_any(q, kt, vt, mask)
 
 
+def cached_attention(q, k_t, vt, mask):
+    """Forward of :func:`dot_attention` over a KV cache: q [B, T, H, D], k_t [B, KVH, D, S] (the cache's transposed
+    keys), vt [B, KVH, S, D], mask [B, T, S].  The operations of ``_attention_fwd_core`` in its order (scaled q,
+    float32 scores, additive mask, max-subtracted exp, normalised after the value matmul); only the key layout
+    differs, so results agree to float32 rounding.  No custom gradient: decoding is not differentiated."""
+    b, t, h, d = q.shape
+    kvh = k_t.shape[1]
+    qg = (q / jnp.asarray(math.sqrt(d), q.dtype)).reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bkds->bkgts", qg, k_t, preferred_element_type=jnp.float32)
+    scores = scores + jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    inv = 1.0 / jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32) * inv
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int, heads_major: bool = False):
     """:func:`dot_attention` (with :func:`attention_mask`) computed ``chunk`` queries at a time under
     ``jax.checkpoint``: every query row still takes one float32 softmax over all S keys, so the numerics are those
@@ -312,24 +331,34 @@ class Attention(nnx.Module):
             k_seg, k_pos = segment_ids, positions
             new_cache = None
             kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        else:  # the cache is [B, KVH, S, D]: write this call's T positions of every row, read it as is
+        else:  # write this call's T positions of every row into the cache (k [B, KVH, D, S], v [B, KVH, S, D])
             b, t = x.shape[:2]
             rows = jnp.arange(b)[:, None]
             cols = view.write_idx[:, None] + jnp.arange(t)[None, :]
-            # advanced indices split by a slice: the indexed shape is [B, T, KVH, D], that of k and v
-            new_cache = LayerCache(cache.k.at[rows, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
+            # advanced indices split by slices: the indexed shape is [B, T, KVH, D], that of k and v
+            new_cache = LayerCache(cache.k.at[rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
                                    cache.v.at[rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
-            kt, vt = new_cache.k.astype(dt), new_cache.v.astype(dt)
             k_seg, k_pos = view.kv_segment_ids, view.kv_positions
+            vt = new_cache.v.astype(dt)
+            if not (self.attn_chunk and t > self.attn_chunk):  # decode, and prefill without attention chunks
+                out = cached_attention(q, new_cache.k.astype(dt), vt, attention_mask(segment_ids, positions, k_seg,
+                                                                                      k_pos))
+                return self._out(out), new_cache
+            kt = new_cache.k.astype(dt).swapaxes(2, 3)
         if self.attn_chunk and t > self.attn_chunk:
             out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk,
                                     heads_major=True)
         else:
             out = dot_attention_heads_major(q, kt, vt, attention_mask(segment_ids, positions, k_seg, k_pos))
+        return self._out(out), new_cache
+
+    def _out(self, out):
+        """The output projection of the attention output [B, T, H, D] -> [B, T, E]."""
+        dt = self.dtype
         # one [B*T, H*D] x [H*D, E] matmul: as einsum "bthd,hde->bte" XLA:CPU laid the attention output out
         # d-major and copied o_proj into that layout at every call (a full weight copy per layer per decode step)
         b, t, nh, d = out.shape
         out = jnp.dot(out.reshape(b * t, nh * d), self.o_proj[...].astype(dt).reshape(nh * d, -1)).reshape(b, t, -1)
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out, new_cache
+        return out

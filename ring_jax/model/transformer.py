@@ -28,8 +28,9 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dt = dtype_of(dtype or cfg.dtype)
-    shape = (batch, cfg.kv_heads, max_len, cfg.head_size)  # attention.CACHE_AXES
-    layers = tuple(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_hidden_layers))
+    k_shape = (batch, cfg.kv_heads, cfg.head_size, max_len)  # attention.K_CACHE_AXES
+    v_shape = (batch, cfg.kv_heads, max_len, cfg.head_size)  # attention.CACHE_AXES
+    layers = tuple(LayerCache(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(cfg.num_hidden_layers))
     return KVCache(layers, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.attention import CACHE_AXES
+from ring_jax.model.attention import CACHE_AXES, K_CACHE_AXES
 from ring_jax.model.transformer import abstract_model, init_cache
 from ring_jax.sampling import rules
 from ring_jax.sampling.types import Completion, DecodeState, SamplingParams
@@ -152,13 +152,14 @@ def mesh_of(state):
 
 
 def decode_state_specs(tree, mesh, rules=DEFAULT_RULES):
-    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k/v [slots, kv_heads, S, head_dim] by
-    the rules for their logical axes (``attention.CACHE_AXES``: batch / kv_heads / cache_length / head_dim), the cache's segment ids and positions [slots, S] and
-    the logits [slots, V] over the slots, everything else replicated."""
+    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [slots, kv_heads, head_dim, S] and
+    v [slots, kv_heads, S, head_dim] by the rules for their logical axes (``attention.K_CACHE_AXES`` /
+    ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits [slots, V] over the slots,
+    everything else replicated."""
     def one(path, x):
         names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
         if x.ndim == 4:
-            return rules.spec(CACHE_AXES, x.shape, mesh)
+            return rules.spec(K_CACHE_AXES if "k" in names else CACHE_AXES, x.shape, mesh)
         if names & {"logits", "segment_ids", "positions"}:
             return rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
         return jax.sharding.PartitionSpec()
