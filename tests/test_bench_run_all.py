@@ -43,6 +43,15 @@ RESULTS {"budget": 25, "expected_response_len": 6.29, "c3po": {"tokens_mean": 25
 "reward_s": 0.0035, "reference_s": 0.0072, "train_s": 0.0201}}
 """
 
+DECODE_OUT = """jax 0.10.2 on cpu (2 CPUs, load average 4.2); sizes {'layers': 4}; prompt 32, 8 new tokens, cache 40, \
+float32, rows [4, 8]
+RESULTS {"rows": [4, 8], "matmul_peak_gflops": 61.4, "read_gb_s": 6.88, "limit_ms_4": 4.80, "limit_kv_ms_4": 4.85, \
+"limit_ms_8": 4.80, "limit_kv_ms_8": 4.90, "engine": {"4": {"rows": 4, "tok_s": 234.4, "ms_step": 14.78, \
+"decode_moe": "capacity", "frac": 0.325, "frac_kv": 0.328, "hf_tok_s": 128.3, "noshared_tok_s": 407.8, \
+"tunix_tok_s": 105.1}, "8": {"rows": 8, "tok_s": 578.7, "ms_step": 13.22, "decode_moe": "capacity", "frac": 0.60, \
+"frac_kv": 0.61, "hf_tok_s": 208.6, "tunix_error": "(exit 1): boom"}}, "scaling": 2.47}
+"""
+
 
 def _train_json(with_peer: bool) -> dict:
     mine = {"tokens_per_s": 569.0, "tokens_per_s_cpu_norm": 3464.0, "mfu_cpu_norm": 0.32}
@@ -96,6 +105,19 @@ def test_sampling_rows_with_and_without_the_peer():
     with_peer = SAMPLING_OUT.replace('"continuous_over_static"', '"hf_tokens_per_s": 50.0, "continuous_over_static"')
     main = _by(run_all.parse_sampling(with_peer, None, dict(CTX, peer="/some/python")), "HF transformers generate")
     assert main.peer == "50 tok/s" and main.ratio == "2.73x" and main.met == "no"
+
+
+def test_decode_scaling_rows():
+    rows = run_all.parse_decode_scaling(DECODE_OUT, None, dict(CTX, peer="/some/python", tunix=None,
+                                                               tunix_missing=run_all.TUNIX_MISSING))
+    hf4 = _by(rows, "4 rows (prompt 32, 8 new): ring_jax vs HF")
+    assert hf4.ratio == "1.83x" and hf4.met == "no" and "32% of the limit (4.8 ms)" in hf4.ring_jax
+    hf8 = _by(rows, "8 rows (prompt 32, 8 new): ring_jax vs HF")
+    assert hf8.ratio == "2.77x" and hf8.met == "yes"  # >= 2x HF and >= 50% of the limit
+    assert _by(rows, "4 rows: ring_jax vs Tunix").ratio == "3.88x"
+    tunix8 = _by(rows, "8 rows: ring_jax vs Tunix")
+    assert tunix8.met == "not measured" and "boom" in tunix8.peer
+    assert _by(rows, "at 8 rows / at 4 rows").met == "no"  # 2.47x < 6x
 
 
 def test_gmm_and_rl_rows():

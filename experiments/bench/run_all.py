@@ -266,6 +266,49 @@ def parse_rl(out: str, _json, ctx) -> list[Row]:
     return rows
 
 
+def parse_decode_scaling(out: str, _json, ctx) -> list[Row]:
+    """bench_decode_scaling.py: the last line 'RESULTS {json}' (limits, per-rows engine / peer figures, scaling,
+    the RL step at the main job's shape)."""
+    r = _results_line(out)
+    eng = r.get("engine") or {}
+    if not eng:
+        raise ParseError("RESULTS has no engine figures")
+    m = re.search(r"prompt (\d+), (\d+) new tokens", out)
+    shape = f"prompt {m.group(1)}, {m.group(2)} new" if m else "?"
+    rows = []
+    for n in r["rows"]:
+        e = eng.get(str(n), {})
+        if "tok_s" not in e:
+            continue
+        frac = f", {e['frac']:.0%} of the limit ({r[f'limit_ms_{n}']:.1f} ms)" if "frac" in e else ""
+        mine = f"{_f(e['tok_s'])} tok/s, {e['ms_step']:.1f} ms/step{frac}"
+        hf = e.get("hf_tok_s")
+        ok = hf is not None and e["tok_s"] >= 2 * hf and e.get("frac", 0) >= 0.5
+        rows.append(Row(f"decode, greedy, {n} rows ({shape}): ring_jax vs HF transformers generate", mine,
+                        f"{_f(hf)} tok/s" if hf else (ctx["peer_missing"] if not ctx["peer"] else "peer run failed"),
+                        f"{e['tok_s'] / hf:.2f}x" if hf else "-", ">= 2x HF and >= 50% of the limit",
+                        _met(ctx, ok) if hf else "not measured"))
+        tx = e.get("tunix_tok_s")
+        if tx and "noshared_tok_s" in e:
+            ratio = e["noshared_tok_s"] / tx
+            rows.append(Row(f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler (same model, no shared expert)",
+                            f"{_f(e['noshared_tok_s'])} tok/s", f"{_f(tx)} tok/s", f"{ratio:.2f}x", ">= 2x",
+                            _met(ctx, ratio >= 2)))
+        else:
+            rows.append(Row(f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler", mine,
+                            _tunix_missing(ctx, e.get("tunix_error")), "-", ">= 2x", "not measured"))
+    if "scaling" in r:
+        lo, hi = r["rows"][0], r["rows"][-1]
+        rows.append(Row(f"decode tok/s at {hi} rows / at {lo} rows", f"{r['scaling']:.2f}x", "-", "-", ">= 6x",
+                        _met(ctx, r["scaling"] >= 6)))
+    if r.get("rl"):
+        c = r["rl"]
+        split = ", ".join(f"{p} {c[p + '_s']:.2f}" for p in ("rollout", "reward", "reference", "train"))
+        rows.append(Row("RL step at the main job's shape (16 prompts x 8 samples x <= 128 tokens), c3po",
+                        f"{c['step_s']:.2f} s/step ({split})", "-", "-", "-", "-"))
+    return rows
+
+
 def _met(ctx, ok: bool) -> str:
     return "n/a (--quick)" if ctx["quick"] else _yes(ok)
 
@@ -283,6 +326,9 @@ BENCHES = [
           quick=["--sections", "main,batching,torch", "--batch", "4", "--prompt_len", "8", "--new_tokens", "16",
                  "--repeats", "1", "--requests", "8", "--threads", "1"], parse=parse_sampling, peer=True,
           tunix=True),
+    Bench("decode", "bench_decode_scaling.py", "decode throughput at 16-256 rows vs HF and Tunix; the limit",
+          full=[], quick=["--sections", "limits,engine,torch,tunix", "--rows", "4,8", "--new_tokens", "8",
+                          "--repeats", "1"], parse=parse_decode_scaling, peer=True, tunix=True),
     Bench("gmm", "bench_gmm.py", "Pallas grouped matmul vs ragged_dot", full=[], quick=["--iters", "1"],
           parse=parse_gmm),
     Bench("rl", "bench_rl.py", "C3PO vs sample-level batching; RL step time", full=[],
