@@ -79,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=1e-3, help="KL weight (0: no reference forward)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num_slots", type=int, default=0, help="decode rows of the engine (0: every rollout at once)")
     ap.add_argument("--tunix_python", default="", help="interpreter with google-tunix: also time Tunix GRPOLearner")
     a = ap.parse_args(argv)
 
@@ -122,7 +123,8 @@ def main(argv=None):
     for agg in a.aggregations.split(","):
         rl = RLConfig(samples_per_prompt=a.samples_per_prompt, aggregation=agg, budget=budget,
                       responses_per_step=a.responses_per_step, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len,
-                      policy=PolicyLossConfig(beta=a.beta), num_slots=a.prompts_per_step * a.samples_per_prompt,
+                      policy=PolicyLossConfig(beta=a.beta),
+                      num_slots=a.num_slots or a.prompts_per_step * a.samples_per_prompt,
                       binary_reward=False)  # the dummy reward is a fraction: keep it graded
         opt, sched = make_optimizer(OptimConfig(lr=a.lr, schedule="constant", warmup_steps=0), a.steps,
                                     decay_mask(pvars))

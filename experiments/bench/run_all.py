@@ -327,7 +327,7 @@ BENCHES = [
                  "--repeats", "1", "--requests", "8", "--threads", "1"], parse=parse_sampling, peer=True,
           tunix=True),
     Bench("decode", "bench_decode_scaling.py", "decode throughput at 16-256 rows vs HF and Tunix; the limit",
-          full=[], quick=["--sections", "limits,engine,torch,tunix", "--rows", "4,8", "--new_tokens", "8",
+          full=["--sections", "limits,engine,torch,tunix,rl"], quick=["--sections", "limits,engine,torch,tunix", "--rows", "4,8", "--new_tokens", "8",
                           "--repeats", "1"], parse=parse_decode_scaling, peer=True, tunix=True),
     Bench("gmm", "bench_gmm.py", "Pallas grouped matmul vs ragged_dot", full=[], quick=["--iters", "1"],
           parse=parse_gmm),
