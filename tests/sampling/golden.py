@@ -15,7 +15,10 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "engin
 
 # prompts of several lengths; one of them repeated so that n samples and shared prefills are exercised
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [40, 41, 42, 43, 44], [7] * 20, [100, 3, 50, 2]]
-SLOTS = (2, 8, 32)  # decode MoE path: dispatch (2 rows), dense (8 and 32 rows on CPU, 8 experts top-2)
+# decode MoE path on CPU (8 experts top-2): dispatch at 2 rows, dense (before issue 15) / capacity at 8 and 32 rows.
+# The file holds all three; the test replays 2 and 8 (32 repeats 8's path at the cost of another compile).
+SLOTS = (2, 8, 32)
+TEST_SLOTS = (2, 8)
 CASES = {  # name -> SamplingParams kwargs
     "greedy": dict(temperature=0.0, max_new_tokens=12, ignore_eos=True),
     "t1": dict(temperature=1.0, max_new_tokens=12, n=3, ignore_eos=True),
@@ -31,11 +34,11 @@ def config():
     return get_preset("tiny").replace(num_experts=8, norm_head=True)
 
 
-def run_all(model) -> dict:
+def run_all(model, slots_list=SLOTS) -> dict:
     from ring_jax.sampling import SamplingEngine, SamplingParams
 
     out = {}
-    for slots in SLOTS:
+    for slots in slots_list:
         eng = SamplingEngine.from_model(model, num_slots=slots, chunk=4)
         for name, kw in CASES.items():
             comps = eng.generate(PROMPTS, SamplingParams(**kw), key=11)
