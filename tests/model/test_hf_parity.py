@@ -8,9 +8,9 @@ import pytest
 
 from ring_jax.config import ModelConfig, get_preset
 from ring_jax.hf import load_pretrained, save_pretrained
-from ring_jax.model import build_model
+from ring_jax.model import abstract_model
 from tests import numpy_reference as ref
-from tests.helpers import logits, randomize
+from tests.helpers import logits, randomize_np
 
 BASE = get_preset("tiny")
 CASES = {
@@ -37,7 +37,7 @@ def _tokens(cfg, b=2, t=11, seed=0):
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_with_numpy_reference(tmp_path, name):
     cfg = CASES[name]
-    model = randomize(build_model(cfg, seed=1), seed=2)
+    model = randomize_np(abstract_model(cfg), seed=2)
     toks = _tokens(cfg)
     ours = logits(model, toks)
     out = save_pretrained(model, str(tmp_path / "hf"), dtype="float32", max_shard_size="20KB")
@@ -53,7 +53,7 @@ def test_parity_with_numpy_reference(tmp_path, name):
 
 def test_left_padding_matches_reference(tmp_path):
     cfg = CASES["gqa_dense_first_shared1"]
-    model = randomize(build_model(cfg, seed=3), seed=4)
+    model = randomize_np(abstract_model(cfg), seed=4)
     toks = _tokens(cfg, b=3, t=9, seed=5)
     mask = np.ones_like(toks)
     mask[0, :4] = 0
@@ -76,7 +76,7 @@ def test_config_json_round_trips_unchanged(tmp_path):
 
 def test_bfloat16_export_round_trip(tmp_path):
     cfg = BASE
-    model = randomize(build_model(cfg, seed=1), seed=2)
+    model = randomize_np(abstract_model(cfg), seed=2)
     out = save_pretrained(model, str(tmp_path / "hf"), dtype="bfloat16")
     sd = ref.load_state_dict(out)
     loaded, _ = load_pretrained(out)

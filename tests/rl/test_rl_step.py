@@ -13,7 +13,6 @@ from flax import nnx
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from ring_jax.config import get_preset
-from ring_jax.model import build_model
 from ring_jax.rewards.registry import register
 from ring_jax.rl.losses import PolicyLossConfig
 from ring_jax.rl.step import RLConfig, RLStep, RewardFailureError, make_rl_train_step
@@ -21,10 +20,14 @@ from ring_jax.sharding import make_mesh
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
 from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, split_model,
                                  train_state_shardings)
-from tests.helpers import randomize
+from tests.sampling.models import random_model
 from tests.rl.oracle import policy_loss_and_dlogits
 
-CFG = get_preset("tiny")
+# The RL step's compile time is most of this file's cost, and most of that is the dispatch MoE's tile ladder (17 tile
+# sizes at the default automatic tile, each a loop forward and backward).  A full tile of 16 rows keeps the dispatch
+# path (full tiles, a tail tile, empty experts) with three tile sizes and halves the compile time; the ladder itself
+# is checked against the dense oracle in tests/model/test_grouped_xla.py, the default tile end to end by the CLIs.
+CFG = get_preset("tiny", moe_tile=16)
 
 
 @register("likes_seven", overwrite=True)
@@ -44,7 +47,7 @@ def _first_even(record, response):
 def _setup(mesh, num_micro=1, lr=1e-2, seed=0, sgd=None, rl=None):
     """(graphdef, state, RL train step) of the tiny model; ``sgd``: plain SGD with that learning rate instead of
     AdamW, so the update is minus lr times the gradient (Adam's first step is ~sign(g), which hides nothing)."""
-    model = randomize(build_model(CFG, seed=seed), seed=seed + 1, scale=0.1)
+    model = random_model(CFG, seed=seed + 1, scale=0.1)  # NumPy values: building it compiles nothing
     graphdef, pvars, params = split_model(model)
     opt, sched = make_optimizer(OptimConfig(lr=lr, schedule="constant", warmup_steps=0, clip_norm=0.0,
                                             weight_decay=0.0), 10, decay_mask(pvars))

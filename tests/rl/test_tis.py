@@ -22,12 +22,15 @@ from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, tis_weights
 from ring_jax.sampling.rules import sampling_logprobs
 
 CFG = PolicyLossConfig(clip_eps=0.2, beta=0.0, alpha_ent=0.0)
+# jitted, as the engine runs it: called eagerly, the filters' lax.cond (closing over the logits) compiles anew on
+# every call, which made this file take minutes
+_sampling_logprobs = jax.jit(sampling_logprobs, static_argnames="filtered")
 
 
 def _q_logp(logits, temperature, top_p):
     lg = jnp.asarray(logits, jnp.float32)[None]
-    return np.asarray(sampling_logprobs(lg, jnp.array([temperature], jnp.float32), jnp.array([0], jnp.int32),
-                                        jnp.array([top_p], jnp.float32), filtered=top_p < 1.0)[0], np.float64)
+    return np.asarray(_sampling_logprobs(lg, jnp.array([temperature], jnp.float32), jnp.array([0], jnp.int32),
+                                         jnp.array([top_p], jnp.float32), filtered=top_p < 1.0)[0], np.float64)
 
 
 def _surrogate_grad(theta, seq, reward, tis):

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from ring_jax.config import get_preset
-from ring_jax.model import build_model
+from ring_jax.model import abstract_model
 from ring_jax.model import moe_ep
 from ring_jax.model.moe import MoEBlock, moe_dense, route
 from ring_jax.sharding import batch_sharding, make_mesh, shard_model
-from tests.helpers import randomize
+from tests.helpers import randomize_np
 
 MESHES = ["data:2,expert:4", "fsdp:2,expert:2,tensor:2"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -46,8 +46,7 @@ def _block_value_and_grad(block, x, mask, mesh=None):
 
 def test_block_matches_single_device():
     cfg = get_preset("tiny", num_experts=8)
-    block = MoEBlock(cfg, nnx.Rngs(params=0))
-    randomize(block, seed=3, scale=0.15)
+    block = randomize_np(nnx.eval_shape(lambda: MoEBlock(cfg, nnx.Rngs(params=0))), seed=3, scale=0.15)
     x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.float32)
     mask = jnp.ones((8, 4), bool).at[:, -1].set(False)
     (ref, inter), ref_g = _block_value_and_grad(block, x, mask)
@@ -65,8 +64,7 @@ def test_config_capacity_factor_reaches_the_block():
     assignments the standalone capacity path drops; the block's output equals that path's output plus the shared
     MLP."""
     cfg = get_preset("tiny", num_experts=8, moe_capacity_factor=0.5)
-    block = MoEBlock(cfg, nnx.Rngs(params=0))
-    randomize(block, seed=3, scale=0.15)
+    block = randomize_np(nnx.eval_shape(lambda: MoEBlock(cfg, nnx.Rngs(params=0))), seed=3, scale=0.15)
     x = jax.random.normal(jax.random.key(1), (8, 4, cfg.hidden_size), jnp.float32)
     mask = jnp.ones((8, 4), bool)
     mesh = make_mesh("data:2,expert:4")
@@ -173,7 +171,7 @@ def model_reference():
     """Loss and grads of the tiny model on one device (no mesh): computed once for both meshes."""
     cfg = get_preset("tiny")
     tokens = jax.random.randint(jax.random.key(0), (8, 9), 0, cfg.vocab_size)
-    graphdef, params = nnx.split(randomize(build_model(cfg, seed=0), seed=2))
+    graphdef, params = nnx.split(randomize_np(abstract_model(cfg), seed=2))
     (ref, drops), ref_g = _model_loss(graphdef)(params, tokens)
     assert drops == []  # no mesh: the ordinary path, nothing recorded
     return tokens, ref, ref_g
@@ -183,7 +181,7 @@ def model_reference():
 def test_model_loss_and_grads_match_single_device(model_reference, spec, remat):
     tokens, ref, ref_g = model_reference
     cfg = get_preset("tiny", remat=remat)
-    model = randomize(build_model(cfg, seed=0), seed=2)
+    model = randomize_np(abstract_model(cfg), seed=2)
     mesh = make_mesh(spec)
     with jax.set_mesh(mesh):
         shard_model(model, mesh)
