@@ -6,11 +6,10 @@ import jax
 import numpy as np
 
 from ring_jax.config import get_preset
-from ring_jax.model import build_model
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import SamplingParams
 from ring_jax.sharding import make_mesh, shard_model
-from tests.helpers import randomize
+from tests.sampling.models import random_model
 
 
 def test_sharded_engine_places_the_cache_and_samples_the_same_tokens():
@@ -19,7 +18,9 @@ def test_sharded_engine_places_the_cache_and_samples_the_same_tokens():
     sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=2)
     outs = []
     for spec in (None, "data:2,expert:4"):
-        model = randomize(build_model(cfg, seed=0), seed=1)
+        # NumPy-initialised (tests/sampling/models.py): build_model's initialisers and randomize's draws compiled
+        # one small program per parameter shape, for each of the two models
+        model = random_model(cfg, seed=1)
         if spec:
             shard_model(model, make_mesh(spec))
         eng = SamplingEngine.from_model(model, num_slots=8, chunk=4)

@@ -165,7 +165,9 @@ def check_against_oracle(tiny, oracle, mesh, num_micro):
 
 
 def test_loss_and_update_invariant_to_micro_batches(tiny, oracle):
-    for m in (1, 2, 4):
+    # one train-step compile per count: 1 (no split) and 4 (2 rows each, uneven loss tokens, the padded row in the
+    # first); 2 ran the same multi-trip accumulation as 4
+    for m in (1, 4):
         check_against_oracle(tiny, oracle, one_device_mesh(), m)
 
 
