@@ -169,7 +169,10 @@ def main(argv):
            done_marker=os.path.join(out, "sft", "ckpt", str(FLAGS.sft_steps)))
     _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={out}/sft/ckpt", f"--tokenizer={tok_dir}",
                        f"--prompts_jsonl={paths['rl_prompts']}", f"--eval_jsonl={paths['eval']}",
-                       f"--eval_n={FLAGS.eval_n}", f"--eval_seed={FLAGS.eval_seed}", "--eval_slots=256", f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
+                       f"--eval_n={FLAGS.eval_n}", f"--eval_seed={FLAGS.eval_seed}", "--eval_slots=256",
+                       # every response of a step in one engine batch: 1.26x the rollout of 32 slots (issue 15)
+                       f"--num_slots={FLAGS.prompts_per_step * FLAGS.samples_per_prompt}",
+                       f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
                        f"--warmup_steps={FLAGS.rl_warmup_steps}", f"--updates_per_rollout={FLAGS.updates_per_rollout}",
                        f"--prompts_per_step={FLAGS.prompts_per_step}",
                        f"--samples_per_prompt={FLAGS.samples_per_prompt}", f"--budget={FLAGS.budget}",

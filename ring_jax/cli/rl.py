@@ -54,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_seed", 99_000, "seed of the generated held-out prompts (disjoint from training)")
     flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
     flags.DEFINE_float("eval_top_p", 0.95, "top-p for evaluation (Ring-lite: 0.95)")
+    flags.DEFINE_bool("eval_before", True, "evaluate before the first step (off: only after, e.g. when another run "
+                      "from the same checkpoint already measured the start)")
     flags.DEFINE_bool("eval_greedy", True, "also measure greedy accuracy (one greedy response per held-out prompt)")
     flags.DEFINE_integer("eval_slots", 0, "decode batch of the evaluation's engine (0: --num_slots)")
     flags.DEFINE_integer("eval_every", 0, "evaluate every N steps (0: only before and after)")
@@ -438,8 +440,7 @@ def main(argv):
         rl_step = RLStep(graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                          ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
                          to_device=lambda b: global_batch(b, mesh))
-        if start_step == 0:
-            before = run_eval(state.params, "before")
+        before = run_eval(state.params, "before") if start_step == 0 and FLAGS.eval_before else {}
         total = FLAGS.steps
         no_signal = [0, 0]  # updates skipped for lack of signal, updates in all
 

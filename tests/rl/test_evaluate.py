@@ -78,3 +78,27 @@ def test_evaluate_counts_against_a_scripted_engine(monkeypatch):
     assert cs.response_len == pytest.approx(np.mean([[len(t) for t in s] for s in
                                                      FakeEngine.scripts["sampled"][:3]]))
     assert len(res.per_prompt) == 5 and sorted(v["greedy"] for v in res.per_prompt.values()) == [0, 0, 1, 1, 1]
+
+
+def test_report_table_pairs_before_and_after_by_prompt(tmp_path):
+    import json
+
+    from ring_jax.cli.report import held_out_table
+
+    def fam(p1):
+        r = ev.mean_interval([p1] * 4).as_dict()
+        return {"pass_at_1": r, "pass_at_k": r, "greedy": r, "response_len": 20.0, "unfinished": r, "num_prompts": 4}
+
+    evals = [{"tag": t, "n": 8, "families": {"a": fam(v)}, "overall": fam(v)} for t, v in (("before", 0.25),
+                                                                                            ("after", 0.5))]
+    before = {f"a|k{i}": {"family": "a", "solved": 0.25, "any": 0, "greedy": 0, "unfinished": 0.5} for i in range(4)}
+    after = {f"a|k{i}": {"family": "a", "solved": 0.25 + 0.25 * (i % 2) * 2, "any": 1, "greedy": i % 2,
+                         "unfinished": 0.0} for i in range(4)}
+    for t, d in (("before", before), ("after", after)):
+        (tmp_path / f"eval_{t}_prompts.json").write_text(json.dumps(d))
+    text = "\n".join(held_out_table(str(tmp_path), evals))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| all | +"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("+0.250 ") and cells[2].startswith("+1.000 ") and cells[3].startswith("+0.500 ")
+    assert cells[4].startswith("-0.500 ")
+    assert "| before | a | 4 | 0.250 [0.250, 0.250]" in text
