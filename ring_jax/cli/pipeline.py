@@ -1,12 +1,15 @@
 """ring-jax-pipeline: the README's main job.  The whole Ring-lite recipe, small, on a CPU:
 
-  1. generate verifiable tasks (reasoning-gym chain sums of one-digit terms and countdown with numbers up to 10) with
-     step-by-step worked solutions, 30% of them cut before their answer line (``--sft_truncated``: an imperfect
-     long-CoT corpus, whose habit SFT copies and RL's verifier does not reward);
+  1. generate verifiable tasks (reasoning-gym chain sums of one-digit terms and countdown with numbers up to 15) with
+     complete step-by-step worked solutions, split by problem: SFT solutions and RL prompts come from the train
+     side, the held-out set (1,000 distinct problems per family) from the other (``ring_jax.data.splits``); the
+     three files are written to ``data/`` (``--sft_truncated`` cuts a share of the solutions before their answer
+     line: an ablation, off by default);
   2. train a BPE tokenizer on that corpus;
   3. long-CoT-style SFT of the ``small`` MoE preset on the worked solutions (ring-jax-sft);
-  4. C3PO RL on held-in prompts with verifiable rewards, measuring held-out pass@1 (temperature 1.0, top-p 0.95)
-     before and after (ring-jax-rl);
+  4. C3PO RL on the train-side prompts with verifiable rewards, measuring on the held-out set before and after:
+     pass@1 (temperature 1.0, top-p 0.95), pass@8, greedy accuracy, length and unfinished answers, with 95%
+     intervals (ring-jax-rl);
   5. export the final orbax checkpoint to a Hugging Face directory (ring-jax-export), reload it and sample from it
      (ring-jax-sample);
   6. write ``report.md`` and PNG plots (loss, reward, response length, held-out pass@1) into the run folder.
@@ -27,15 +30,17 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+DEFAULT_FAMILIES = ["chain_sum_1d", "countdown_15"]
 
 
 def define_flags():
     flags.DEFINE_string("out_dir", "runs/pipeline", "run folder")
     flags.DEFINE_integer("seed", 0, "seed of the whole run (model init, data order, sampling)")
-    flags.DEFINE_list("families", ["chain_sum_1d", "countdown_10"], "task families (ring_jax.data.tasks.FAMILIES)")
-    flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT")
-    flags.DEFINE_float("sft_truncated", 0.3, "fraction of SFT worked solutions cut before their <answer> line (an "
-                       "imperfect long-CoT corpus: SFT imitates the habit, RL's verifier does not reward it)",
+    flags.DEFINE_list("families", DEFAULT_FAMILIES, "task families (ring_jax.data.tasks.FAMILIES)")
+    flags.DEFINE_integer("sft_examples", 3000, "worked solutions per family for SFT (train-side problems)")
+    flags.DEFINE_integer("rl_prompts", 2000, "RL prompts per family (train-side problems)")
+    flags.DEFINE_float("sft_truncated", 0.0, "ablation: fraction of SFT worked solutions cut before their <answer> "
+                       "line (SFT imitates the habit, RL's verifier does not reward it); 0 = complete solutions",
                        lower_bound=0.0, upper_bound=0.95)
     flags.DEFINE_integer("sft_steps", 800, "SFT steps (copying operands from the prompt is learned at ~250-350; "
                          "held-out pass@1 0.16 at 500 steps, 0.31 at 800 for seed 0)")
@@ -54,8 +59,10 @@ def define_flags():
     flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit (one token per digit: the longest worked "
                          "solution is ~45 tokens)")
-    flags.DEFINE_integer("eval_prompts", 64, "held-out prompts per family")
-    flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
+    flags.DEFINE_integer("eval_prompts", 1000, "held-out problems per family (distinct; standard error of pass@1 "
+                         "<= 0.5 / sqrt(prompts))")
+    flags.DEFINE_integer("eval_n", 8, "samples per held-out prompt (pass@1 and pass@eval_n)")
+    flags.DEFINE_integer("eval_seed", 99_000, "seed of the held-out draw (the same for every --seed, so runs compare)")
     flags.DEFINE_string("preset", "small", "model preset")
     flags.DEFINE_bool("fresh", False, "delete the run folder first")
     flags.DEFINE_bool("progress_bar", True, "progress bars in the stages")
@@ -74,28 +81,59 @@ def _stage(name, argv, done_marker=None):
     print(f"== {name}: done in {time.time() - t0:.0f}s", flush=True)
 
 
-def _write_data(out):
-    from ring_jax.data import train_bpe
+def write_task_files(data_dir: str, families, sft_examples: int, rl_prompts: int, eval_prompts: int, seed: int,
+                     eval_seed: int = 99_000, sft_truncated: float = 0.0) -> dict:
+    """The pipeline's three data files: ``sft.jsonl`` (chat records of worked solutions), ``rl_prompts.jsonl`` and
+    ``eval.jsonl`` (reward-ready prompt records).  SFT and RL problems are train-side, eval problems held-out-side
+    and distinct (``ring_jax.data.splits``), so no eval problem is in either training file whatever the seeds.
+    Returns their paths and the SFT records."""
     from ring_jax.data.tasks import make_task_records, truncate_solutions
 
-    data = os.path.join(out, "data")
-    os.makedirs(data, exist_ok=True)
-    sft = []
-    for i, fam in enumerate(FLAGS.families):
-        sft += make_task_records(fam, FLAGS.sft_examples, seed=10_000 * (i + 1) + FLAGS.seed)
-    cut = truncate_solutions(sft, FLAGS.sft_truncated, seed=FLAGS.seed)
-    print(f"== {len(sft)} worked solutions, {cut} cut before their answer (--sft_truncated={FLAGS.sft_truncated})",
-          flush=True)
-    with open(os.path.join(data, "sft.jsonl"), "w") as f:
+    os.makedirs(data_dir, exist_ok=True)
+    sft, rl, ev = [], [], []
+    for i, fam in enumerate(families):
+        sft += make_task_records(fam, sft_examples, seed=10_000 * (i + 1) + seed, split="train")
+        rl += make_task_records(fam, rl_prompts, seed=10_000 * (i + 1) + 5_000 + seed, split="train")
+        ev += make_task_records(fam, eval_prompts, seed=eval_seed + 1_000 * i, split="eval", distinct=True)
+    cut = truncate_solutions(sft, sft_truncated, seed=seed) if sft_truncated else 0
+    paths = {k: os.path.join(data_dir, f"{k}.jsonl") for k in ("sft", "rl_prompts", "eval")}
+    with open(paths["sft"], "w") as f:
         for r in sft:
             f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                             {"role": "assistant", "content": r["solution"]}]}) + "\n")
+                                             {"role": "assistant", "content": r["solution"]}],
+                                "family": r["family"], "problem_key": r["problem_key"]}) + "\n")
+    for name, recs in (("rl_prompts", rl), ("eval", ev)):
+        with open(paths[name], "w") as f:
+            for r in recs:
+                f.write(json.dumps({k: r[k] for k in ("task", "prompt", "answer", "gym", "family", "problem_key")})
+                        + "\n")
+    return {"paths": paths, "sft": sft, "cut": cut}
+
+
+def _write_data(out):
+    from ring_jax.data import train_bpe
+
+    if os.path.exists(os.path.join(out, "data", "eval.jsonl")):
+        print(f"== data: already written ({out}/data), kept", flush=True)
+        paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in ("sft", "rl_prompts", "eval")}
+        sft = None
+    else:
+        t0 = time.time()
+        w = write_task_files(os.path.join(out, "data"), FLAGS.families, FLAGS.sft_examples, FLAGS.rl_prompts,
+                             FLAGS.eval_prompts, FLAGS.seed, FLAGS.eval_seed, FLAGS.sft_truncated)
+        paths, sft = w["paths"], w["sft"]
+        print(f"== data: {len(sft)} worked solutions ({w['cut']} cut before their answer, --sft_truncated="
+              f"{FLAGS.sft_truncated}), {FLAGS.rl_prompts} RL prompts and {FLAGS.eval_prompts} distinct held-out "
+              f"problems per family, disjoint by problem ({time.time() - t0:.0f}s)", flush=True)
     tok_dir = os.path.join(out, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        if sft is None:
+            sft = [{"prompt": m["messages"][0]["content"], "solution": m["messages"][1]["content"]}
+                   for m in map(json.loads, open(paths["sft"]))]
         # the chat template's role words are in the corpus too, so "assistant" is one token, not four
         tok = train_bpe([f"user\n{r['prompt']}\nassistant\n{r['solution']}" for r in sft], vocab_size=512)
         tok.save(tok_dir)
-    return os.path.join(data, "sft.jsonl"), tok_dir
+    return paths, tok_dir
 
 
 def _chat_prompts(tok_dir, texts, out):
@@ -120,9 +158,9 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     print(f"== data + tokenizer -> {out}", flush=True)
-    sft_jsonl, tok_dir = _write_data(out)
+    paths, tok_dir = _write_data(out)
+    sft_jsonl = paths["sft"]
     bar = f"--progress_bar={str(FLAGS.progress_bar).lower()}"
-    fams = ",".join(FLAGS.families)
     _stage("SFT", ["ring_jax.cli.sft", f"--preset={FLAGS.preset}", f"--train_jsonl={sft_jsonl}",
                    f"--tokenizer={tok_dir}", f"--steps={FLAGS.sft_steps}", f"--global_batch={FLAGS.sft_batch}",
                    f"--seq_len={FLAGS.seq_len}", f"--lr={FLAGS.sft_lr}", "--warmup_ratio=0.02",
@@ -130,14 +168,17 @@ def main(argv):
                    f"--out_dir={out}/sft", "--peak_flops=0", bar],
            done_marker=os.path.join(out, "sft", "ckpt", str(FLAGS.sft_steps)))
     _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={out}/sft/ckpt", f"--tokenizer={tok_dir}",
-                       f"--tasks={fams}", f"--eval_tasks={fams}", f"--eval_prompts={FLAGS.eval_prompts}",
-                       f"--eval_n={FLAGS.eval_n}", f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
+                       f"--prompts_jsonl={paths['rl_prompts']}", f"--eval_jsonl={paths['eval']}",
+                       f"--eval_n={FLAGS.eval_n}", f"--eval_seed={FLAGS.eval_seed}", "--eval_slots=256",
+                       # every response of a step in one engine batch: 1.26x the rollout of 32 slots (issue 15)
+                       f"--num_slots={FLAGS.prompts_per_step * FLAGS.samples_per_prompt}",
+                       f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
                        f"--warmup_steps={FLAGS.rl_warmup_steps}", f"--updates_per_rollout={FLAGS.updates_per_rollout}",
                        f"--prompts_per_step={FLAGS.prompts_per_step}",
                        f"--samples_per_prompt={FLAGS.samples_per_prompt}", f"--budget={FLAGS.budget}",
                        f"--selection_order={FLAGS.selection_order}",
                        f"--max_new_tokens={FLAGS.max_new_tokens}", f"--seed={FLAGS.seed}",
-                       f"--task_seed={1000 + FLAGS.seed}", f"--ckpt_every={FLAGS.rl_steps}",
+                       f"--ckpt_every={FLAGS.rl_steps}",
                        f"--out_dir={out}/rl", bar],
            done_marker=os.path.join(out, "rl", "ckpt", str(FLAGS.rl_steps)))
     _stage("export", ["ring_jax.cli.export", f"--ckpt_dir={out}/rl", f"--out_dir={out}/hf",

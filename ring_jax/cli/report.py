@@ -25,6 +25,45 @@ def _plot_eval(evals, out_png):
     plt.close(fig)
 
 
+def _rate(d: dict | None) -> str:
+    return "-" if not d else f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def held_out_table(rl_dir: str, evals: list[dict]) -> list[str]:
+    """Markdown: per family and evaluation, pass@1 / pass@n / greedy with 95% intervals, length, unfinished; then
+    the paired after - before differences over the same prompts (from ``eval_<tag>_prompts.json``)."""
+    from ring_jax.rl.evaluate import paired_difference
+
+    if not evals or "families" not in evals[0]:  # an eval.jsonl of an older run: pass@1 only
+        out = ["## Held-out pass@1 (temperature 1.0, top-p 0.95)", "", "| when | pass@1 | per task |", "|---|---|---|"]
+        out += [f"| {e['tag']} | {e['pass_at_1']:.3f} | "
+                f"{', '.join(f'{k} {v:.3f}' for k, v in e['per_task'].items())} |" for e in evals]
+        return out + [""]
+    n = evals[0].get("n", 1)
+    out = [f"## Held-out set (distinct problems disjoint from SFT and RL; pass@1 = {n} samples per prompt at "
+           "temperature 1.0, top-p 0.95; 95% intervals over prompts)", "",
+           f"| when | family | prompts | pass@1 | pass@{n} | greedy | mean length | unfinished |", "|---|---|---|---|---|---|---|---|"]
+    for e in evals:
+        for fam, m in [*sorted(e["families"].items()), ("all", e["overall"])]:
+            out.append(f"| {e['tag']} | {fam} | {m['num_prompts']} | {_rate(m['pass_at_1'])} | "
+                       f"{_rate(m['pass_at_k'])} | {_rate(m['greedy'])} | {m['response_len']:.1f} | "
+                       f"{m['unfinished']['value']:.3f} |")
+    out.append("")
+    first, last = evals[0]["tag"], evals[-1]["tag"]
+    pa, pb = (os.path.join(rl_dir, f"eval_{t}_prompts.json") for t in (first, last))
+    if first != last and os.path.exists(pa) and os.path.exists(pb):
+        a, b = json.load(open(pa)), json.load(open(pb))
+        fams = sorted({v["family"] for v in a.values()})
+        out += [f"Change {first} -> {last}, paired over the same prompts (95% interval of the per-prompt differences):",
+                "", f"| family | pass@1 | pass@{n} | greedy | unfinished |", "|---|---|---|---|---|"]
+        for fam in [*fams, "all"]:
+            sa = {k: v for k, v in a.items() if fam == "all" or v["family"] == fam}
+            cells = [paired_difference(sa, b, f) for f in ("solved", "any", "greedy", "unfinished")]
+            out.append(f"| {fam} | " + " | ".join(f"{c.value:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in cells) + " |")
+        out.append("")
+    return out
+
+
 def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
     from ring_jax.cli.plot import plot_runs
     from ring_jax.train.metrics import read_jsonl
@@ -55,11 +94,8 @@ def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
     if os.path.exists(ev):
         evals = [json.loads(x) for x in open(ev) if x.strip()]
         _plot_eval(evals, os.path.join(run_dir, "pass_at_1.png"))
-        lines += ["## Held-out pass@1 (temperature 1.0, top-p 0.95)", "", "| when | pass@1 | per task |", "|---|---|---|"]
-        for e in evals:
-            per = ", ".join(f"{k} {v:.3f}" for k, v in e["per_task"].items())
-            lines.append(f"| {e['tag']} | {e['pass_at_1']:.3f} | {per} |")
-        lines += ["", "![pass@1](pass_at_1.png)", ""]
+        lines += held_out_table(os.path.join(run_dir, "rl"), evals)
+        lines += ["![pass@1](pass_at_1.png)", ""]
         if evals and evals[-1].get("samples"):
             lines += ["Samples after RL:", ""]
             for p, r, rew in evals[-1]["samples"][:3]:

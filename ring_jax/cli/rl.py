@@ -54,6 +54,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_seed", 99_000, "seed of the generated held-out prompts (disjoint from training)")
     flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
     flags.DEFINE_float("eval_top_p", 0.95, "top-p for evaluation (Ring-lite: 0.95)")
+    flags.DEFINE_bool("eval_before", True, "evaluate before the first step (off: only after, e.g. when another run "
+                      "from the same checkpoint already measured the start)")
+    flags.DEFINE_bool("eval_greedy", True, "also measure greedy accuracy (one greedy response per held-out prompt)")
+    flags.DEFINE_integer("eval_slots", 0, "decode batch of the evaluation's engine (0: --num_slots)")
     flags.DEFINE_integer("eval_every", 0, "evaluate every N steps (0: only before and after)")
     # rollout and C3PO
     flags.DEFINE_integer("prompts_per_step", 8, "prompts per step (L)")
@@ -118,7 +122,8 @@ def _check_flags() -> None:
     for name in positive:
         if getattr(FLAGS, name) < 1:
             usage(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
-    for name in ("warmup_steps", "ckpt_every", "responses_per_step", "eval_prompts", "eval_every", "num_prompts"):
+    for name in ("warmup_steps", "ckpt_every", "responses_per_step", "eval_prompts", "eval_every", "num_prompts",
+                 "eval_slots"):
         if getattr(FLAGS, name) < 0:
             usage(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
     if FLAGS.aggregation == "c3po" and FLAGS.budget <= 0:
@@ -139,20 +144,44 @@ def _check_flags() -> None:
         usage("give --tasks and/or --prompts_jsonl")
 
 
-def _sources(tasks, n, seed, jsonl) -> list[tuple[str, object]]:
-    """(name, source) per prompt source: ``<generated FAMILY>`` record lists and the JSONL file."""
+def _sources(tasks, n, seed, jsonl, split: str) -> list[tuple[str, object]]:
+    """(name, source) per prompt source: ``<generated FAMILY>`` record lists (problems of ``split``'s side only:
+    "train" for training prompts, "eval" for held-out ones, one record per problem) and the JSONL file."""
     from ring_jax.data.tasks import FAMILIES, make_task_records
 
     out = []
     for fam in tasks:
         if fam not in FAMILIES:
             usage(f"unknown task family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
-        out.append((f"<generated {fam}>", make_task_records(fam, n, seed)))
+        try:
+            recs = make_task_records(fam, n, seed, split=split, distinct=split == "eval")
+        except ValueError as e:
+            usage(str(e))
+        out.append((f"<generated {fam}>", recs))
     if jsonl:
         if not os.path.exists(jsonl):
             usage(f"{jsonl}: no such file")
         out.append((jsonl, jsonl))
     return out
+
+
+def _drop_overlap(train_recs: list[dict], eval_recs: list[dict]) -> list[dict]:
+    """Held-out records whose problem (key or canonical text) is also a training prompt are left out and counted:
+    pass@1 on them would measure memory, not reasoning.  All of them overlapping is an error."""
+    from ring_jax.data.splits import overlap
+
+    if not eval_recs:
+        return eval_recs
+    bad = set(overlap(train_recs, eval_recs))
+    if not bad:
+        return eval_recs
+    if len(bad) == len(eval_recs):
+        common.die(f"every one of the {len(eval_recs)} held-out prompts is also a training prompt (same problem or "
+                   "same text): nothing is held out")
+    first = eval_recs[min(bad)]
+    print(f"warning: held-out prompts: left out {len(bad)} of {len(eval_recs)} that are also training prompts "
+          f"(same problem or same text; e.g. {str(first.get('prompt', ''))[:60]!r})", file=sys.stderr, flush=True)
+    return [r for i, r in enumerate(eval_recs) if i not in bad]
 
 
 def _load_prompts(sources, tok, max_prompt_tokens: int, hint: str, what: str) -> list[dict]:
@@ -300,8 +329,8 @@ def main(argv):
     out_dir = os.path.abspath(FLAGS.out_dir)
     ckpt_dir = os.path.join(out_dir, "ckpt")
     latest = common.resume_point(ckpt_dir, FLAGS.resume)
-    train_src = _sources(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl)
-    eval_src = _sources(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl)
+    train_src = _sources(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl, "train")
+    eval_src = _sources(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl, "eval")
     tok = _tokenizer(init_run or "")
     if tok is None and not (FLAGS.hf_dir or init_dir):
         texts = _prompt_texts(train_src + eval_src)
@@ -329,6 +358,7 @@ def main(argv):
     eval_recs = _load_prompts(eval_src, tok, cfg.max_position_embeddings - FLAGS.max_new_tokens,
                               f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} of the "
                               f"{cfg.max_position_embeddings}-token context)", "held-out") if eval_src else []
+    eval_recs = _drop_overlap(train_recs, eval_recs)
     if not all("prompt_ids" in r for r in train_recs + eval_recs):
         usage("no tokenizer found (--tokenizer, --hf_dir, or an --init_ckpt run with tokenizer/) and the prompts have "
               "no prompt_ids")
@@ -354,17 +384,24 @@ def main(argv):
             return {}
         res = evaluate(graphdef, params, eval_recs, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                        n=FLAGS.eval_n, top_p=FLAGS.eval_top_p, max_new_tokens=FLAGS.max_new_tokens,
-                       seed=FLAGS.eval_seed, num_slots=FLAGS.num_slots, moe_impl=FLAGS.sampling_moe_impl)
+                       seed=FLAGS.eval_seed, num_slots=FLAGS.eval_slots or FLAGS.num_slots,
+                       moe_impl=FLAGS.sampling_moe_impl, greedy=FLAGS.eval_greedy)
         if chief:
-            print(f"[eval {tag}] held-out pass@1 = {res.pass_at_1:.3f} "
-                  + " ".join(f"{k}={v:.3f}" for k, v in res.per_task.items())
-                  + f" (n={FLAGS.eval_n}, {res.num_prompts} prompts, mean length {res.response_len:.1f})",
-                  flush=True)
+            for fam, m in [*res.families.items(), ("all", res.overall)]:
+                print(f"[eval {tag}] {fam}: pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
+                      + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
+                      + f", length {m.response_len:.1f}, unfinished {m.unfinished.value:.3f} ({m.num_prompts} prompts"
+                      f" x {FLAGS.eval_n}, T=1, top-p {FLAGS.eval_top_p})", flush=True)
             with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps({"tag": tag, "pass_at_1": res.pass_at_1, "per_task": res.per_task,
-                                    "mean_reward": res.mean_reward, "response_len": res.response_len,
-                                    "samples": res.samples}) + "\n")
-        return {"eval/pass_at_1": res.pass_at_1, **{f"eval/{k}/pass_at_1": v for k, v in res.per_task.items()}}
+                                    "mean_reward": res.mean_reward, "response_len": res.response_len, "n": res.n,
+                                    "families": {k: v.as_dict() for k, v in res.families.items()},
+                                    "overall": res.overall.as_dict(), "samples": res.samples}) + "\n")
+            common.write_json(os.path.join(out_dir, f"eval_{tag}_prompts.json"), res.per_prompt)
+        out = {"eval/pass_at_1": res.pass_at_1, **{f"eval/{k}/pass_at_1": v for k, v in res.per_task.items()}}
+        if res.overall.greedy:
+            out["eval/greedy"] = res.overall.greedy.value
+        return out
 
     with Checkpointer(ckpt_dir, save_every=FLAGS.ckpt_every, keep=FLAGS.keep) as ckpt:
         start_step = 0
@@ -403,8 +440,7 @@ def main(argv):
         rl_step = RLStep(graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                          ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
                          to_device=lambda b: global_batch(b, mesh))
-        if start_step == 0:
-            before = run_eval(state.params, "before")
+        before = run_eval(state.params, "before") if start_step == 0 and FLAGS.eval_before else {}
         total = FLAGS.steps
         no_signal = [0, 0]  # updates skipped for lack of signal, updates in all
 

@@ -7,6 +7,12 @@ worked solution for SFT:
 - ``chain_sum`` (task ``arithmetic``): "12 + 34 - 7 =" -> "12 + 34 = 46\\n46 - 7 = 39\\n<answer>39</answer>"
 - ``countdown`` (task ``countdown``): reach a target with the given numbers -> the reference expression evaluated
   one operation at a time, then "<answer>expression</answer>".
+
+Held-out by construction (``ring_jax.data.splits``): every problem has a key, the generator's parameters (the chain
+sum's expression; countdown's numbers as a multiset and its target), and a hash of that key alone puts it on the
+train side or the held-out side.  ``make_task_records(..., split="train")`` keeps
+only train-side problems (SFT solutions, RL prompts) and ``split="eval"`` only held-out ones, whatever the seeds, so
+no eval problem can reach training, in any family that shares a key space (chain_sum and chain_sum_1d do).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import operator
 import random
 from fractions import Fraction
 
+from ring_jax.data.splits import HELD_OUT_FRACTION, is_held_out, problem_key
 from ring_jax.rewards.logic import make_records
+
+__all__ = ["FAMILIES", "HELD_OUT_FRACTION", "make_task_records", "truncate_solutions", "worked_solution"]
 
 FAMILIES = {
     "chain_sum": dict(task="arithmetic", dataset="chain_sum",
@@ -31,7 +40,13 @@ FAMILIES = {
     "countdown_10": dict(task="countdown", dataset="countdown",
                          kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=5,
                                      max_target=30)),
+    # countdown_10's problem space is ~1,500 (number multiset, target) pairs: too few for a held-out side of 1,000
+    # distinct problems. Numbers up to 15 and targets up to 40 give ~5,000+.
+    "countdown_15": dict(task="countdown", dataset="countdown",
+                         kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=15, min_target=5,
+                                     max_target=40)),
 }
+_MAX_ROUNDS = 64  # generator rounds before a split is declared exhausted
 _OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
         ast.Div: ("/", operator.truediv)}
 
@@ -78,11 +93,7 @@ def worked_solution(record: dict) -> str:
     return "\n".join(steps + [f"<answer>{final}</answer>"])
 
 
-def make_task_records(family: str, n: int, seed: int) -> list[dict]:
-    """``n`` records of a task family: reward-ready (``task``, ``gym``) with a compact ``prompt`` and the worked
-    ``solution`` text."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+def _generate(family: str, n: int, seed: int) -> list[dict]:
     f = FAMILIES[family]
     recs = make_records(f["task"], n, seed, dataset=f["dataset"], prompt_suffix="", **f["kwargs"])
     for r in recs:
@@ -90,6 +101,40 @@ def make_task_records(family: str, n: int, seed: int) -> list[dict]:
         r["solution"] = worked_solution(r)
         r["family"] = family
     return recs
+
+
+def make_task_records(family: str, n: int, seed: int, split: str | None = None,
+                      distinct: bool = False) -> list[dict]:
+    """``n`` records of a task family: reward-ready (``task``, ``gym``) with a compact ``prompt``, the worked
+    ``solution`` text, ``family`` and (with a split) ``problem_key``.
+
+    ``split``: None draws from the whole problem space; "train" keeps only train-side problems, "eval" only
+    held-out ones (``is_held_out``), drawing more from the generator until ``n`` pass.  ``distinct`` keeps one
+    record per problem (an eval set); otherwise problems repeat as often as the generator draws them.  A split
+    or a distinct set the family's problem space cannot fill raises ValueError naming how many it has."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    if split not in (None, "train", "eval"):
+        raise ValueError(f"split must be None, 'train' or 'eval', got {split!r}")
+    if split is None and not distinct:
+        return _generate(family, n, seed)
+    out, seen = [], set()
+    chunk = max(64, 2 * n)
+    for rnd in range(_MAX_ROUNDS):
+        for r in _generate(family, chunk, seed + 1_000_003 * rnd):
+            k = problem_key(r)
+            if split is not None and is_held_out(k) != (split == "eval"):
+                continue
+            if distinct and k in seen:
+                continue
+            seen.add(k)
+            r["problem_key"] = k
+            out.append(r)
+            if len(out) == n:
+                return out
+    raise ValueError(f"{family}: only {len(out)} {'distinct ' if distinct else ''}problems on the "
+                     f"{split or 'whole'} side after {_MAX_ROUNDS} rounds of {chunk} draws; asked for {n} "
+                     f"(the family's problem space is too small for this split)")
 
 
 def truncate_solutions(records: list[dict], fraction: float, seed: int) -> int:

@@ -8,7 +8,7 @@ from ring_jax.data.tasks import expression_steps, make_task_records
 from ring_jax.rewards.registry import score
 
 
-@pytest.mark.parametrize("family", ["chain_sum", "countdown", "chain_sum_1d", "countdown_10"])
+@pytest.mark.parametrize("family", ["chain_sum", "countdown", "chain_sum_1d", "countdown_10", "countdown_15"])
 def test_worked_solutions_score_full_reward(family):
     recs = make_task_records(family, 40, seed=3)
     for r in recs:
@@ -38,6 +38,10 @@ def test_easy_families_stay_in_their_ranges():
         meta = r["gym"]["entry"]["metadata"]
         assert len(meta["numbers"]) == 3 and all(1 <= n <= 10 for n in meta["numbers"])
         assert 5 <= meta["target"] <= 30
+    for r in make_task_records("countdown_15", 60, seed=4):
+        meta = r["gym"]["entry"]["metadata"]
+        assert len(meta["numbers"]) == 3 and all(1 <= n <= 15 for n in meta["numbers"])
+        assert 5 <= meta["target"] <= 40
 
 
 def test_truncate_solutions_cuts_only_the_answer_line():
