@@ -21,6 +21,8 @@ def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "parameter (master weight) dtype")
     flags.DEFINE_enum("moe_impl", None, ["dispatch", "ragged", "dense", "pallas"], "MoE compute path")
     flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
+    flags.DEFINE_integer("moe_tile", None, "dispatch path: one full row tile for the grouped expert loop instead of "
+                         "the automatic ladder (0: automatic; one tile compiles faster, same numerics)")
     flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless); tokens "
                        "over ceil(factor * local tokens * k / experts) per expert are dropped and counted")
     flags.DEFINE_integer("attn_chunk", None, "long sequences: attention this many queries at a time (0: all; same "
@@ -80,7 +82,8 @@ def build_mesh(spec: str):
 
 def runtime_overrides() -> dict:
     out = {}
-    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_capacity_factor", "attn_chunk", "moe_chunk"):
+    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_tile", "moe_capacity_factor", "attn_chunk",
+                 "moe_chunk"):
         v = getattr(FLAGS, name)
         if v is not None:
             out[name] = v

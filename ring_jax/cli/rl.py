@@ -387,11 +387,15 @@ def main(argv):
                        seed=FLAGS.eval_seed, num_slots=FLAGS.eval_slots or FLAGS.num_slots,
                        moe_impl=FLAGS.sampling_moe_impl, greedy=FLAGS.eval_greedy)
         if chief:
-            for fam, m in [*res.families.items(), ("all", res.overall)]:
-                print(f"[eval {tag}] {fam}: pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
-                      + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
-                      + f", length {m.response_len:.1f}, unfinished {m.unfinished.value:.3f} ({m.num_prompts} prompts"
-                      f" x {FLAGS.eval_n}, T=1, top-p {FLAGS.eval_top_p})", flush=True)
+            def line(m):
+                return (f"pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
+                        + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
+                        + f", length {m.response_len:.1f}, unfinished {m.unfinished.value:.3f} ({m.num_prompts} "
+                        f"prompts x {FLAGS.eval_n}, T=1, top-p {FLAGS.eval_top_p}; 95% intervals)")
+
+            print(f"[eval {tag}] held-out {line(res.overall)}", flush=True)
+            for fam, m in res.families.items():
+                print(f"[eval {tag}]   {fam}: {line(m)}", flush=True)
             with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps({"tag": tag, "pass_at_1": res.pass_at_1, "per_task": res.per_task,
                                     "mean_reward": res.mean_reward, "response_len": res.response_len, "n": res.n,
