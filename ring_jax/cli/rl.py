@@ -54,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_seed", 99_000, "seed of the generated held-out prompts (disjoint from training)")
     flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
     flags.DEFINE_float("eval_top_p", 0.95, "top-p for evaluation (Ring-lite: 0.95)")
+    flags.DEFINE_bool("eval_only", False, "evaluate the initial parameters on the held-out prompts (tag 'init') and "
+                      "exit: no RL step, no checkpoint")
     flags.DEFINE_bool("eval_before", True, "evaluate before the first step (off: only after, e.g. when another run "
                       "from the same checkpoint already measured the start)")
     flags.DEFINE_bool("eval_greedy", True, "also measure greedy accuracy (one greedy response per held-out prompt)")
@@ -128,6 +130,8 @@ def _check_flags() -> None:
             usage(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
     if FLAGS.aggregation == "c3po" and FLAGS.budget <= 0:
         usage("--budget must be positive")
+    if FLAGS.eval_only and not (FLAGS.eval_tasks or FLAGS.eval_jsonl):
+        usage("--eval_only needs held-out prompts (--eval_tasks or --eval_jsonl)")
     if FLAGS.temperature <= 0:
         usage(f"--temperature must be > 0 for RL rollouts (greedy samples of one prompt are identical), got "
               f"{FLAGS.temperature}")
@@ -444,6 +448,9 @@ def main(argv):
         rl_step = RLStep(graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                          ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
                          to_device=lambda b: global_batch(b, mesh))
+        if FLAGS.eval_only:
+            run_eval(state.params, "init")
+            return
         before = run_eval(state.params, "before") if start_step == 0 and FLAGS.eval_before else {}
         total = FLAGS.steps
         no_signal = [0, 0]  # updates skipped for lack of signal, updates in all

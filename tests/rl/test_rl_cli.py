@@ -109,6 +109,7 @@ def test_bad_input_fails_in_one_line(uninterrupted, env, tmp_path):
         (common + ["--tasks=sokoban"], 2, "unknown task family"),
         (common + ["--tasks=chain_sum", f"--reward_model={tmp_path / 'nope'}"], 2, "--reward_model"),
         (common + ["--tasks=chain_sum", "--temperature=0"], 2, "--temperature must be > 0"),
+        (common + ["--tasks=chain_sum", "--eval_only"], 2, "--eval_only needs held-out prompts"),
         (common + ["--tasks=chain_sum", "--max_new_tokens=64"], 2, "leaves no room for a prompt"),
         (BASE + [f"--out_dir={uninterrupted[0]}"], 2, "pass --resume"),
     ]
