@@ -59,7 +59,7 @@ def define_flags():
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit (one token per digit: the longest worked "
                          "solution is ~45 tokens)")
     flags.DEFINE_integer("eval_prompts", 500, "held-out problems per family (distinct). Standard error of pass@1 "
-                         "measured at 1,000: 0.008 (chain_sum_1d), 0.004 (countdown_15), so ~0.012 / 0.005 at 500")
+                         "measured: 0.008 / 0.004 (chain_sum_1d / countdown_15) at 1,000, 0.014 / 0.006 at 500")
     flags.DEFINE_integer("eval_n", 8, "samples per held-out prompt (pass@1 and pass@eval_n)")
     flags.DEFINE_integer("eval_seed", 99_000, "seed of the held-out draw (the same for every --seed, so runs compare)")
     flags.DEFINE_string("preset", "small", "model preset")
