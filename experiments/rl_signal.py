@@ -65,7 +65,9 @@ def main(argv):
     from ring_jax.data import load_tokenizer
     from ring_jax.data.chat import ChatRenderer
     from ring_jax.data.jsonl import load_prompt_records
+    from ring_jax.rl.advantages import group_advantages
     from ring_jax.rl.losses import PolicyLossConfig
+    from ring_jax.rl.selection import select_budgets
     from ring_jax.rl.step import RLConfig, RLStep, rl_loss_fn
     from ring_jax.sharding import make_mesh
     from ring_jax.train.checkpoint import Checkpointer, model_config_from_meta, resolve_ckpt_dir
@@ -116,32 +118,23 @@ def main(argv):
             used += P
             if len(batch_recs) < P:
                 sys.exit(f"out of prompts: {len(recs)} < needed")
-            captured = {}
-
-            def probe_step(state, batch, normaliser, rl=rl, captured=captured):
-                captured["g"] = grad_of(rl, batch, normaliser)
-                captured["tokens"] = float(jnp.sum(batch["weights"] > 0))
-                return state, None
-
-            step_obj = RLStep(graphdef, probe_step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=tok.decode,
+            # RLStep for its rollout, scoring and row building only: no optimiser step is taken here
+            step_obj = RLStep(graphdef, None, rl, encode_prompt=lambda r: r["prompt_ids"], decode=tok.decode,
                               stop_ids=renderer.stop_ids, ref_params=params, seed=FLAGS.seed * 7919 + b + 100 * P)
             prompts = [r["prompt_ids"] for r in batch_recs]
             comps = step_obj.rollout(params, prompts, key=FLAGS.seed * 7919 + b + 100 * P + 1000 * S)
             texts = [tok.decode([t for t in c.token_ids.tolist() if t not in renderer.stop_ids]) for c in comps]
             reward, valid, _ = step_obj.score([batch_recs[c.prompt_index] for c in comps], texts)
-            from ring_jax.rl.advantages import group_advantages
-            from ring_jax.rl.selection import select_budgets
-
             adv = group_advantages(reward, [c.prompt_index for c in comps], valid=valid)
             lengths = np.array([len(c.token_ids) for c in comps])
             sel = select_budgets(lengths, rl.budget, 1, rl.selection_order, seed=b, advantages=adv, eligible=valid)[0]
             tis = [(np.ones(len(c.token_ids), np.float32), 0.0) for c in comps]
             batch, normaliser, _, _ = step_obj._batch(comps, sel, adv, tis)
-            probe_step(None, batch, normaliser)
-            grads.append(captured["g"])
+            g = grad_of(rl, batch, normaliser)
+            grads.append(g)
             by_prompt = np.array(reward).reshape(P, S)
             stats.append((float(np.mean(reward)), float(np.mean(by_prompt.max(1) != by_prompt.min(1))),
-                          float(np.linalg.norm(captured["g"])), captured["tokens"]))
+                          float(np.linalg.norm(g))))
         m, sd, npairs = _cos_stats(grads)
         mean_g = np.mean(grads, axis=0)
         st = np.array(stats)
