@@ -58,8 +58,11 @@ def held_out_table(rl_dir: str, evals: list[dict]) -> list[str]:
                 "", f"| family | pass@1 | pass@{n} | greedy | unfinished |", "|---|---|---|---|---|"]
         for fam in [*fams, "all"]:
             sa = {k: v for k, v in a.items() if fam == "all" or v["family"] == fam}
-            cells = [paired_difference(sa, b, f) for f in ("solved", "any", "greedy", "unfinished")]
-            out.append(f"| {fam} | " + " | ".join(f"{c.value:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in cells) + " |")
+            have_greedy = all(v.get("greedy") is not None for v in [*sa.values(), *b.values()])
+            cells = [paired_difference(sa, b, f) if f != "greedy" or have_greedy else None
+                     for f in ("solved", "any", "greedy", "unfinished")]
+            out.append(f"| {fam} | " + " | ".join("-" if c is None else f"{c.value:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]"
+                                                 for c in cells) + " |")
         out.append("")
     return out
 

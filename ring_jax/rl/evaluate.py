@@ -152,7 +152,8 @@ def evaluate(graphdef, params, records: Sequence[dict], *, encode_prompt: Callab
     per_prompt = {}
     for row in rows:  # duplicate problems (a user file) keep their last figures; generated eval sets are distinct
         per_prompt[f"{row['family']}|{row['key']}"] = {"family": row["family"], "solved": row["solved"] / n,
-                                                       "any": int(row["solved"] > 0), "greedy": row["greedy"],
+                                                       "any": int(row["solved"] > 0),
+                                                       "greedy": row["greedy"] if greedy else None,
                                                        "unfinished": row["unfinished"] / n, "length": row["length"]}
     samples = [(records[c.prompt_index].get("prompt", ""), texts[i], float(r[i])) for i, c in enumerate(comps)
                if c.sample_index == 0][:5]
