@@ -6,7 +6,9 @@
      three files are written to ``data/`` (``--sft_truncated`` cuts a share of the solutions before their answer
      line: an ablation, off by default);
   2. train a BPE tokenizer on that corpus;
-  3. long-CoT-style SFT of the ``small`` MoE preset on the worked solutions (ring-jax-sft);
+  3. long-CoT-style SFT of the ``small`` MoE preset on the worked solutions (ring-jax-sft), keeping
+     ``--sft_checkpoints`` evenly spaced checkpoints, and each one's entropy on the RL prompts with the pick by
+     Ring-lite's rule (ring-jax-sft-entropy; RL starts from the last one unless ``--rl_from=picked``);
   4. C3PO RL on the train-side prompts with verifiable rewards, measuring on the held-out set before and after:
      pass@1 (temperature 1.0, top-p 0.95), pass@8, greedy accuracy, length and unfinished answers, with 95%
      intervals (ring-jax-rl);
@@ -44,6 +46,10 @@ def define_flags():
                        lower_bound=0.0, upper_bound=0.95)
     flags.DEFINE_integer("sft_steps", 800, "SFT steps (copying operands from the prompt is learned at ~250-350; "
                          "seed 0 at 800: held-out pass@1 0.296 chain_sum_1d, 0.059 countdown_15)")
+    flags.DEFINE_integer("sft_checkpoints", 4, "SFT checkpoints kept, evenly spaced (the RL start point is chosen "
+                         "among them by entropy on the RL prompts, as Ring-lite does)")
+    flags.DEFINE_enum("rl_from", "last", ["last", "picked"], "SFT checkpoint RL starts from: the last, or the one "
+                      "ring-jax-sft-entropy picks by entropy (Ring-lite's rule; BUILD_NOTES, issue 16, compares them)")
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
     flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
@@ -163,10 +169,20 @@ def main(argv):
     _stage("SFT", ["ring_jax.cli.sft", f"--preset={FLAGS.preset}", f"--train_jsonl={sft_jsonl}",
                    f"--tokenizer={tok_dir}", f"--steps={FLAGS.sft_steps}", f"--global_batch={FLAGS.sft_batch}",
                    f"--seq_len={FLAGS.seq_len}", f"--lr={FLAGS.sft_lr}", "--warmup_ratio=0.02",
-                   f"--ckpt_every={FLAGS.sft_steps}", f"--seed={FLAGS.seed}", f"--data_seed={FLAGS.seed}",
+                   f"--ckpt_every={max(1, FLAGS.sft_steps // max(1, FLAGS.sft_checkpoints))}", "--keep=0",
+                   f"--seed={FLAGS.seed}", f"--data_seed={FLAGS.seed}",
                    f"--out_dir={out}/sft", "--peak_flops=0", bar],
            done_marker=os.path.join(out, "sft", "ckpt", str(FLAGS.sft_steps)))
-    _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={out}/sft/ckpt", f"--tokenizer={tok_dir}",
+    entropy_json = os.path.join(out, "sft", "checkpoints.json")
+    _stage("SFT checkpoint entropy", ["ring_jax.cli.sft_entropy", f"--sft_dir={out}/sft",
+                                      f"--prompts_jsonl={paths['rl_prompts']}", f"--tokenizer={tok_dir}",
+                                      f"--max_new_tokens={FLAGS.max_new_tokens}", f"--seq_len={FLAGS.seq_len}",
+                                      f"--seed={FLAGS.seed}"], done_marker=entropy_json)
+    init_ckpt = f"{out}/sft/ckpt"
+    if FLAGS.rl_from == "picked":
+        with open(entropy_json) as f:
+            init_ckpt = json.load(f)["picked_ckpt"]
+    _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={init_ckpt}", f"--tokenizer={tok_dir}",
                        f"--prompts_jsonl={paths['rl_prompts']}", f"--eval_jsonl={paths['eval']}",
                        f"--eval_n={FLAGS.eval_n}", f"--eval_seed={FLAGS.eval_seed}", "--eval_slots=256",
                        # every response of a step in one engine batch: 1.26x the rollout of 32 slots (issue 15)

@@ -67,6 +67,18 @@ def held_out_table(rl_dir: str, evals: list[dict]) -> list[str]:
     return out
 
 
+def sft_checkpoint_table(rec: dict) -> list[str]:
+    """Markdown: each SFT checkpoint's entropy on the RL prompts and the pick (ring-jax-sft-entropy's JSON)."""
+    lo, hi = rec["entropy_band"]
+    out = [f"## SFT checkpoints: entropy on {rec['prompts']} RL prompts x {rec['samples']} samples (T = 1)", "",
+           "| checkpoint | SFT tokens | entropy (nats/token) | sampled -log p | mean length |", "|---|---|---|---|---|"]
+    for c in rec["checkpoints"]:
+        mark = " (picked)" if c["name"] == rec["picked"] else ""
+        out.append(f"| {c['name']}{mark} | {c['sft_tokens']:.0f} | {c['entropy']:.4f} | {c['sampled_nll']:.4f} | "
+                   f"{c['mean_length']:.1f} |")
+    return out + ["", f"Pick by Ring-lite's entropy rule (band [{lo}, {hi}]): {rec['picked']}: {rec['rule']}.", ""]
+
+
 def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
     from ring_jax.cli.plot import plot_runs
     from ring_jax.train.metrics import read_jsonl
@@ -80,6 +92,9 @@ def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
         recs = read_jsonl(sft_m)
         lines += ["## SFT", "", f"{len(recs)} steps; loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}.", "",
                   "![SFT loss](sft_loss.png)", ""]
+    ent = os.path.join(run_dir, "sft", "checkpoints.json")
+    if os.path.exists(ent):
+        lines += sft_checkpoint_table(json.load(open(ent)))
     if os.path.exists(rl_m):
         plot_runs([rl_m], os.path.join(run_dir, "rl_curves.png"),
                   keys=["reward_mean", "response_len_mean", "entropy", "kept_tokens"], smooth=0.6,

@@ -50,7 +50,7 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha_z", 1e-7, "router z-loss weight")
     flags.DEFINE_integer("ce_chunk", 0, "cross-entropy over this many positions at a time (0: full logits)")
     flags.DEFINE_integer("ckpt_every", 100, "checkpoint every N steps (0: only at the end)")
-    flags.DEFINE_integer("keep", 3, "checkpoints to keep")
+    flags.DEFINE_integer("keep", 3, "checkpoints to keep (0: all)")
     flags.DEFINE_bool("resume", False, "continue from the newest readable checkpoint in --out_dir/ckpt")
     flags.DEFINE_string("out_dir", "runs/sft", "run directory")
     flags.DEFINE_integer("max_nonfinite", 10, "stop after this many consecutive non-finite steps (0: never)")

@@ -110,6 +110,31 @@ def compute(path: str, entropy_band=(0.3, 0.5), reward_key: str | None = None) -
     return rows
 
 
+def pick_checkpoint(checkpoints, entropy_band=(0.3, 0.5)) -> tuple[dict, str]:
+    """Ring-lite's rule for the RL start point, as ring_jax reads it: among the checkpoints whose entropy on the RL
+    prompts lies in the band, the one trained on the most SFT tokens (the most distilled that still explores); when
+    none is in the band, the one nearest to it (ties: more SFT tokens).  ``checkpoints``: mappings (or Rows) with
+    name, sft_tokens and entropy.  Returns (the checkpoint, the reason in words)."""
+    lo, hi = entropy_band
+    cands = [c if isinstance(c, dict) else c._asdict() for c in checkpoints]
+    cands = [c for c in cands if is_number(c.get("entropy"))]
+    if not cands:
+        raise TokenEffError("no checkpoint has an entropy to choose by")
+    inside = [c for c in cands if lo <= c["entropy"] <= hi]
+    if inside:
+        best = max(inside, key=lambda c: c["sft_tokens"])
+        return best, (f"entropy {best['entropy']:.3f} in the band [{lo}, {hi}], the most SFT tokens of the "
+                      f"{len(inside)} in it")
+
+    def gap(c):
+        return lo - c["entropy"] if c["entropy"] < lo else c["entropy"] - hi
+
+    best = min(cands, key=lambda c: (gap(c), -c["sft_tokens"]))
+    side = "below" if best["entropy"] < lo else "above"
+    return best, (f"no checkpoint in the band [{lo}, {hi}]; entropy {best['entropy']:.3f} is the nearest ({side} "
+                  f"it by {gap(best):.3f})")
+
+
 def _fmt_tokens(n: float | None) -> str:
     if n is None:
         return "-"
@@ -185,6 +210,9 @@ def main(argv):
     try:
         rows = compute(F.input, band, F.reward_key)
         table = markdown_table(rows, band)
+        if any(r.entropy is not None for r in rows):
+            picked, why = pick_checkpoint(rows, band)
+            table += f"\nRL start point by entropy: **{picked['name']}** ({why}).\n"
         print(table, end="")
         if F.out_md:
             os.makedirs(os.path.dirname(os.path.abspath(F.out_md)), exist_ok=True)
