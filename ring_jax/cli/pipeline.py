@@ -73,9 +73,14 @@ def define_flags():
     flags.DEFINE_bool("progress_bar", True, "progress bars in the stages")
 
 
+COMMANDS: list[tuple[str, str, str]] = []  # (stage, command line, what happened): the report's "Commands"
+
+
 def _stage(name, argv, done_marker=None):
+    cmd = "python -m " + " ".join(argv)
     if done_marker and os.path.exists(done_marker):
         print(f"== {name}: already done ({done_marker}), skipped", flush=True)
+        COMMANDS.append((name, cmd, "skipped: already done"))
         return
     print(f"== {name}: {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -84,6 +89,7 @@ def _stage(name, argv, done_marker=None):
         print(f"error: stage {name} failed with exit status {r.returncode}", file=sys.stderr, flush=True)
         sys.exit(r.returncode)
     print(f"== {name}: done in {time.time() - t0:.0f}s", flush=True)
+    COMMANDS.append((name, cmd, f"{time.time() - t0:.0f}s"))
 
 
 def write_task_files(data_dir: str, families, sft_examples: int, rl_prompts: int, eval_prompts: int, seed: int,
@@ -205,7 +211,8 @@ def main(argv):
                                f"--output_jsonl={samples}"])
     from ring_jax.cli.report import write_report
 
-    path = write_report(out, elapsed_s=time.time() - t_start)
+    top = "ring-jax-pipeline " + " ".join(a for a in sys.argv[1:])
+    path = write_report(out, elapsed_s=time.time() - t_start, commands=[("pipeline", top, "")] + COMMANDS)
     print(f"== report: {path} (total {time.time() - t_start:.0f}s)", flush=True)
 
 

@@ -79,7 +79,8 @@ def sft_checkpoint_table(rec: dict) -> list[str]:
     return out + ["", f"Pick by Ring-lite's entropy rule (band [{lo}, {hi}]): {rec['picked']}: {rec['rule']}.", ""]
 
 
-def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
+def write_report(run_dir: str, elapsed_s: float | None = None, commands=()) -> str:
+    """report.md in ``run_dir`` from what its stages wrote; ``commands``: (stage, command line, note) to list."""
     from ring_jax.cli.plot import plot_runs
     from ring_jax.train.metrics import read_jsonl
 
@@ -125,6 +126,10 @@ def write_report(run_dir: str, elapsed_s: float | None = None) -> str:
         for x in (json.loads(y) for y in open(sp) if y.strip()):
             lines.append(f"- `{x.get('prompt', '')}` -> `{x.get('text', '').strip()[:200]}` ({x.get('finish_reason')})")
         lines.append("")
+    if commands:
+        lines += ["## Commands", ""]
+        for name, cmd, note in commands:
+            lines += [f"{name}" + (f" ({note})" if note else "") + ":", "", "```", cmd, "```", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -61,6 +61,11 @@ def main(argv):
         usage("--prompts and --samples must be >= 1")
     if not FLAGS.entropy_low <= FLAGS.entropy_high:
         usage("--entropy_low must be <= --entropy_high")
+    sft_dir = os.path.abspath(FLAGS.sft_dir)
+    if not os.path.isdir(sft_dir):
+        usage(f"--sft_dir: no such directory: {FLAGS.sft_dir}")
+    if not os.path.isfile(FLAGS.prompts_jsonl):
+        usage(f"--prompts_jsonl: no such file: {FLAGS.prompts_jsonl}")
     import numpy as np
 
     from ring_jax.cli.export import restore_model
@@ -72,22 +77,19 @@ def main(argv):
     from ring_jax.train.checkpoint import CheckpointError, Checkpointer, resolve_ckpt_dir
     from ring_jax.train.step import split_model
 
-    sft_dir = os.path.abspath(FLAGS.sft_dir)
     try:
         run_dir, ckpt_dir = resolve_ckpt_dir(sft_dir)
         with Checkpointer(ckpt_dir, read_only=True) as c:
             steps = c.all_steps()
+        if not steps:
+            common.die(f"--sft_dir: {FLAGS.sft_dir} holds no checkpoints (a ring-jax-sft run folder, or its ckpt/)")
         tokens = sft_tokens_by_step(os.path.join(run_dir, "metrics.jsonl"))
         tok = load_tokenizer(FLAGS.tokenizer or os.path.join(run_dir, "tokenizer"))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         common.die(str(e))
-    if not steps:
-        common.die(f"{ckpt_dir} holds no checkpoints")
     missing = [s for s in steps if s not in tokens]
     if missing:
         common.die(f"{run_dir}/metrics.jsonl has no record of step(s) {missing}: cannot count their SFT tokens")
-    if not os.path.isfile(FLAGS.prompts_jsonl):
-        usage(f"--prompts_jsonl: no such file: {FLAGS.prompts_jsonl}")
     try:
         recs, _ = load_prompt_records(FLAGS.prompts_jsonl, tokenizer=tok,
                                       max_prompt_tokens=FLAGS.seq_len - FLAGS.max_new_tokens)

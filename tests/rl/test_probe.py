@@ -47,16 +47,18 @@ def _oracle_entropy(model, comps):
 
 @pytest.fixture(scope="module")
 def sampled():
+    """One tiny random model, its sampled responses and their entropy, measured once (one compilation each)."""
     model = random_model(CFG, seed=3, scale=0.5)
     graphdef, _, params = split_model(model)
     comps = sample_for_entropy(graphdef, params, PROMPTS, n=3, max_new_tokens=10, seed=7, num_slots=8)
-    return model, graphdef, params, comps
+    fn = make_entropy_fn(graphdef)
+    # 12 responses packed into 64-token rows, 2 rows per call: several calls, several documents per row
+    probe = completion_entropy(graphdef, params, comps, seq_len=64, rows_per_call=2, entropy_fn=fn)
+    return model, graphdef, params, comps, fn, probe
 
 
 def test_entropy_equals_the_full_forward_oracle(sampled):
-    model, graphdef, params, comps = sampled
-    # 12 responses packed into 64-token rows, 2 rows per call: several calls, several documents per row
-    probe = completion_entropy(graphdef, params, comps, seq_len=64, rows_per_call=2)
+    model, _, _, comps, _, probe = sampled
     want, n_tok = _oracle_entropy(model, comps)
     assert probe.tokens == n_tok == sum(len(c.token_ids) for c in comps)
     assert probe.responses == len(comps) == 12
@@ -65,20 +67,18 @@ def test_entropy_equals_the_full_forward_oracle(sampled):
 
 
 def test_packing_and_call_size_do_not_change_the_entropy(sampled):
-    _, graphdef, params, comps = sampled
-    fn = make_entropy_fn(graphdef)
-    a = completion_entropy(graphdef, params, comps, seq_len=64, rows_per_call=2, entropy_fn=fn)
-    b = completion_entropy(graphdef, params, comps, seq_len=32, rows_per_call=4)
-    np.testing.assert_allclose(a.entropy, b.entropy, rtol=1e-5)
+    _, graphdef, params, comps, fn, probe = sampled
+    other = completion_entropy(graphdef, params, comps, seq_len=32, rows_per_call=4, entropy_fn=fn)
+    np.testing.assert_allclose(other.entropy, probe.entropy, rtol=1e-5)
 
 
 def test_sampled_nll_estimates_the_entropy(sampled):
     """At T = 1 without top-p the sampler draws from the policy, so E[-log p(y_t)] = H_t: the mean over ~120 tokens
     lies within a few standard errors of the exact entropy (a sampler drawing from another distribution would not:
     -log p under a mismatched sampler is the cross-entropy, larger by the KL)."""
-    _, graphdef, params, comps = sampled
-    probe = completion_entropy(graphdef, params, comps, seq_len=64)
+    comps, probe = sampled[3], sampled[5]
     nll = -np.concatenate([c.raw_logprobs for c in comps]).astype(np.float64)
+    assert probe.sampled_nll == pytest.approx(nll.mean())
     se = nll.std() / np.sqrt(len(nll))
     assert abs(probe.sampled_nll - probe.entropy) < 4 * se + 0.05
 
@@ -122,3 +122,18 @@ def test_report_lists_each_checkpoint_and_marks_the_pick():
     assert lines[4] == "| step200 (picked) | 200000 | 0.3100 | 0.3200 | 20.0 |"
     assert lines[5] == "| step400 | 400000 | 0.1200 | 0.1300 | 20.0 |"
     assert "in the band" in lines[-2]
+
+
+@pytest.mark.parametrize("case", ["no_dir", "no_prompts_file"])
+def test_sft_entropy_cli_bad_input_is_one_line(tmp_path, case):
+    from tests.train.cli_run import cli, cli_env, error_lines, finish
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"task": "chain_sum", "prompt": "1 + 2 =", "answer": "3"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    args = {"no_dir": [f"--sft_dir={tmp_path}/none", f"--prompts_jsonl={prompts}"],
+            "no_prompts_file": [f"--sft_dir={tmp_path}/empty", f"--prompts_jsonl={tmp_path}/none.jsonl"]}[case]
+    want = {"no_dir": "no such directory", "no_prompts_file": "no such file"}[case]
+    rc, _, err = finish(cli("ring_jax.cli.sft_entropy", args, cli_env(str(tmp_path / "cache"))), timeout=120)
+    lines = error_lines(err)
+    assert rc != 0 and len(lines) == 1 and want in lines[0], err[-2000:]
