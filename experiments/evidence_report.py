@@ -159,10 +159,16 @@ def stability(out, runs, to):
         return lines + ["(no runs)", ""]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3))
     colors = {"c3po": "#2a7ab0", "seq_mean": "#d95f02", "token_mean": "#1b9e77"}
-    for (agg, s), recs in sorted(logs.items()):
+    for agg in colors:
+        runs_of = [recs for (a, _), recs in sorted(logs.items()) if a == agg]
+        if not runs_of:
+            continue
         for ax, (key, title) in zip(axes, CURVES):
-            ax.plot([r["step"] for r in recs], [r[key] for r in recs], color=colors[agg], alpha=0.8,
-                    linestyle=["-", "--", ":"][s % 3], label=f"{agg} s{s}")
+            for recs in runs_of:  # each seed thin, the mean over seeds bold
+                ax.plot([r["step"] for r in recs], [r[key] for r in recs], color=colors[agg], alpha=0.25, lw=0.8)
+            n = min(len(r) for r in runs_of)
+            ax.plot(range(1, n + 1), np.mean([[r[key] for r in recs[:n]] for recs in runs_of], axis=0),
+                    color=colors[agg], lw=2, label=f"{agg} (mean of {len(runs_of)} seeds)")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=7)

@@ -1,5 +1,5 @@
 """ring-jax-demo: build a model, run a forward pass, export it to a Hugging Face directory, reload it and check that
-the reloaded model gives the same logits.  The README's first command runs this until the full pipeline lands."""
+the reloaded model gives the same logits: the one-minute smoke check (the README's main job is ring-jax-pipeline)."""
 
 from __future__ import annotations
 

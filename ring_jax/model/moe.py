@@ -43,7 +43,8 @@ class RouterStats(NamedTuple):
 
 
 def route(logits, k: int, norm_topk_prob: bool):
-    """float32 softmax -> top-k -> optional renormalisation.  Returns (weights [N,k] f32, ids [N,k] int32)."""
+    """float32 softmax -> top-k -> optional renormalisation.  Returns (weights [N,k] f32, ids [N,k] int32, probs
+    [N,E] f32: the full softmax, for the balance loss)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, ids = jax.lax.top_k(probs, k)
     if k > 1 and norm_topk_prob:

@@ -138,5 +138,5 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> BailingMoeForCausalLM:
 
 
 def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract state) of the model without allocating any parameter (jax.eval_shape)."""
+    """The model with abstract (ShapeDtypeStruct) parameters, nothing allocated (``nnx.eval_shape``)."""
     return nnx.eval_shape(lambda: build_model(cfg))
