@@ -34,6 +34,10 @@ def _fmt(r):
     return f"{r.value:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]"
 
 
+def _mean(d, field):
+    return float(np.mean([v[field] for v in d.values()]))
+
+
 def _restrict(d, keys):
     return {k: d[k] for k in keys}
 
@@ -114,7 +118,8 @@ def main_table(out, runs):
 def head_to_head(out, runs):
     """C3PO against each other row, paired on the same prompts (other - C3PO)."""
     lines = ["## Against C3PO on the same prompts (other minus C3PO, paired, 95% intervals)", "",
-             "| seed | run | pass@1 | greedy | chain_sum_1d pass@1 | countdown_15 pass@1 |", "|---|---|---|---|---|---|"]
+             "| seed | run | pass@1 | greedy | chain_sum_1d pass@1 | countdown_15 pass@1 |",
+             "|---|---|---|---|---|---|"]
     for s, run in enumerate(runs):
         got, _ = seed_runs(out, run, s)
         c3 = got.get("+ C3PO (the main job)")
@@ -201,24 +206,31 @@ def checkpoint_choice(out, runs):
             lines += ["| RL start | pass@1 before | after | paired change | greedy after | paired change |",
                       "|---|---|---|---|---|---|"]
             for name, x, y in ((rec["picked"] + " (picked)", b, a), ("last (the main job)", lb, la)):
-                lines.append(f"| {name} | {np.mean([v['solved'] for v in x.values()]):.3f} | "
-                             f"{np.mean([v['solved'] for v in y.values()]):.3f} | {_fmt(paired_difference(x, y, 'solved'))} | "
-                             f"{np.mean([v['greedy'] for v in y.values()]):.3f} | {_fmt(paired_difference(x, y, 'greedy'))} |")
-            lines += ["", f"After the same RL budget, picked minus last: pass@1 {_fmt(paired_difference(la, a, 'solved'))}, "
-                      f"greedy {_fmt(paired_difference(la, a, 'greedy'))} ({len(keys)} prompts).", ""]
+                lines.append(f"| {name} | {_mean(x, 'solved'):.3f} | {_mean(y, 'solved'):.3f} | "
+                             f"{_fmt(paired_difference(x, y, 'solved'))} | {_mean(y, 'greedy'):.3f} | "
+                             f"{_fmt(paired_difference(x, y, 'greedy'))} |")
+            lines += ["", f"After the same RL budget, picked minus last: pass@1 "
+                      f"{_fmt(paired_difference(la, a, 'solved'))}, greedy {_fmt(paired_difference(la, a, 'greedy'))} "
+                      f"({len(keys)} prompts).", ""]
     return lines
 
 
-def truncated(out):
-    d = f"{out}/truncated/s0/rl"
-    b, a = _load(f"{d}/eval_before_prompts.json"), _load(f"{d}/eval_after_prompts.json")
-    if not (a and b):
+def truncated(out, runs):
+    """The ablation row: the main job on the corpus with 30% of its solutions cut, beside seed 0's honest run."""
+    rows = [("complete corpus (the main job)", f"{runs[0]}/rl"), ("30% of solutions cut (--sft_truncated=0.3)",
+                                                                  f"{out}/truncated/s0/rl")]
+    lines = ["## Ablation: the truncated corpus, seed 0 (paired changes, 95% intervals)", "",
+             "| SFT corpus | SFT pass@1 | SFT greedy | SFT unfinished | C3PO change pass@1 | greedy | unfinished |",
+             "|---|---|---|---|---|---|---|"]
+    got = [(n, _load(f"{d}/eval_before_prompts.json"), _load(f"{d}/eval_after_prompts.json")) for n, d in rows]
+    if not all(b and a for _, b, a in got):
         return []
-    return ["## Ablation: the truncated corpus (30% of solutions cut before the answer), seed 0", "",
-            f"SFT pass@1 {np.mean([v['solved'] for v in b.values()]):.3f}, greedy "
-            f"{np.mean([v['greedy'] for v in b.values()]):.3f}, unfinished {np.mean([v['unfinished'] for v in b.values()]):.3f}; "
-            f"C3PO change: pass@1 {_fmt(paired_difference(b, a, 'solved'))}, greedy {_fmt(paired_difference(b, a, 'greedy'))}, "
-            f"unfinished {_fmt(paired_difference(b, a, 'unfinished'))} ({len(set(a) & set(b))} prompts).", ""]
+    keys = set.intersection(*(set(b) & set(a) for _, b, a in got))
+    for name, b, a in got:
+        b, a = _restrict(b, keys), _restrict(a, keys)
+        lines.append(f"| {name} | {_mean(b, 'solved'):.3f} | {_mean(b, 'greedy'):.3f} | {_mean(b, 'unfinished'):.3f} | "
+                     + " | ".join(_fmt(paired_difference(b, a, f)) for f in ("solved", "greedy", "unfinished")) + " |")
+    return lines + ["", f"({len(keys)} held-out prompts.)", ""]
 
 
 def main():
@@ -233,7 +245,7 @@ def main():
     lines = ["# Issue 16 evidence: C3PO against its baselines, more SFT and the entropy-picked checkpoint", "",
              f"Runs: {', '.join(runs)}; experiments: {os.path.abspath(args.out)} (experiments/evidence_runs.sh).", ""]
     lines += main_table(args.out, runs) + head_to_head(args.out, runs) + stability(args.out, runs, to)
-    lines += checkpoint_choice(args.out, runs) + truncated(args.out)
+    lines += checkpoint_choice(args.out, runs) + truncated(args.out, runs)
     out = os.path.abspath(args.out)
     lines += ["## Commands", "", "```"] + [f"ring-jax-pipeline --out_dir={r} --seed={s}" for s, r in enumerate(runs)]
     lines += [f"experiments/evidence_runs.sh {out} {' '.join(runs)}",

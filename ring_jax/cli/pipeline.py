@@ -53,7 +53,7 @@ def define_flags():
     flags.DEFINE_integer("sft_batch", 8, "SFT rows per step")
     flags.DEFINE_integer("seq_len", 256, "SFT row length")
     flags.DEFINE_float("sft_lr", 2e-3, "SFT peak learning rate")
-    flags.DEFINE_integer("rl_steps", 45, "C3PO steps (see BUILD_NOTES, issue 16, for what they buy on the held-out set)")
+    flags.DEFINE_integer("rl_steps", 45, "C3PO steps (BUILD_NOTES, issue 16: what they buy on the held-out set)")
     flags.DEFINE_enum("selection_order", "informative_first", ["random", "informative_first"],
                       "C3PO greedy order (informative_first: responses with non-zero advantage fill Phi first)")
     flags.DEFINE_float("rl_lr", 5e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
