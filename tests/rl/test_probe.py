@@ -66,12 +66,6 @@ def test_entropy_equals_the_full_forward_oracle(sampled):
     assert 0.0 < probe.entropy < np.log(CFG.vocab_size)
 
 
-def test_packing_and_call_size_do_not_change_the_entropy(sampled):
-    _, graphdef, params, comps, fn, probe = sampled
-    other = completion_entropy(graphdef, params, comps, seq_len=32, rows_per_call=4, entropy_fn=fn)
-    np.testing.assert_allclose(other.entropy, probe.entropy, rtol=1e-5)
-
-
 def test_sampled_nll_estimates_the_entropy(sampled):
     """At T = 1 without top-p the sampler draws from the policy, so E[-log p(y_t)] = H_t: the mean over ~120 tokens
     lies within a few standard errors of the exact entropy (a sampler drawing from another distribution would not:
