@@ -2,12 +2,19 @@
 anywhere, and shared fixtures."""
 
 import os
+import tempfile
 
 from tests.flags import with_fast_compile
 
 os.environ["XLA_FLAGS"] = with_fast_compile(
     (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per pytest run, shared by its xdist workers: a program that several test files
+# compile (the tiny preset's forward, train step, engine) is compiled once per run, not once per file and worker.
+# Fresh for every run (keyed by xdist's run id), so nothing carries over between runs.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"ring_jax_tests_{_RUN_ID}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
