@@ -211,7 +211,7 @@ def main(argv):
                                f"--output_jsonl={samples}"])
     from ring_jax.cli.report import write_report
 
-    top = "ring-jax-pipeline " + " ".join(a for a in sys.argv[1:])
+    top = " ".join(["ring-jax-pipeline", *sys.argv[1:]])
     path = write_report(out, elapsed_s=time.time() - t_start, commands=[("pipeline", top, "")] + COMMANDS)
     print(f"== report: {path} (total {time.time() - t_start:.0f}s)", flush=True)
 

@@ -74,7 +74,7 @@ def sample_for_entropy(graphdef, params, prompts: Sequence[Sequence[int]], *, n:
                        stop_ids: Sequence[int] = (), seed: int = 0, num_slots: int = 64, moe_impl: str | None = None):
     """``n`` responses per prompt from the policy itself: temperature 1, no top-p."""
     if not prompts:
-        raise ValueError("rollout_entropy: no prompts")
+        raise ValueError("sample_for_entropy: no prompts")
     engine = SamplingEngine(graphdef, params, num_slots=num_slots, moe_impl=moe_impl)
     sp = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, n=n,
                         stop_token_ids=tuple(int(s) for s in stop_ids))

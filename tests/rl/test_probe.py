@@ -1,42 +1,27 @@
 """The entropy probe (Ring-lite's SFT checkpoint choice) against a NumPy oracle on the uncached full forward of each
 response alone, and the pick rule of ring-jax-token-efficiency."""
 
-import functools
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ring_jax.cli.token_efficiency import TokenEffError, pick_checkpoint
 from ring_jax.config import get_preset
 from ring_jax.rl.probe import completion_entropy, make_entropy_fn, sample_for_entropy
 from ring_jax.train.step import split_model
-from tests.sampling.models import random_model
+from tests.sampling.models import full_logits, random_model
 
 CFG = get_preset("tiny")
-T_REF = 32
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [3], [40, 41, 42, 43]]
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _full_logits(graphdef, state, tokens, length):
-    m = nnx.merge(graphdef, state)
-    seg = (jnp.arange(T_REF) < length).astype(jnp.int32)[None]
-    return m(tokens[None], segment_ids=seg).logits[0]
 
 
 def _oracle_entropy(model, comps):
     """Mean over response tokens of -sum p log p of the full forward's softmax, one sequence at a time (float64)."""
-    g, s = nnx.split(model)
     ents = []
     for c in comps:
         ids = list(c.prompt_ids) + list(map(int, c.token_ids))
-        toks = np.zeros(T_REF, np.int32)
-        toks[:len(ids)] = ids
-        lg = np.asarray(_full_logits(g, s, toks, len(ids)), np.float64)
+        lg = full_logits(model, ids).astype(np.float64)
         p0 = len(c.prompt_ids)
         for t in range(p0 - 1, len(ids) - 1):  # position t predicts token t + 1, a response token
             x = lg[t] - lg[t].max()

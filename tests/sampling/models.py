@@ -1,6 +1,9 @@
 """Random test models without eager JAX ops (abstract model filled from NumPy): building one costs no compilation,
 which keeps the sampling tests fast on a shared 2-core machine."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -18,3 +21,22 @@ def random_model(cfg, seed=0, scale=0.3):
             base = 1.0 if path[-1] == "weight" and len(shape) == 1 else 0.0
             var.set_value(jnp.asarray(base + scale * rng.standard_normal(shape), jnp.dtype(cfg.param_dtype)))
     return model
+
+
+T_REF = 32  # padded length of the reference forward (one compilation)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _full_logits(graphdef, state, tokens, length):
+    """Uncached forward of one sequence padded to T_REF (padding = segment 0): logits [T_REF, V]."""
+    m = nnx.merge(graphdef, state)
+    seg = (jnp.arange(T_REF) < length).astype(jnp.int32)[None]
+    return m(tokens[None], segment_ids=seg).logits[0]
+
+
+def full_logits(model, ids):
+    """Logits [len(ids), V] of the uncached full forward of ``ids`` (at most T_REF tokens): the engines' oracle."""
+    g, s = nnx.split(model)
+    toks = np.zeros(T_REF, np.int32)
+    toks[:len(ids)] = ids
+    return np.asarray(_full_logits(g, s, toks, len(ids)))[:len(ids)]

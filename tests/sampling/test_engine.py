@@ -2,7 +2,6 @@
 static batching, parameter sharing and compilation counts.  One tiny model and one engine for the module, so the
 jitted functions compile once."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,9 @@ from flax import nnx
 
 from ring_jax.config import get_preset
 from ring_jax.sampling import SamplingEngine, SamplingError, SamplingParams, sampling_logprobs
-from tests.sampling.models import random_model
+from tests.sampling.models import full_logits, random_model
 
 CFG = get_preset("tiny")
-T_REF = 32  # padded length of the reference forward (one compilation)
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [40, 41, 42, 43, 44]]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
 
@@ -28,21 +26,6 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     return SamplingEngine.from_model(model, num_slots=4, chunk=4, cache_len=64)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _full_logits(graphdef, state, tokens, length):
-    """Uncached forward of one sequence padded to T_REF (padding = segment 0): logits [T_REF, V]."""
-    m = nnx.merge(graphdef, state)
-    seg = (jnp.arange(T_REF) < length).astype(jnp.int32)[None]
-    return m(tokens[None], segment_ids=seg).logits[0]
-
-
-def full_logits(model, ids):
-    g, s = nnx.split(model)
-    toks = np.zeros(T_REF, np.int32)
-    toks[:len(ids)] = ids
-    return np.asarray(_full_logits(g, s, toks, len(ids)))[:len(ids)]
 
 
 def greedy_reference(model, prompt, n):
