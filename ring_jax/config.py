@@ -36,8 +36,11 @@ UPSTREAM_CLASS_DEFAULTS = dict(
 )
 
 MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
-RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "moe_tile", "moe_capacity_factor", "attn_chunk",
-                  "moe_chunk")
+# what a rematerialised decoder layer keeps for the backward pass (ring_jax.model.transformer.REMAT_POLICIES):
+# nothing (the whole layer is recomputed), dots (every matmul output), dots_no_batch (matmuls without batch dims)
+REMAT_POLICIES = ("nothing", "dots", "dots_no_batch")
+RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "moe_tile",
+                  "moe_capacity_factor", "attn_chunk", "moe_chunk")
 
 
 class ConfigError(ValueError):
@@ -81,6 +84,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    remat_policy: str = "nothing"  # what a rematerialised layer saves (REMAT_POLICIES)
+    # the layers after the first_k_dense_replace ones share one shape and run as one lax.scan over their stacked
+    # parameters (compile time independent of depth); False: a Python loop over the same stacked parameters
+    # (same layout, same checkpoints; compiles every layer)
+    scan_layers: bool = True
     moe_tile: int = 0  # full row tile of the dispatch path's grouped loop (0 = automatic: grouped_xla.auto_full_tile)
     # expert-parallel capacity factor: None = dropless (capacity = local tokens); c > 0 keeps at most
     # ceil(c * local_tokens * k / num_experts) tokens per expert per device and drops (counts) the rest
@@ -118,6 +126,13 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts is not None and i >= self.first_k_dense_replace
 
+    @property
+    def num_first_layers(self) -> int:
+        """Decoder layers before the stacked (scanned) ones: the first_k_dense_replace dense layers of a MoE model
+        (every later layer is MoE); 0 when every layer has one shape (a dense model, or no dense layer)."""
+        k = self.first_k_dense_replace
+        return k if self.num_experts is not None and 0 < k < self.num_hidden_layers else 0
+
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         def bad(field, why):
@@ -152,6 +167,8 @@ class ModelConfig:
                 bad("intermediate_size", "required for dense MLP layers (first_k_dense_replace > 0)")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"one of {MOE_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            bad("remat_policy", f"one of {REMAT_POLICIES}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             bad("moe_capacity_factor", "None (dropless) or > 0")
         for f in ("attn_chunk", "moe_chunk"):

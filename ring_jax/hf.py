@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ring_jax.config import ConfigError, ModelConfig
-from ring_jax.model.transformer import BailingMoeForCausalLM, build_model
+from ring_jax.model.transformer import BailingMoeForCausalLM, DecoderLayer, build_model
 
 INDEX_NAME = "model.safetensors.index.json"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -117,8 +117,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 def model_to_hf(model: BailingMoeForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
     cfg = model.config
     yield "model.word_embeddings.weight", _np(model.word_embeddings[...])
-    for i, layer in enumerate(model.layers):
-        yield from layer_to_hf(cfg, i, layer)
+    for i in range(cfg.num_hidden_layers):
+        yield from layer_to_hf(cfg, i, model.layer(i))
     yield "model.norm.weight", _np(model.norm.weight[...])
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight", _np(model.lm_head[...]).T
@@ -281,6 +281,11 @@ def _fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
             put(getattr(mlp, f"{n}_proj"), r(f"mlp.{n}_proj.weight").T)
 
 
+def _variables(module) -> dict:
+    """{path: Variable} of a module (the module's own Variable objects)."""
+    return {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+
+
 def load_config(hf_dir: str, **runtime) -> ModelConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
@@ -306,19 +311,34 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
     read = _Reader(hf_dir)
     shapes = expected_shapes(cfg)
 
-    def put(var: nnx.Param, arr: np.ndarray):
+    def on_host(var: nnx.Param, arr: np.ndarray):
         want = var.get_value().shape
         if tuple(arr.shape) != tuple(want):
             raise CheckpointError(f"internal layout mismatch: {arr.shape} vs {want}")
-        value = arr.astype(pdt) if pdt != jnp.bfloat16 else arr.astype(ml_dtypes.bfloat16)
+        var.set_value(arr.astype(pdt) if pdt != jnp.bfloat16 else arr.astype(ml_dtypes.bfloat16))
+
+    def put(var: nnx.Param, arr: np.ndarray):
+        on_host(var, arr)
+        value = var.get_value()
         if shardings is not None:
             var.set_value(jax.device_put(value, shardings(var.logical_axes, value.shape)))
         else:
             var.set_value(jnp.asarray(value))
 
     put(model.word_embeddings, read("model.word_embeddings.weight", shapes["model.word_embeddings.weight"]))
-    for i, layer in enumerate(model.layers):
-        _fill_layer(cfg, i, layer, read, put)
+    k = cfg.num_first_layers
+    for i in range(k):
+        _fill_layer(cfg, i, model.first_layers[i], read, put)
+    # the stacked layers: each filled on the host into its slice of one buffer per parameter, placed once complete
+    bufs: dict = {}
+    for i in range(k, cfg.num_hidden_layers):
+        one = nnx.eval_shape(lambda: DecoderLayer(cfg, k, nnx.Rngs(params=0)))
+        _fill_layer(cfg, i, one, read, on_host)
+        for path, var in _variables(one).items():
+            a = var.get_value()
+            bufs.setdefault(path, np.empty((cfg.num_hidden_layers - k,) + a.shape, a.dtype))[i - k] = a
+    for path, var in _variables(model.layers).items():
+        put(var, bufs.pop(path))
     put(model.norm.weight, read("model.norm.weight", shapes["model.norm.weight"]))
     if not cfg.tie_word_embeddings:
         put(model.lm_head, read("lm_head.weight", shapes["lm_head.weight"]).T)

@@ -37,6 +37,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "expert_mlp": "tensor",
     "router_experts": None,
     "norm": None,
+    # the stacked decoder layers' leading axis (parameters and KV cache): every device holds every layer's shard
+    # (a pipeline axis would go here)
+    "layers": None,
     # activations, batches, KV cache
     "batch": ("data", "fsdp", "expert"),
     "length": None,

@@ -21,6 +21,10 @@ def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "parameter (master weight) dtype")
     flags.DEFINE_enum("moe_impl", None, ["dispatch", "ragged", "dense", "pallas"], "MoE compute path")
     flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
+    flags.DEFINE_enum("remat_policy", None, ["nothing", "dots", "dots_no_batch"], "what a rematerialised layer "
+                      "saves for the backward pass (default nothing: the whole layer is recomputed)")
+    flags.DEFINE_bool("scan_layers", None, "run the stacked decoder layers as one lax.scan (default; compile time "
+                      "independent of depth); --noscan_layers unrolls them over the same parameters")
     flags.DEFINE_integer("moe_tile", None, "dispatch path: one full row tile for the grouped expert loop instead of "
                          "the automatic ladder (0: automatic; one tile compiles faster, same numerics)")
     flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless); tokens "
@@ -82,8 +86,8 @@ def build_mesh(spec: str):
 
 def runtime_overrides() -> dict:
     out = {}
-    for name in ("dtype", "param_dtype", "moe_impl", "remat", "moe_tile", "moe_capacity_factor", "attn_chunk",
-                 "moe_chunk"):
+    for name in ("dtype", "param_dtype", "moe_impl", "remat", "remat_policy", "scan_layers", "moe_tile",
+                 "moe_capacity_factor", "attn_chunk", "moe_chunk"):
         v = getattr(FLAGS, name)
         if v is not None:
             out[name] = v
@@ -124,6 +128,7 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
 
         model, _ = load_pretrained(hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                    shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat,
+                                   remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
                                    moe_capacity_factor=cfg.moe_capacity_factor, attn_chunk=cfg.attn_chunk,
                                    moe_chunk=cfg.moe_chunk)
         graphdef, pvars, params = split_model(model)

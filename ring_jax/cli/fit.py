@@ -9,9 +9,12 @@ XLA's per-device memory analysis of each: parameters, optimizer state, batch / K
 ``--target=cpu`` (default): the mesh is ``--devices`` fake CPU devices, so parameters, optimizer state, batch and KV
 cache per device are exact, while temporaries are XLA:CPU's (it runs bf16 matmuls in float32, so they overstate a
 TPU's).  ``--target=<tpu topology>`` compiles deviceless for that TPU slice with libtpu: the TPU compiler's own
-figures.  The model unrolls its layers, so compile time grows with them: ``--extrapolate`` compiles every program
-at 1 and 2 layers and extrapolates linearly to the preset's layer count (memory is linear in layers: per-layer
-parameters, moments, KV cache, saved layer inputs and gradients).
+figures.  The decoder layers after ``first_k_dense_replace`` run as one ``lax.scan``, so compile time does not grow
+with depth and every program compiles at the preset's full layer count; each report gives its compile seconds.
+``--noscan_layers`` compiles the same stacked parameters with the layers unrolled (compile time linear in depth), and
+``--extrapolate`` compiles every program at 1 and 2 layers and extrapolates linearly to the preset's layer count
+(memory is linear in layers: per-layer parameters, moments, KV cache, saved layer inputs and gradients), kept to
+compare with the direct figures.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def define_flags():
     flags.DEFINE_integer("num_layers", 0, "override num_hidden_layers (0: the preset's)")
     flags.DEFINE_bool("extrapolate", False, "compile at 1 and 2 layers, extrapolate to the preset's layer count")
     flags.DEFINE_bool("remat", True, "rematerialise decoder layers")
+    flags.DEFINE_string("remat_policy", "nothing", "what a rematerialised layer saves: nothing, dots, dots_no_batch")
+    flags.DEFINE_bool("scan_layers", True, "run the stacked layers as one lax.scan (False: unrolled)")
     flags.DEFINE_integer("attn_chunk", 1024, "attention queries per chunk (0: all at once)")
     flags.DEFINE_integer("moe_chunk", 2048, "routed-expert positions per row per chunk (0: all at once)")
     flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless)")
@@ -147,7 +152,8 @@ def main(argv):
 
     quiet_library_logs()
     devices, where = _target_devices()
-    over = dict(remat=FLAGS.remat, attn_chunk=FLAGS.attn_chunk, moe_chunk=FLAGS.moe_chunk,
+    over = dict(remat=FLAGS.remat, remat_policy=FLAGS.remat_policy, scan_layers=FLAGS.scan_layers,
+                attn_chunk=FLAGS.attn_chunk, moe_chunk=FLAGS.moe_chunk,
                 moe_capacity_factor=FLAGS.moe_capacity_factor)
     if FLAGS.num_layers:
         over["num_hidden_layers"] = FLAGS.num_layers
@@ -158,7 +164,8 @@ def main(argv):
         raise app.UsageError(f"--mesh: {e}") from None
     counts = cfg.param_counts()
     print(f"{FLAGS.preset}: {human(counts['total'])} parameters ({human(counts['active'])} active), "
-          f"{cfg.num_hidden_layers} layers, dtype {cfg.dtype} / params {cfg.param_dtype}, remat={cfg.remat}, "
+          f"{cfg.num_hidden_layers} layers ({'scanned' if cfg.scan_layers else 'unrolled'}), dtype {cfg.dtype} / "
+          f"params {cfg.param_dtype}, remat={cfg.remat} ({cfg.remat_policy}), "
           f"attn_chunk={cfg.attn_chunk}, moe_chunk={cfg.moe_chunk}, ce_chunk={FLAGS.ce_chunk}")
     print(f"mesh {dict(mesh.shape)} on {where}")
     print("per device:", flush=True)

@@ -30,8 +30,9 @@ K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
 
 
 class LayerCache(NamedTuple):
-    k: jax.Array  # [B, KVH, D, S] post-RoPE keys, transposed (K_CACHE_AXES)
-    v: jax.Array  # [B, KVH, S, D] (CACHE_AXES)
+    """Keys and values of every decoder layer (``transformer.KVCache`` without its slot metadata)."""
+    k: jax.Array  # [L, B, KVH, D, S] post-RoPE keys, transposed (("layers",) + K_CACHE_AXES)
+    v: jax.Array  # [L, B, KVH, S, D] (("layers",) + CACHE_AXES)
 
 
 class CacheView(NamedTuple):
@@ -316,7 +317,9 @@ class Attention(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x, cos, sin, segment_ids, positions, cache: LayerCache | None = None,
-                 view: CacheView | None = None):
+                 view: CacheView | None = None, layer=None):
+        """``cache``: every layer's keys and values, ``layer`` this one's index in them (static or traced): this
+        call's positions are written into that layer's slice in place, and the updated stack is returned."""
         dt = self.dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
@@ -331,20 +334,20 @@ class Attention(nnx.Module):
             k_seg, k_pos = segment_ids, positions
             new_cache = None
             kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        else:  # write this call's T positions of every row into the cache (k [B, KVH, D, S], v [B, KVH, S, D])
+        else:  # write this call's T positions of every row into the cache (k [L, B, KVH, D, S], v [L, B, KVH, S, D])
             b, t = x.shape[:2]
             rows = jnp.arange(b)[:, None]
             cols = view.write_idx[:, None] + jnp.arange(t)[None, :]
             # advanced indices split by slices: the indexed shape is [B, T, KVH, D], that of k and v
-            new_cache = LayerCache(cache.k.at[rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
-                                   cache.v.at[rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
+            new_cache = LayerCache(cache.k.at[layer, rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                                   cache.v.at[layer, rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
             k_seg, k_pos = view.kv_segment_ids, view.kv_positions
-            vt = new_cache.v.astype(dt)
+            vt = new_cache.v[layer].astype(dt)
             if not (self.attn_chunk and t > self.attn_chunk):  # decode, and prefill without attention chunks
-                out = cached_attention(q, new_cache.k.astype(dt), vt, attention_mask(segment_ids, positions, k_seg,
-                                                                                      k_pos))
+                out = cached_attention(q, new_cache.k[layer].astype(dt), vt,
+                                       attention_mask(segment_ids, positions, k_seg, k_pos))
                 return self._out(out), new_cache
-            kt = new_cache.k.astype(dt).swapaxes(2, 3)
+            kt = new_cache.k[layer].astype(dt).swapaxes(2, 3)
         if self.attn_chunk and t > self.attn_chunk:
             out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk,
                                     heads_major=True)

@@ -40,6 +40,7 @@ class RouterStats(NamedTuple):
     balance_loss: jax.Array  # E * sum_i P_i F_i  (1.0 when perfectly balanced)
     z_loss: jax.Array  # mean_t logsumexp(logits_t)^2
     expert_load: jax.Array  # [E] number of (token, slot) assignments per expert
+    dropped: jax.Array  # int32 assignments the expert-parallel capacity path dropped (0 on every other path)
 
 
 def route(logits, k: int, norm_topk_prob: bool):
@@ -60,7 +61,8 @@ def router_stats(logits, probs, ids, token_mask, num_experts: int) -> RouterStat
     frac_tokens = load / (n * k)
     mean_prob = jnp.sum(probs * m[:, None], axis=0) / n
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return RouterStats(num_experts * jnp.sum(frac_tokens * mean_prob), jnp.sum(lse * lse * m) / n, load)
+    return RouterStats(num_experts * jnp.sum(frac_tokens * mean_prob), jnp.sum(lse * lse * m) / n, load,
+                       jnp.zeros((), jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------------- compute paths
@@ -261,12 +263,7 @@ class MoEBlock(nnx.Module):
             y = ys.reshape(n, b, c, h).swapaxes(0, 1).reshape(b * t, h)
         else:
             y, dropped = self._routed(flat, weights, ids, *(p[...].astype(dt) for p in experts))
-        from ring_jax.model import moe_ep
-
-        # the expert-parallel path records its drop count, under nnx.capture(..., nnx.Intermediate) only
-        if moe_ep.expert_parallel_mesh(self.num_experts) is not None and hasattr(self, "__captures__"):
-            self.sow(nnx.Intermediate, "moe_dropped", dropped, reduce_fn=lambda _, v: v, init_fn=lambda: 0)
         y = y.astype(x.dtype).reshape(b, t, h)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y, stats
+        return y, stats._replace(dropped=dropped.astype(jnp.int32))

@@ -21,17 +21,25 @@ from ring_jax.model.moe import MoEBlock, RouterStats
 
 
 class KVCache(NamedTuple):
-    layers: tuple  # one LayerCache per decoder layer
+    """The KV cache of every decoder layer, stacked on a leading layer axis (the scanned layers carry it and write
+    only this call's positions; no layer's cache is copied out and back)."""
+    k: jax.Array  # [L, B, KVH, D, S] post-RoPE keys, transposed (("layers",) + attention.K_CACHE_AXES)
+    v: jax.Array  # [L, B, KVH, S, D] (("layers",) + attention.CACHE_AXES)
     segment_ids: jax.Array  # [B, S] 0 = empty slot
     positions: jax.Array  # [B, S]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dt = dtype_of(dtype or cfg.dtype)
-    k_shape = (batch, cfg.kv_heads, cfg.head_size, max_len)  # attention.K_CACHE_AXES
-    v_shape = (batch, cfg.kv_heads, max_len, cfg.head_size)  # attention.CACHE_AXES
-    layers = tuple(LayerCache(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(cfg.num_hidden_layers))
-    return KVCache(layers, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32))
+    n = cfg.num_hidden_layers
+    return KVCache(jnp.zeros((n, batch, cfg.kv_heads, cfg.head_size, max_len), dt),
+                   jnp.zeros((n, batch, cfg.kv_heads, max_len, cfg.head_size), dt),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32))
+
+
+# what a rematerialised decoder layer saves for the backward pass (ModelConfig.remat_policy)
+REMAT_POLICIES = {"nothing": None, "dots": jax.checkpoint_policies.dots_saveable,
+                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Output(NamedTuple):
@@ -39,6 +47,7 @@ class Output(NamedTuple):
     balance_loss: jax.Array  # mean over MoE layers of E * sum_i P_i F_i
     z_loss: jax.Array  # mean over MoE layers of the router z-loss
     expert_load: jax.Array  # [num_moe_layers, E] assignments per expert
+    moe_dropped: jax.Array  # [num_moe_layers] int32 assignments dropped by the expert-parallel capacity path
     cache: KVCache | None
     hidden: jax.Array | None  # final normed hidden states [B, T, H] when asked for
 
@@ -51,8 +60,10 @@ class DecoderLayer(nnx.Module):
         self.is_moe = cfg.is_moe_layer(idx)
         self.mlp = MoEBlock(cfg, rngs) if self.is_moe else SwiGLU(cfg, cfg.intermediate_size, rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, positions, cache=None, view=None):
-        a, new_cache = self.attention(self.input_layernorm(x), cos, sin, segment_ids, positions, cache, view)
+    def __call__(self, x, cos, sin, segment_ids, positions, cache=None, view=None, layer=None):
+        """``cache``: the whole stacked (k, v) of :class:`KVCache` as a LayerCache, ``layer`` this layer's index in
+        it (static or traced); returned with this call's positions written."""
+        a, new_cache = self.attention(self.input_layernorm(x), cos, sin, segment_ids, positions, cache, view, layer)
         x = x + a
         hn = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -62,11 +73,32 @@ class DecoderLayer(nnx.Module):
         return x + m, stats, new_cache
 
 
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose parameters are those of ``layers`` (all of one shape) stacked on a new leading axis,
+    named ``layers`` in their logical axes."""
+    graphdef, _ = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(lyr) for lyr in layers])
+
+    def name_axis(v):
+        v.set_metadata(logical_axes=("layers",) + tuple(v.get_metadata()["logical_axes"]))
+        return v
+
+    return nnx.merge(graphdef, jax.tree.map(name_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class BailingMoeForCausalLM(nnx.Module):
+    """Parameters: ``first_layers`` (the ``cfg.num_first_layers`` dense layers of a MoE model, one module each) and
+    ``layers`` (every later layer: one DecoderLayer whose parameters carry a leading ``layers`` axis, run as one
+    ``lax.scan``).  :meth:`layer` gives any layer as one module by its global index."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
         self.word_embeddings = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        k = cfg.num_first_layers
+        # built one by one in layer order, then stacked: the same random draws as one module per layer
+        built = [DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)]
+        self.first_layers = nnx.List(built[:k])
+        self.layers = stack_layers(built[k:])
         self.norm = RMSNorm(cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -106,31 +138,70 @@ class BailingMoeForCausalLM(nnx.Module):
             seq_len = jnp.max(jnp.where(segment_ids != 0, positions, 0)) + 1
         cos, sin = rope_cos_sin(cfg, positions, seq_len)
 
+        kv = LayerCache(cache.k, cache.v) if cache is not None else None
+        remat = cfg.remat and cache is None
+        policy = REMAT_POLICIES[cfg.remat_policy]
+
+        def run(graphdef, p, x, kv, i):  # one decoder layer from its parameters p (an nnx State)
+            return nnx.merge(graphdef, p)(x, cos, sin, segment_ids, positions, kv, view, i)
+
+        if remat:  # the unit of rematerialisation is one layer, under cfg.remat_policy
+            run = jax.checkpoint(run, policy=policy, prevent_cse=False, static_argnums=(0,))
         stats: list[RouterStats] = []
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            lc = cache.layers[i] if cache is not None else None
-            if cfg.remat and cache is None:
-                x, st, nc = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, segment_ids, positions)
-            else:
-                x, st, nc = layer(x, cos, sin, segment_ids, positions, lc, view)
+        for i, layer in enumerate(self.first_layers):
+            x, st, kv = run(*nnx.split(layer), x, kv, i)
             if st is not None:
                 stats.append(st)
-            new_layers.append(nc)
+        x, stack_stats, kv = self._run_stack(run, x, kv)
         h = self.norm(x)
 
         logits = None
         if compute_logits:
             logits = jnp.einsum("bth,hv->btv", h, self.head_weight(), preferred_element_type=jnp.float32)
-        if stats:
-            bal = jnp.mean(jnp.stack([s.balance_loss for s in stats]))
-            z = jnp.mean(jnp.stack([s.z_loss for s in stats]))
-            load = jnp.stack([s.expert_load for s in stats])
+        parts = [jax.tree.map(lambda a: a[None], s) for s in stats] + ([stack_stats] if stack_stats else [])
+        if parts:  # per MoE layer, in layer order
+            bal, z, load, dropped = (jnp.concatenate(a) for a in zip(*parts))
+            bal, z = jnp.mean(bal), jnp.mean(z)
         else:
             bal = z = jnp.zeros((), jnp.float32)
             load = jnp.zeros((0, cfg.num_experts or 0), jnp.float32)
-        new_cache = KVCache(tuple(new_layers), view.kv_segment_ids, view.kv_positions) if cache is not None else None
-        return Output(logits, bal, z, load, new_cache, h if return_hidden else None)
+            dropped = jnp.zeros((0,), jnp.int32)
+        new_cache = KVCache(kv.k, kv.v, view.kv_segment_ids, view.kv_positions) if cache is not None else None
+        return Output(logits, bal, z, load, dropped, new_cache, h if return_hidden else None)
+
+    def _run_stack(self, run, x, kv):
+        """The stacked layers on ``x``: one ``lax.scan`` over their parameters (``cfg.scan_layers``), else a Python
+        loop over the same parameters.  Returns (x, RouterStats with a leading layer axis or None, kv)."""
+        cfg = self.config
+        k = cfg.num_first_layers
+        graphdef, params = nnx.split(self.layers)
+        if not cfg.scan_layers:
+            stats = []
+            for j in range(cfg.num_hidden_layers - k):
+                x, st, kv = run(graphdef, jax.tree.map(lambda a: a[j], params), x, kv, k + j)
+                stats.append(st)
+            return x, (jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None), kv
+
+        def body(carry, xs):
+            x, kv = carry
+            p, i = xs
+            x, st, kv = run(graphdef, p, x, kv, i)
+            return (x, kv), st
+
+        (x, kv), stats = jax.lax.scan(body, (x, kv), (params, jnp.arange(k, cfg.num_hidden_layers)))
+        return x, stats, kv
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` (global index) as one module: a first layer itself, else a DecoderLayer over the
+        stack's slice ``i - num_first_layers`` (each stacked array sliced on device; concrete models only)."""
+        cfg = self.config
+        k = cfg.num_first_layers
+        if not 0 <= i < cfg.num_hidden_layers:
+            raise IndexError(f"layer {i} of {cfg.num_hidden_layers}")
+        if i < k:
+            return self.first_layers[i]
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i - k], state))
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> BailingMoeForCausalLM:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable
 
 import jax
@@ -65,6 +66,7 @@ class Report:
     alias: int
     temp: int
     note: str = ""
+    compile_s: float = 0.0  # seconds to lower and compile the program (this process, this machine)
 
     @property
     def peak(self) -> int:
@@ -87,6 +89,8 @@ class Report:
             fits = "   " + ", ".join(f"{'fits' if self.peak <= v * GIB else 'does NOT fit'} {k} ({v:g} GiB)"
                                      for k, v in hbm_gib.items())
         out.append(f"  {'peak:':<{w}}{fmt_bytes(self.peak)}{fits}")
+        if self.compile_s:
+            out.append(f"  {'compile (lower + compile):':<{w}}{self.compile_s:9.1f} s")
         return out
 
 
@@ -109,13 +113,21 @@ def extrapolate(r1: Report, r2: Report, layers: int) -> Report:
                   lin(r1.argument, r2.argument), lin(r1.output, r2.output), lin(r1.alias, r2.alias),
                   temp, note=(r1.note + "; " if r1.note else "") +
                   f"extrapolated from 1 and 2 layers: temporaries {fmt_bytes(r1.temp).strip()}, "
-                  f"{fmt_bytes(r2.temp).strip()}")
+                  f"{fmt_bytes(r2.temp).strip()}", compile_s=r1.compile_s + r2.compile_s)
+
+
+def _compile(jitted, *args):
+    """(compiled program, seconds to lower and compile it)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
 
 
 def _report(name, compiled, inputs, resident=None, note="") -> Report:
+    compiled, seconds = compiled
     ma = compiled.memory_analysis()
     return Report(name, inputs, resident or {}, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                  int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes), note)
+                  int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes), note, seconds)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -165,7 +177,7 @@ def sft_step(setup: Setup, seq_len: int, global_batch: int, micro_batches: int =
                            micro_batches, schedule=setup.schedule)
     batch = {k: setup.rows((global_batch, seq_len)) for k in
              ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-    compiled = step.lower(setup.state, batch).compile()
+    compiled = _compile(step, setup.state, batch)
     return _report(f"SFT train step: {global_batch} x {seq_len} tokens, {micro_batches} micro-batch(es)", compiled,
                    {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
                     "batch": _batch_bytes(setup, batch)})
@@ -179,7 +191,7 @@ def rl_step(setup: Setup, rl: RLConfig, rows: int, seq_len: int, micro_batches: 
     batch = {k: setup.rows((rows, seq_len)) for k in ("tokens", "targets", "positions", "segment_ids")}
     keys = ("weights", "old_logp", "advantages", "tis") + (("ref_logp",) if rl.policy.beta else ())
     batch.update({k: setup.rows((rows, seq_len), jnp.float32) for k in keys})
-    compiled = step.lower(setup.state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    compiled = _compile(step, setup.state, batch, jax.ShapeDtypeStruct((), jnp.float32))
     resident = {"reference params": setup.params_bytes} if rl.policy.beta else {}
     return _report(f"RL train step: {rows} x {seq_len} packed rows, {micro_batches} micro-batch(es)", compiled,
                    {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
@@ -195,8 +207,8 @@ def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Rep
     rsh = setup.row_sharding(2)
     args = [setup.rows((rows, seq_len)) for _ in range(4)]
     with jax.set_mesh(setup.mesh):
-        compiled = jax.jit(fn, in_shardings=(setup.shardings.params, *[rsh] * 4), out_shardings=rsh).lower(
-            setup.state.params, *args).compile()
+        compiled = _compile(jax.jit(fn, in_shardings=(setup.shardings.params, *[rsh] * 4), out_shardings=rsh),
+                            setup.state.params, *args)
     return _report(f"reference log-probs: {rows} x {seq_len}", compiled,
                    {"reference params": setup.params_bytes, "rows": 4 * _batch_bytes(setup, args[0])},
                    {"params": setup.params_bytes, "optimizer state": setup.opt_bytes})
@@ -249,13 +261,13 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
         cache_abs, logits_abs = jax.eval_shape(functools.partial(eng._prefill, setup.graphdef, cache_len=s),
                                                setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         cache_sh = decode_state_shardings(cache_abs, mesh)
-        pre = jax.jit(functools.partial(eng._prefill, setup.graphdef, cache_len=s), in_shardings=(p_sh, rsh2, rsh1),
-                      out_shardings=(cache_sh, rsh2)).lower(setup.state.params, setup.rows((k, pb)),
-                                                            setup.rows((k,))).compile()
-        dec = jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),
-                      in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
-                      out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4),
-                      donate_argnums=(1,)).lower(setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        pre = _compile(jax.jit(functools.partial(eng._prefill, setup.graphdef, cache_len=s),
+                               in_shardings=(p_sh, rsh2, rsh1), out_shardings=(cache_sh, rsh2)),
+                       setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
+        dec = _compile(jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),
+                               in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
+                               out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4), donate_argnums=(1,)),
+                       setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32))
     cache_bytes, ds_bytes = decode_state_bytes(setup, num_slots, s)
     pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {s} cache", pre,
                     {"params": setup.params_bytes, "prompts": 2 * _batch_bytes(setup, setup.rows((k,)))

@@ -1,7 +1,8 @@
 """Device side of the sampling engine: prefill, slot insertion and the chunked decode loop, each one jitted function
 over ``(graphdef, state)`` with fixed shapes per bucket.
 
-Cache layout: one KV cache of ``num_slots`` rows x ``S`` slots (``S`` = cache length bucket).  Prompts are
+Cache layout: one KV cache of ``num_slots`` rows x ``S`` slots (``S`` = cache length bucket), every layer's stacked
+on a leading axis (``transformer.KVCache``).  Prompts are
 left-aligned: a row's prompt occupies slots [0, L) with positions 0..L-1, generated token g goes to slot/position
 L + g (``write_idx`` = ``pos``, per row).  Prefill runs on a fresh small cache (one row per distinct prompt,
 right-padded with segment 0 to a power-of-two length bucket) and its rows are then copied into free slots of the big
@@ -152,14 +153,14 @@ def mesh_of(state):
 
 
 def decode_state_specs(tree, mesh, rules=DEFAULT_RULES):
-    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [slots, kv_heads, head_dim, S] and
-    v [slots, kv_heads, S, head_dim] by the rules for their logical axes (``attention.K_CACHE_AXES`` /
-    ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits [slots, V] over the slots,
-    everything else replicated."""
+    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [layers, slots, kv_heads, head_dim, S]
+    and v [layers, slots, kv_heads, S, head_dim] by the rules for their logical axes (``layers`` +
+    ``attention.K_CACHE_AXES`` / ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits
+    [slots, V] over the slots, everything else replicated."""
     def one(path, x):
         names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
-        if x.ndim == 4:
-            return rules.spec(K_CACHE_AXES if "k" in names else CACHE_AXES, x.shape, mesh)
+        if x.ndim == 5:
+            return rules.spec(("layers",) + (K_CACHE_AXES if "k" in names else CACHE_AXES), x.shape, mesh)
         if names & {"logits", "segment_ids", "positions"}:
             return rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
         return jax.sharding.PartitionSpec()
@@ -215,11 +216,17 @@ def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base
     def put(big, small):
         return big.at[dst].set(small[src_rows].astype(big.dtype), mode="drop")
 
+    def put_kv(big, small):  # [L, slots, ...]: the slots are the second axis
+        return big.at[:, dst].set(small[:, src_rows].astype(big.dtype), mode="drop")
+
     base = jax.random.wrap_key_data(base_key)
     seq_keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(req_ids, copy_ids)
     ones = jnp.ones(dst.shape, bool)
     return _place(DecodeState(
-        cache=jax.tree.map(put, ds.cache, src_cache), logits=put(ds.logits, src_logits),
+        cache=ds.cache._replace(k=put_kv(ds.cache.k, src_cache.k), v=put_kv(ds.cache.v, src_cache.v),
+                                segment_ids=put(ds.cache.segment_ids, src_cache.segment_ids),
+                                positions=put(ds.cache.positions, src_cache.positions)),
+        logits=put(ds.logits, src_logits),
         keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
         pos=ds.pos.at[dst].set(lengths, mode="drop"), ngen=ds.ngen.at[dst].set(0, mode="drop"),
         max_new=ds.max_new.at[dst].set(max_new, mode="drop"), active=ds.active.at[dst].set(ones, mode="drop"),

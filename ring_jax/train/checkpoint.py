@@ -15,6 +15,10 @@ checkpoint.  Restoring walks the steps newest first: a step that fails to restor
 undecodable data, a checksum mismatch, step mismatch) is reported and the previous step is tried; once an older step
 has restored, the unreadable newer ones are moved to ``<dir>.corrupt/`` (so the resumed run can write those steps
 again).  When no step is readable nothing is moved: the directory still shows that the run had checkpoints.
+Layout: ``meta['param_layout'] == 'stacked-layers'`` (every checkpoint written since the decoder layers were
+stacked: ``first_layers`` + ``layers`` with a leading layer axis).  A checkpoint without it holds one subtree per
+decoder layer (``layers/0 .. layers/L-1``); it is restored into that layout and converted (params and the Adam
+moments alike), so old SFT checkpoints still start RL and resume.
 Export to Hugging Face format: ``restore_params`` -> ``nnx.merge`` -> ``ring_jax.hf.save_pretrained`` (see
 ``ring_jax.cli.export``).
 """
@@ -42,6 +46,56 @@ ITEMS = ("params", "opt_state", "train", "data", "meta")
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint."""
+
+
+PARAM_LAYOUT = "stacked-layers"
+
+
+def _is_model_node(x) -> bool:
+    """The parameter subtree of a whole model (params, or an Adam moment over them)."""
+    return isinstance(x, dict) and "word_embeddings" in x and "layers" in x
+
+
+def _slice_abstract(a):
+    sh = getattr(a, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+        sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sh)
+
+
+def unrolled_abstract(tree):
+    """``tree`` (abstract, stacked layout) as it was written before the layers were stacked: every model node's
+    ``first_layers`` i and stack slice j become ``layers`` i and ``layers`` k + j."""
+    def one(node):
+        if not _is_model_node(node):
+            return node
+        first = node.get("first_layers") or {}
+        k = len(first)
+        n = jax.tree.leaves(node["layers"])[0].shape[0]
+        out = {key: v for key, v in node.items() if key not in ("first_layers", "layers")}
+        out["layers"] = {**{i: first[i] for i in range(k)},
+                         **{k + j: jax.tree.map(_slice_abstract, node["layers"]) for j in range(n)}}
+        return out
+
+    return jax.tree.map(one, tree, is_leaf=_is_model_node)
+
+
+def restack(restored, target):
+    """Inverse of :func:`unrolled_abstract` on restored arrays, placed like ``target`` (abstract, stacked)."""
+    def one(node, want):
+        if not _is_model_node(want):
+            return node
+        first = want.get("first_layers") or {}
+        k = len(first)
+        n = jax.tree.leaves(want["layers"])[0].shape[0]
+        out = {key: v for key, v in node.items() if key != "layers"}
+        if "first_layers" in want:
+            out["first_layers"] = {i: node["layers"][i] for i in range(k)}
+        out["layers"] = jax.tree.map(lambda w, *xs: jax.device_put(jnp.stack(xs), w.sharding),
+                                     want["layers"], *[node["layers"][k + j] for j in range(n)])
+        return out
+
+    return jax.tree.map(one, restored, target, is_leaf=lambda x: _is_model_node(x) or x is None)
 
 
 @dataclasses.dataclass
@@ -179,7 +233,7 @@ class Checkpointer:
         # --updates_per_rollout); checked on restore
         extra = {"state_step": int(state.step)} if state is not None else {}
         items["meta"] = ocp.args.JsonSave(dict(meta or {}, step=int(step), has_state=state is not None,
-                                               checksums=sums, **extra))
+                                               checksums=sums, param_layout=PARAM_LAYOUT, **extra))
         t0 = time.time()
         self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         if wait:
@@ -236,28 +290,36 @@ class Checkpointer:
         meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if int(meta.get("step", -1)) != step:
             raise CheckpointError(f"meta.step={meta.get('step')} does not match the directory name {step}")
+        old = meta.get("param_layout") != PARAM_LAYOUT  # one subtree per layer: restore so, then stack
+        as_written = unrolled_abstract if old else (lambda t: t)
         if abstract_state is not None:
             if not meta.get("has_state", False):
                 raise CheckpointError("parameters-only checkpoint (written by ring-jax-import); it has no optimizer "
                                       "state to resume from: use it as --init_ckpt")
             train_abs = {"step": abstract_state.step, "skipped": abstract_state.skipped, "rng": abstract_state.rng}
             r = self._mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                params=ocp.args.StandardRestore(as_written(abstract_state.params)),
+                opt_state=ocp.args.StandardRestore(as_written(abstract_state.opt_state)),
                 train=ocp.args.StandardRestore(train_abs),
                 data=ocp.args.JsonRestore()))
-            state = TrainState(params=r.params, opt_state=r.opt_state, step=r.train["step"],
+            self._verify(meta, "params", r.params)
+            self._verify(meta, "opt_state", r.opt_state)
+            params, opt_state = r.params, r.opt_state
+            if old:
+                params = restack(params, abstract_state.params)
+                opt_state = restack(opt_state, abstract_state.opt_state)
+            state = TrainState(params=params, opt_state=opt_state, step=r.train["step"],
                                skipped=r.train["skipped"], rng=r.train["rng"])
             want = int(meta.get("state_step", step))
             if int(state.step) != want:
                 raise CheckpointError(f"train.step={int(state.step)} does not match the recorded {want} (checkpoint "
                                       f"{step})")
-            self._verify(meta, "params", state.params)
-            self._verify(meta, "opt_state", state.opt_state)
             return Restored(step, state, state.params, r.data or None, meta)
-        r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        r = self._mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(as_written(abstract_params))))
         self._verify(meta, "params", r.params)
-        return Restored(step, None, r.params, None, meta)
+        params = restack(r.params, abstract_params) if old else r.params
+        return Restored(step, None, params, None, meta)
 
     @staticmethod
     def _verify(meta: dict, name: str, tree) -> None:

@@ -66,11 +66,12 @@ def _is_var(x):
 
 def decay_mask(param_state) -> dict:
     """Pure tree of bools: True where weight decay applies.  Off for parameters whose logical axes include 'norm'
-    and for every 1-D parameter (norm weights, biases).  ``param_state``: an nnx State of Variables (concrete or
-    abstract) carrying ``logical_axes`` metadata."""
+    and for every 1-D parameter (norm weights, biases), counted per layer: the leading ``layers`` axis of the
+    stacked decoder layers does not count.  ``param_state``: an nnx State of Variables (concrete or abstract)
+    carrying ``logical_axes`` metadata."""
     def one(v):
         axes = v.get_metadata().get("logical_axes") or ()
-        return not ("norm" in axes or len(v.get_value().shape) <= 1)
+        return not ("norm" in axes or len(v.get_value().shape) - ("layers" in axes) <= 1)
 
     return nnx.to_pure_dict(jax.tree.map(one, param_state, is_leaf=_is_var))
 

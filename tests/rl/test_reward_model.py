@@ -18,6 +18,7 @@ from ring_jax.rl.reward_model import (LearnedRewardModel, RewardModelError, Rewa
 from ring_jax.sharding import make_mesh
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
 from ring_jax.train.step import split_model
+from tests.helpers import numpy_params
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "table", "smile"]
 MARK = "thanks"
@@ -56,9 +57,7 @@ def _numpy_params(cfg, seed=0, scale=0.05):
     """Random RewardNet parameters drawn with numpy (1-D weights = 1, the head bias 0): the library's compiled
     initialiser costs ~8 s of compilation on CPU and is not what these tests are about."""
     _, _, abstract = split_model(nnx.eval_shape(lambda: build_reward_net(cfg)))
-    rng = np.random.default_rng(seed)
-    out = jax.tree.map(lambda a: (np.ones(a.shape) if len(a.shape) == 1 else rng.normal(0, scale, a.shape))
-                       .astype(np.float32), abstract)
+    out = numpy_params(abstract, seed, scale)
     out["value_head"]["bias"] = np.zeros((1,), np.float32)
     return out
 

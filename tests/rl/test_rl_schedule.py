@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
 from tests.flags import FAST_COMPILE
+from tests.helpers import numpy_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,10 +54,8 @@ def test_two_stage_schedule_chains_checkpoints_and_resumes(tmp_path):
                     vocab_size=300)
     tok.save(str(tmp_path / "sft" / "tokenizer"))
     cfg = get_preset("tiny").replace(vocab_size=320, moe_impl="dense")
-    rng = np.random.default_rng(0)
     _, _, abstract = split_model(abstract_model(cfg))
-    sft = jax.tree.map(lambda a: (np.ones(a.shape) if len(a.shape) == 1 else rng.normal(0, 0.05, a.shape))
-                       .astype(np.float32), abstract)
+    sft = numpy_params(abstract, seed=0, scale=0.05)
     with Checkpointer(str(tmp_path / "sft" / "ckpt")) as c:
         c.save(3, params=sft, meta={"model_config": cfg.to_hf_dict(), "runtime": {"moe_impl": "dense"}}, wait=True)
     with open(tmp_path / "ifeval.jsonl", "w") as f:

@@ -9,18 +9,18 @@ import numpy as np
 from flax import nnx
 
 from ring_jax.model import abstract_model
+from tests.helpers import fill_unrolled
 
 
 def random_model(cfg, seed=0, scale=0.3):
     """Every parameter ~ N(0, scale^2); RMSNorm weights ~ 1 + N(0, scale^2) (as tests.helpers.randomize)."""
-    model = abstract_model(cfg)
     rng = np.random.default_rng(seed)
-    for path, var in sorted(nnx.iter_graph(model), key=lambda x: str(x[0])):
-        if isinstance(var, nnx.Param):
-            shape = var.get_value().shape
-            base = 1.0 if path[-1] == "weight" and len(shape) == 1 else 0.0
-            var.set_value(jnp.asarray(base + scale * rng.standard_normal(shape), jnp.dtype(cfg.param_dtype)))
-    return model
+
+    def draw(path, shape, dt):  # float64 draws cast once, as before the layers were stacked
+        base = 1.0 if path[-1] == "weight" and len(shape) == 1 else 0.0
+        return np.asarray(jnp.asarray(base + scale * rng.standard_normal(shape), jnp.dtype(cfg.param_dtype)))
+
+    return fill_unrolled(abstract_model(cfg), draw)
 
 
 T_REF = 32  # padded length of the reference forward (one compilation)

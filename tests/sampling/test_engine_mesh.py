@@ -28,7 +28,7 @@ def test_sharded_engine_places_the_cache_and_samples_the_same_tokens():
         outs.append(eng.generate(prompts, sp, key=0))
     with jax.set_mesh(eng.mesh):
         ds = eng._empty(8, 64, 8)
-    assert ds.cache.layers[0].k.sharding.spec[0] == ("data", "expert")  # slots over the batch axes
+    assert ds.cache.k.sharding.spec[:2] == (None, ("data", "expert"))  # [layers, slots, ...]: slots over the batch axes
     assert ds.logits.sharding.spec[0] == ("data", "expert")
     assert ds.active.sharding.is_fully_replicated and ds.stop_ids.sharding.is_fully_replicated
     for a, b in zip(*outs):

@@ -59,8 +59,8 @@ def test_state_shardings_follow_the_table():
     mesh = make_mesh("fsdp:2,expert:2,tensor:2")
     state = nnx.state(abstract_model(get_preset("tiny")))
     sh = state_shardings(state, mesh)
-    moe = sh["layers"][1]["mlp"]
-    assert moe["experts_gate"].spec == P("expert", "fsdp", "tensor")
-    assert moe["experts_down"].spec == P("expert", "tensor", "fsdp")
-    assert moe["gate"].spec == P("fsdp", None)
+    moe = sh["layers"]["mlp"]  # the stacked layers: a leading, unsharded layers axis
+    assert moe["experts_gate"].spec == P(None, "expert", "fsdp", "tensor")
+    assert moe["experts_down"].spec == P(None, "expert", "tensor", "fsdp")
+    assert moe["gate"].spec == P(None, "fsdp", None)
     assert sh["word_embeddings"].spec == P("tensor", "fsdp")

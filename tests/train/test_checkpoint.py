@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ring_jax.config import get_preset
+from ring_jax.model import abstract_model
 from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import CheckpointError, Checkpointer
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
@@ -95,3 +97,34 @@ def test_params_only_checkpoint(tmp_path, setup):
     ck.close()
     with pytest.raises(CheckpointError, match="no readable"):
         Checkpointer(str(tmp_path / "empty")).restore(abstract, sh)
+
+
+OLD = os.path.join(os.path.dirname(__file__), "..", "data", "old_layout")
+
+
+def test_old_layout_checkpoint_restores_stacked(setup):
+    """A TrainState checkpoint written by the code before the layers were stacked (tests/data/old_layout/make.py,
+    one subtree per layer) restores into the stacked layout: the model gives the old model's logits, and every Adam
+    moment of layer i lands in first_layers i or in slice i - k of the stack (the old writer's values by path)."""
+    cfg, params, opt, abstract, sh = setup
+    want = np.load(os.path.join(OLD, "expected.npz"))
+    r = Checkpointer(os.path.join(OLD, "ckpt"), read_only=True).restore(abstract, sh)
+    assert r.step == 5 and int(r.state.step) == 5 and r.data_state == {"next_index": 7}
+    graphdef = nnx.graphdef(abstract_model(cfg))
+    got = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)(r.state.params, jnp.asarray(want["tokens"]))
+    # float32 rounding of the scanned program differs from the unrolled one by ~1e-6; a misplaced layer is O(1)
+    np.testing.assert_allclose(np.asarray(got), want["logits"], rtol=0, atol=5e-5)
+    k, n = cfg.num_first_layers, cfg.num_hidden_layers
+    seen = 0
+    for path, v in jax.tree_util.tree_flatten_with_path(r.state.opt_state)[0]:
+        key = jax.tree_util.keystr(path)
+        if "['first_layers']" in key:
+            olds = [(key.replace("['first_layers']", "['layers']"), np.asarray(v))]
+        elif "['layers']" in key:  # slice j of the stack was layer k + j
+            olds = [(key.replace("['layers']", f"['layers'][{k + j}]"), np.asarray(v)[j]) for j in range(n - k)]
+        else:
+            olds = [(key, np.asarray(v))]
+        for old_key, value in olds:
+            np.testing.assert_array_equal(value, want["opt" + old_key], err_msg=old_key)
+            seen += 1
+    assert seen == len([f for f in want.files if f.startswith("opt")])

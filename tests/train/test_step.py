@@ -18,6 +18,7 @@ from ring_jax.train.losses import LossConfig, chunked_cross_entropy, sft_loss_fn
 from ring_jax.train.optim import OptimConfig, cosine_closed_form, decay_mask, make_optimizer, make_schedule
 from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, make_train_step,
                                  split_model, train_state_shardings)
+from tests.helpers import numpy_params
 
 
 def one_device_mesh():
@@ -40,13 +41,7 @@ def random_params(cfg, seed=0, scale=0.2):
     """(graphdef, abstract Variables, numpy parameters): shapes from nnx.eval_shape, values from NumPy (norm weights
     around 1), so building a test model compiles nothing."""
     graphdef, pvars, abstract = split_model(nnx.eval_shape(lambda: build_model(cfg)))
-    rng = np.random.default_rng(seed)
-
-    def one(x):
-        base = 1.0 if len(x.shape) == 1 else 0.0
-        return (base + scale * rng.standard_normal(x.shape)).astype(np.float32)
-
-    return graphdef, pvars, jax.tree.map(one, abstract)
+    return graphdef, pvars, numpy_params(abstract, seed, scale, noisy_norms=True)
 
 
 def new_state(params, opt, sh):
@@ -94,9 +89,11 @@ def test_weight_decay_mask(tiny):
     mask = decay_mask(pvars)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     shapes = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert not flat["['norm']['weight']"] and not flat["['layers'][0]['input_layernorm']['weight']"]
-    assert flat["['word_embeddings']"] and flat["['layers'][1]['mlp']['experts_up']"]
-    assert all(v == (len(shapes[k]) > 1) for k, v in flat.items())
+    assert not flat["['norm']['weight']"] and not flat["['first_layers'][0]['input_layernorm']['weight']"]
+    assert not flat["['layers']['input_layernorm']['weight']"]  # stacked [L, H]: still a norm weight
+    assert flat["['word_embeddings']"] and flat["['layers']['mlp']['experts_up']"]
+    # decayed iff more than one dimension per layer (the stacked layers' leading axis does not count)
+    assert all(v == (len(shapes[k]) - k.startswith("['layers']") > 1) for k, v in flat.items())
     # zero gradients: decayed parameters shrink by lr * wd * p, masked ones do not move
     opt, _ = make_optimizer(OptimConfig(lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5), 10, mask)
     new = jax.jit(lambda p: optax.apply_updates(p, opt.update(jax.tree.map(jnp.zeros_like, p), opt.init(p), p)[0]))(
@@ -174,7 +171,7 @@ def test_loss_and_update_invariant_to_micro_batches(tiny, oracle):
 def test_sharded_step_matches_one_device(tiny, oracle):
     """(data=2, fsdp=2, expert=2): same loss and update as the single-device oracle; the state stays sharded."""
     state = check_against_oracle(tiny, oracle, make_mesh("data:2,fsdp:2,expert:2"), 1)
-    assert state.params["layers"][1]["mlp"]["experts_up"].sharding.spec[0] == "expert"
+    assert state.params["layers"]["mlp"]["experts_up"].sharding.spec[:2] == (None, "expert")  # [layers, E, ...]
     assert state.params["word_embeddings"].sharding.spec[1] == "fsdp"
 
 
