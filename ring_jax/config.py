@@ -39,8 +39,12 @@ MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
 # what a rematerialised decoder layer keeps for the backward pass (ring_jax.model.transformer.REMAT_POLICIES):
 # nothing (the whole layer is recomputed), dots (every matmul output), dots_no_batch (matmuls without batch dims)
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch")
+# attention over the KV cache: blocked (an XLA loop over the blocks up to the longest row's live length), pallas
+# (kernels/decode_attention.py for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
+# (pallas on GPU, else blocked)
+CACHE_ATTN = ("auto", "blocked", "pallas", "full")
 RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "moe_tile",
-                  "moe_capacity_factor", "attn_chunk", "moe_chunk")
+                  "moe_capacity_factor", "attn_chunk", "moe_chunk", "cache_attn", "cache_block")
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,10 @@ class ModelConfig:
     # time (0 = all; bounds the dispatch buffers); both rematerialised per chunk in the backward pass
     attn_chunk: int = 0
     moe_chunk: int = 0
+    # attention over the KV cache (CACHE_ATTN) and its block of cache slots: decode and prefill read only the blocks
+    # that hold live keys, so their cost follows the live length, not the cache bucket
+    cache_attn: str = "auto"
+    cache_block: int = 256
 
     def __post_init__(self):
         self.validate()
@@ -167,6 +175,10 @@ class ModelConfig:
                 bad("intermediate_size", "required for dense MLP layers (first_k_dense_replace > 0)")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"one of {MOE_IMPLS}")
+        if self.cache_attn not in CACHE_ATTN:
+            bad("cache_attn", f"one of {CACHE_ATTN}")
+        if self.cache_block < 1 or self.cache_block & (self.cache_block - 1):
+            bad("cache_block", "a power of two")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"one of {REMAT_POLICIES}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:

@@ -77,6 +77,16 @@ def _attention_fwd(q, kt, vt, mask):
     return out, res
 
 
+def _rows_t(a, p):
+    """a^T p over the (G, T) rows of a KV head: a [B, KVH, G, T, X], p [B, KVH, G, T, S] -> [B, KVH, X, S] in
+    float32.  (G, T) is merged into one contracting dimension first: with two contracting dimensions and a transposed
+    consumer, XLA:CPU emits a bf16 x bf16 -> f32 dot its runtime does not implement ("Unsupported element type for
+    DotThunk"), which broke every bfloat16 train step on CPU."""
+    b, k, g, t = a.shape[:4]
+    return jnp.einsum("bkrx,bkrs->bkxs", a.reshape(b, k, g * t, -1), p.reshape(b, k, g * t, -1),
+                      preferred_element_type=jnp.float32)
+
+
 def _attention_bwd(res, dout):
     qg, kt, vt, p, inv, inv_grad, out = res
     b, t, h, d = dout.shape
@@ -87,10 +97,9 @@ def _attention_bwd(res, dout):
     dp = jnp.einsum("bkgtd,bksd->bkgts", do.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
     ds = (p * (dp - dsum) * inv_grad).astype(qg.dtype)
     # dV^T and dK^T ([B, KVH, D, S]): the [.., T, S] operand stays in its layout, the small one is transposed
-    dv = jnp.einsum("bkgtd,bkgts->bkds", (do * inv).astype(vt.dtype), p.astype(vt.dtype),
-                    preferred_element_type=jnp.float32)
+    dv = _rows_t((do * inv).astype(vt.dtype), p.astype(vt.dtype))
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kt, preferred_element_type=jnp.float32) / math.sqrt(d)
-    dk = jnp.einsum("bkgtd,bkgts->bkds", qg, ds, preferred_element_type=jnp.float32)
+    dk = _rows_t(qg, ds)
     return (dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dout.dtype),
             dk.transpose(0, 1, 3, 2).astype(kt.dtype), dv.transpose(0, 1, 3, 2).astype(vt.dtype), None)
 
@@ -173,10 +182,9 @@ def _blocked_bwd_core(res, kt, vt, dout, n: int):
         dsum = jnp.sum(doi * out[:, :, i].astype(jnp.float32), axis=-1, keepdims=True)
         dp = jnp.einsum("bkgtd,bksd->bkgts", doi.astype(vt.dtype), vt[:, :, :si], preferred_element_type=jnp.float32)
         ds = (p * (dp - dsum) * ig).astype(qg.dtype)
-        dvi = jnp.einsum("bkgtd,bkgts->bkds", (doi * inv).astype(vt.dtype), p.astype(vt.dtype),
-                         preferred_element_type=jnp.float32)
+        dvi = _rows_t((doi * inv).astype(vt.dtype), p.astype(vt.dtype))
         dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, kt[:, :, :si], preferred_element_type=jnp.float32))
-        dki = jnp.einsum("bkgtd,bkgts->bkds", qg[:, :, i], ds, preferred_element_type=jnp.float32)
+        dki = _rows_t(qg[:, :, i], ds)
         pad = ((0, 0), (0, 0), (0, 0), (0, s - si))
         dk = dk + jnp.pad(dki, pad)
         dv = dv + jnp.pad(dvi, pad)
@@ -266,6 +274,40 @@ def cached_attention(q, k_t, vt, mask):
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def blocked_cached_attention(q, k_all, v_all, layer, q_seg, q_pos, k_seg, k_pos, live, block: int):
+    """:func:`cached_attention` over layer ``layer`` of the stacked cache (k_all [L, B, KVH, D, S], v_all
+    [L, B, KVH, S, D]) that reads only the blocks of ``block`` slots holding slots [0, live) (``live``: a traced
+    int32, at least the live slots of every row; slots past it must be invisible to every query).  One
+    ``fori_loop`` over those blocks with a running max (online softmax, float32): the cost follows ``live``, not S,
+    and no layer's cache is copied out of the stack.  Same values as the full softmax up to float32 rounding, for
+    every query that sees some key; a query that sees none (segment 0: padding, a finished row) gets the mean of v
+    over the blocks read instead of over all S slots (such rows are never read)."""
+    b, t, h, d = q.shape
+    kvh, s = k_all.shape[2], k_all.shape[4]
+    g = h // kvh
+    qg = (q / jnp.asarray(math.sqrt(d), q.dtype)).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4)
+    n = jnp.clip((live + block - 1) // block, 1, s // block)
+
+    def body(j, carry):
+        m, l, acc = carry
+        s0 = j * block
+        kb = jax.lax.dynamic_slice(k_all, (layer, 0, 0, 0, s0), (1, b, kvh, d, block))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_all, (layer, 0, 0, s0, 0), (1, b, kvh, block, d))[0].astype(q.dtype)
+        mask = attention_mask(q_seg, q_pos, jax.lax.dynamic_slice_in_dim(k_seg, s0, block, axis=1),
+                              jax.lax.dynamic_slice_in_dim(k_pos, s0, block, axis=1))
+        sc = jnp.einsum("bkgtd,bkds->bkgts", qg, kb, preferred_element_type=jnp.float32)
+        sc = sc + jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1, keepdims=True))
+        p = jnp.exp(sc - m_new)
+        corr = jnp.exp(m - m_new)
+        return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + jnp.einsum(
+            "bkgts,bksd->bkgtd", p.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+
+    m0 = jnp.full((b, kvh, g, t, 1), _MASKED, jnp.float32)
+    _, l, acc = jax.lax.fori_loop(0, n, body, (m0, jnp.zeros_like(m0), jnp.zeros((b, kvh, g, t, d), jnp.float32)))
+    return (acc / l).astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int, heads_major: bool = False):
     """:func:`dot_attention` (with :func:`attention_mask`) computed ``chunk`` queries at a time under
     ``jax.checkpoint``: every query row still takes one float32 softmax over all S keys, so the numerics are those
@@ -314,6 +356,7 @@ class Attention(nnx.Module):
             self.o_bias = param(rngs, (h,), ("norm",), cfg, init="zeros")
         self.use_qkv_bias, self.use_bias = cfg.use_qkv_bias, cfg.use_bias
         self.attn_chunk = cfg.attn_chunk
+        self.cache_attn, self.cache_block = cfg.cache_attn, cfg.cache_block
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x, cos, sin, segment_ids, positions, cache: LayerCache | None = None,
@@ -342,11 +385,9 @@ class Attention(nnx.Module):
             new_cache = LayerCache(cache.k.at[layer, rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
                                    cache.v.at[layer, rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
             k_seg, k_pos = view.kv_segment_ids, view.kv_positions
-            vt = new_cache.v[layer].astype(dt)
             if not (self.attn_chunk and t > self.attn_chunk):  # decode, and prefill without attention chunks
-                out = cached_attention(q, new_cache.k[layer].astype(dt), vt,
-                                       attention_mask(segment_ids, positions, k_seg, k_pos))
-                return self._out(out), new_cache
+                return self._out(self._over_cache(q, new_cache, layer, segment_ids, positions, view)), new_cache
+            vt = new_cache.v[layer].astype(dt)
             kt = new_cache.k[layer].astype(dt).swapaxes(2, 3)
         if self.attn_chunk and t > self.attn_chunk:
             out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk,
@@ -354,6 +395,29 @@ class Attention(nnx.Module):
         else:
             out = dot_attention_heads_major(q, kt, vt, attention_mask(segment_ids, positions, k_seg, k_pos))
         return self._out(out), new_cache
+
+    def _over_cache(self, q, cache: LayerCache, layer, segment_ids, positions, view: CacheView):
+        """Attention of this call's queries over layer ``layer`` of the (already written) cache, by
+        ``cfg.cache_attn``.  Row r's keys occupy slots [0, write_idx[r] + T) (the engine's left-aligned rows)."""
+        b, t = q.shape[:2]
+        s = cache.k.shape[-1]
+        k_seg, k_pos = view.kv_segment_ids, view.kv_positions
+        mode = self.cache_attn
+        if mode == "auto":
+            mode = "pallas" if jax.default_backend() == "gpu" else "blocked"
+        if mode == "pallas" and t == 1:
+            from kernels.decode_attention import decode_attention
+
+            out = decode_attention(q[:, 0], cache.k, cache.v, layer, segment_ids[:, 0], positions[:, 0], k_seg, k_pos,
+                                   view.write_idx + 1, block=min(self.cache_block, s))
+            return out[:, None]
+        block = min(self.cache_block, s)
+        if mode != "full" and s > block:
+            return blocked_cached_attention(q, cache.k, cache.v, layer, segment_ids, positions, k_seg, k_pos,
+                                            jnp.max(view.write_idx) + t, block)
+        dt = self.dtype
+        return cached_attention(q, cache.k[layer].astype(dt), cache.v[layer].astype(dt),
+                                attention_mask(segment_ids, positions, k_seg, k_pos))
 
     def _out(self, out):
         """The output projection of the attention output [B, T, H, D] -> [B, T, E]."""

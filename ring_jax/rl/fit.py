@@ -258,10 +258,11 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
         resident["reference params"] = setup.params_bytes
     rsh1, rsh2 = setup.row_sharding(1), setup.row_sharding(2)
     with jax.set_mesh(mesh):
-        cache_abs, logits_abs = jax.eval_shape(functools.partial(eng._prefill, setup.graphdef, cache_len=s),
+        prefill = functools.partial(eng._prefill, setup.graphdef, cache_len=s, chunk=eng.PREFILL_CHUNK)
+        cache_abs, logits_abs = jax.eval_shape(prefill,
                                                setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         cache_sh = decode_state_shardings(cache_abs, mesh)
-        pre = _compile(jax.jit(functools.partial(eng._prefill, setup.graphdef, cache_len=s),
+        pre = _compile(jax.jit(prefill,
                                in_shardings=(p_sh, rsh2, rsh1), out_shardings=(cache_sh, rsh2)),
                        setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         dec = _compile(jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),

@@ -41,6 +41,9 @@ from ring_jax.sampling.types import Completion, DecodeState, SamplingParams
 from ring_jax.sharding import DEFAULT_RULES
 
 
+PREFILL_CHUNK = 512  # prompt positions per prefill step (SamplingEngine.prefill_chunk's default)
+
+
 class SamplingEngine:
     """Batched generation with a KV cache and continuous batching.
 
@@ -52,6 +55,8 @@ class SamplingEngine:
       cache_len: fixed cache length S (one decode compilation for every call); default: the power-of-two bucket of
         (prompt bucket + max_new_tokens) per call, at least ``min_cache_bucket``, capped at max_position_embeddings.
       min_prompt_bucket: smallest prompt-length bucket (buckets are powers of two).
+      prefill_chunk: prompts longer than this are prefilled this many positions at a time (a power of two; 0: in one
+        call); with the blocked cache attention each chunk reads only the cache blocks written before it.
       moe_impl: MoE compute path for prefill and decode (same parameters, another graphdef).  None (default):
         prefill takes the model's configured path and decode the one :func:`decode_moe_impl` picks for
         ``num_slots`` rows (on CPU the "capacity" path up to a mean expert group of 32 rows).
@@ -59,7 +64,7 @@ class SamplingEngine:
 
     def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
                  cache_len: int | None = None, min_prompt_bucket: int = 16, min_cache_bucket: int = 64,
-                 moe_impl: str | None = None, mesh=None):
+                 moe_impl: str | None = None, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
         cfg: ModelConfig = nnx.merge(graphdef, state).config
         self.mesh = mesh if mesh is not None else mesh_of(state)
         if moe_impl is not None and moe_impl != cfg.moe_impl:
@@ -78,7 +83,10 @@ class SamplingEngine:
         self.last_stats: dict = {}
         # The jitted functions are module-level with the graphdef (or config) static, so engines over equal models
         # (a new engine per RL step, a reloaded checkpoint) share their compilations.
-        self._prefill = functools.partial(_PREFILL, graphdef)
+        if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk}: 0 or a power of two")
+        self.prefill_chunk = int(prefill_chunk)
+        self._prefill = functools.partial(_PREFILL, graphdef, chunk=self.prefill_chunk)
         self._insert = _INSERT
         self._decode = functools.partial(_DECODE, self.decode_graphdef)
         self._empty = functools.partial(_EMPTY, cfg)
@@ -184,19 +192,38 @@ def _replicated(x):
 
 
 # ------------------------------------------------------------------------------------------------ jitted bodies
-def _prefill(graphdef, state, tokens, lengths, *, cache_len: int):
-    """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V])."""
+def _prefill(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0):
+    """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V]).
+    ``chunk`` < P (both powers of two): the prompts go through the model ``chunk`` positions at a time (one
+    ``lax.scan`` over the chunks, the cache carried), so attention over the cache reads only the blocks written so
+    far and no [K, P, P]-sized scores exist at once."""
     model = nnx.merge(graphdef, state)
     k, p = tokens.shape
     ar = jnp.arange(p, dtype=jnp.int32)
     positions = jnp.broadcast_to(ar, (k, p))
     segment_ids = (ar[None, :] < lengths[:, None]).astype(jnp.int32)
     cache = _place(init_cache(model.config, k, cache_len))
-    out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
-                compute_logits=False, return_hidden=True)
-    h_last = out.hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
+    if chunk and chunk < p:
+        n = p // chunk
+
+        def one(cache, xs):
+            tok, pos, seg, start = xs
+            out = model(tok, pos, seg, cache=cache, write_idx=jnp.full((k,), start, jnp.int32),
+                        compute_logits=False, return_hidden=True)
+            return _place(out.cache), out.hidden
+
+        split = lambda a: a.reshape(k, n, chunk).swapaxes(0, 1)  # noqa: E731
+        cache, hidden = jax.lax.scan(one, cache, (split(tokens), split(positions), split(segment_ids),
+                                                  jnp.arange(n, dtype=jnp.int32) * chunk))
+        hidden = hidden.swapaxes(0, 1).reshape(k, p, -1)
+        out_cache = cache
+    else:
+        out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
+                    compute_logits=False, return_hidden=True)
+        hidden, out_cache = out.hidden, out.cache
+    h_last = hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
     logits = project(h_last, model.head_weight())
-    return _place(out.cache), _place({"logits": logits})["logits"]
+    return _place(out_cache), _place({"logits": logits})["logits"]
 
 
 def _empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int) -> DecodeState:
@@ -283,7 +310,7 @@ def _decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtere
     return _place(ds), _replicated(bt), _replicated(bl), _replicated(br), _replicated(steps)
 
 
-_PREFILL = jax.jit(_prefill, static_argnums=(0,), static_argnames=("cache_len",))
+_PREFILL = jax.jit(_prefill, static_argnums=(0,), static_argnames=("cache_len", "chunk"))
 _INSERT = jax.jit(_insert, donate_argnums=(0,))
 _DECODE = jax.jit(_decode, static_argnums=(0,), static_argnames=("chunk", "filtered"), donate_argnums=(2,))
 _EMPTY = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3))

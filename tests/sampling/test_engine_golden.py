@@ -24,6 +24,25 @@ def want():
 
 def test_tokens_and_logprobs_equal_the_previous_engine(runs, want):
     assert set(runs) == {k for k in want if int(k.split("/")[0]) in golden.TEST_SLOTS}
+    check_against_golden(runs, want)
+
+
+def test_blocked_cache_attention_and_chunked_prefill_equal_the_previous_engine(want):
+    """Cache blocks of 16 slots (the 64-slot cache read block by block, only up to the live length) and prompts
+    prefilled 8 positions at a time (the 20-token prompt in 4 chunks, each over the blocks written before it): the
+    golden tokens and log-probs still, at the 8-slot (capacity MoE) decode path."""
+    model = random_model(golden.config().replace(cache_block=16), seed=3)
+    check_against_golden(golden.run_all(model, (8,), prefill_chunk=8), want)
+
+
+def test_pallas_decode_attention_equals_the_previous_engine(want):
+    """Decode through the Pallas decode-attention kernel (interpret mode on CPU; each row's own live blocks of 16
+    slots): the golden tokens and log-probs, at the 2-slot decode path."""
+    model = random_model(golden.config().replace(cache_attn="pallas", cache_block=16), seed=3)
+    check_against_golden(golden.run_all(model, (2,)), want)
+
+
+def check_against_golden(runs, want):
     for name in runs:
         assert len(runs[name]) == len(want[name]), name
         for got, ref in zip(runs[name], want[name]):
