@@ -10,6 +10,7 @@ interval (``ring_jax.rl.evaluate.paired_difference``).  Writes ``evidence.md`` a
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 
@@ -55,6 +56,7 @@ def seed_runs(out, run, s):
              "+ seq_mean (sample-level GRPO)": f"{out}/agg_seq_mean/s{s}/eval_after_prompts.json",
              "+ token_mean": f"{out}/agg_token_mean/s{s}/eval_after_prompts.json",
              "+ more SFT, C3PO's token count": f"{out}/sftmore_eval/s{s}/eval_init_prompts.json"}
+    files.update({lever_name(d): f"{d}/s{s}/eval_after_prompts.json" for d in lever_dirs(out)})
     got = {k: _load(p) for k, p in files.items()}
     got = {k: v for k, v in got.items() if v is not None}
     if "SFT checkpoint" not in got:
@@ -63,10 +65,30 @@ def seed_runs(out, run, s):
     return {k: _restrict(v, keys) for k, v in got.items()}, len(keys)
 
 
+def lever_dirs(out):
+    """evidence_runs.sh WHAT=levers folders: lever_<flag>_<value>[_<flag>_<value>...]."""
+    return sorted(glob.glob(f"{out}/lever_*"))
+
+
+def lever_name(d):
+    """'lever_lr_2e-4_beta_0_alpha_ent_0' -> '+ C3PO, lr=2e-4 beta=0 alpha_ent=0' (flag names may hold '_')."""
+    parts = os.path.basename(d)[len("lever_"):].split("_")
+    out, key = [], []
+    for p in parts:  # a value starts with a digit or a sign; everything before it is the flag name
+        if p[:1].isdigit() or p[:1] in "+-.":
+            out.append(f"{'_'.join(key)}={p}")
+            key = []
+        else:
+            key.append(p)
+    return "+ C3PO, " + " ".join(out)
+
+
 def tokens_trained(out, run, s):
     rl = _jsonl(f"{run}/rl/metrics.jsonl")
     sm = _jsonl(f"{out}/sftmore/s{s}/metrics.jsonl")
-    return {"+ C3PO (the main job)": sum(r["kept_tokens"] for r in rl) if rl else None,
+    levers = {lever_name(d): sum(r["kept_tokens"] for r in _jsonl(f"{d}/s{s}/metrics.jsonl")) or None
+              for d in lever_dirs(out)}
+    return {**levers,"+ C3PO (the main job)": sum(r["kept_tokens"] for r in rl) if rl else None,
             "+ seq_mean (sample-level GRPO)": sum(r["kept_tokens"] for r in _jsonl(
                 f"{out}/agg_seq_mean/s{s}/metrics.jsonl")) or None,
             "+ token_mean": sum(r["kept_tokens"] for r in _jsonl(f"{out}/agg_token_mean/s{s}/metrics.jsonl")) or None,

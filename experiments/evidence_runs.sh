@@ -6,6 +6,8 @@
 #   sftmore      more SFT from the same checkpoint for as many tokens as C3PO trained on (the sum of Phi)
 #   picked       RL from the SFT checkpoint ring-jax-sft-entropy picks, against RL from the last one
 #   truncated    the whole main job on the ablation corpus (30% of the worked solutions cut before the answer)
+#   levers       the RL learning rate and the KL / entropy terms: LEVERS="lr=2e-4 lr=2e-4,beta=0,alpha_ent=0" (each
+#                entry: comma-separated ring-jax-rl flags that replace the main job's), same checkpoint and budget
 #
 # usage: experiments/evidence_runs.sh OUT RUN0 [RUN1 ...]
 #   RUNi: folders of `ring-jax-pipeline --seed=i` (finished); OUT: where the experiment runs go.
@@ -16,7 +18,8 @@
 # Then: python experiments/evidence_report.py OUT RUN0 [RUN1 ...] writes the tables and plots.
 set -euo pipefail
 OUT=$(realpath -m "$1"); shift
-WHAT=${WHAT:-"aggregation sftmore picked truncated"}
+WHAT=${WHAT:-"aggregation sftmore picked truncated"}  # levers: only when asked
+LEVERS=${LEVERS:-"lr=2e-4 lr=2e-4,beta=0,alpha_ent=0"}
 AGGS=${AGGS:-"seq_mean token_mean"}
 read -r -a SEEDS <<< "${SEEDS:-$(seq -s ' ' 0 $(($# - 1)))}"
 [ ${#SEEDS[@]} = $# ] || { echo "error: SEEDS has ${#SEEDS[@]} seeds for $# runs" >&2; exit 2; }
@@ -27,7 +30,8 @@ mkdir -p "$OUT"
 rl_flags() {  # $1 run folder, $2 seed: the pipeline's RL stage flags (ring_jax/cli/pipeline.py), no eval before
   echo --tokenizer="$1/tokenizer" --prompts_jsonl="$1/data/rl_prompts.jsonl" --eval_jsonl="$1/data/eval.jsonl" \
        --eval_n=8 --eval_seed=99000 --eval_slots=256 --num_slots=128 --steps=$STEPS --lr=5e-05 --warmup_steps=3 \
-       --updates_per_rollout=1 --prompts_per_step=16 --samples_per_prompt=8 --max_new_tokens=64 --seed="$2" \
+       --updates_per_rollout=1 --prompts_per_step=16 --samples_per_prompt=8 --budget=2048 \
+       --selection_order=informative_first --max_new_tokens=64 --seed="$2" \
        --ckpt_every=$STEPS --progress_bar=false
 }
 
@@ -86,6 +90,17 @@ EOF
       done_at "$D" $STEPS || { echo "-- RL from the picked checkpoint $PICK -> $D";
         $PY -m ring_jax.cli.rl --init_ckpt="$PICK" $(rl_flags "$RUN" $SEED) --eval_before=true --out_dir="$D"; }
     fi
+  fi
+
+  if [[ " $WHAT " == *" levers "* ]]; then
+    for L in $LEVERS; do
+      D="$OUT/lever_${L//[=,]/_}/s$SEED"
+      done_at "$D" $STEPS && { echo "-- $D done"; continue; }
+      echo "-- lever $L (seed $SEED) -> $D"
+      # later flags win in absl, so the lever's flags override rl_flags' --lr and the defaults' --beta/--alpha_ent
+      $PY -m ring_jax.cli.rl --init_ckpt="$RUN/sft/ckpt" $(rl_flags "$RUN" $SEED) --eval_before=false \
+          $(echo "$L" | tr ',' '\n' | sed 's/^/--/') --out_dir="$D"
+    done
   fi
 
   if [[ " $WHAT " == *" truncated "* ]] && [ "$SEED" = 0 ]; then

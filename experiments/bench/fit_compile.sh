@@ -27,7 +27,7 @@ for M in $MODES; do
   for P in $PROGRAMS; do for L in $LAYERS; do
     W=$(wall --num_layers="$L" --programs="$P" $FLAG)
     C=$(awk '/compile \(lower \+ compile\)/ {print $(NF-1)}' /tmp/fit_compile.$$ | head -1)
-    if [ "$M" = old ]; then C=$(echo "$W - $(wall --num_layers="$L" --programs=)" | bc); fi
+    if [ "$M" = old ]; then C=$(printf "%.1f" "$(echo "$W - $(wall --num_layers="$L" --programs=)" | bc)"); fi
     printf "%-4s %6s %-7s %12s %8.1f\n" "$P" "$L" "$M" "${C:-?}" "$W"
   done; done
 done
