@@ -169,8 +169,12 @@ def _quiet_abandoned_reads() -> None:
 def _keep_asyncio_record(record) -> bool:
     """False for asyncio's report of an abandoned future holding a tensorstore read error."""
     exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and "tensorstore" in str(exc) and str(record.msg).startswith(
-        ("Future exception was never retrieved", "Task exception was never retrieved")))
+    # orbax's wrapper reads "Encountered error while reading array index: ... See full TensorStore details": match
+    # case-insensitively (a lowercase-only match let some of these through, depending on which read failed last)
+    text = str(exc).lower() if exc is not None else ""
+    return not (("tensorstore" in text or text.startswith("encountered error while reading array index"))
+                and str(record.msg).startswith(("Future exception was never retrieved",
+                                                "Task exception was never retrieved")))
 
 
 def _checksums(tree) -> list[int]:

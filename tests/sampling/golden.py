@@ -34,13 +34,15 @@ def config():
     return get_preset("tiny").replace(num_experts=8, norm_head=True)
 
 
-def run_all(model, slots_list=SLOTS, **engine_kw) -> dict:
+def run_all(model, slots_list=SLOTS, cases=None, **engine_kw) -> dict:
     from ring_jax.sampling import SamplingEngine, SamplingParams
 
     out = {}
     for slots in slots_list:
         eng = SamplingEngine.from_model(model, num_slots=slots, chunk=4, **engine_kw)
         for name, kw in CASES.items():
+            if cases is not None and name not in cases:
+                continue
             comps = eng.generate(PROMPTS, SamplingParams(**kw), key=11)
             out[f"{slots}/{name}"] = [dict(prompt=c.prompt_index, sample=c.sample_index, tokens=c.token_ids.tolist(),
                                            logprobs=c.logprobs.tolist(), raw_logprobs=c.raw_logprobs.tolist(),

@@ -128,3 +128,20 @@ def test_old_layout_checkpoint_restores_stacked(setup):
             np.testing.assert_array_equal(value, want["opt" + old_key], err_msg=old_key)
             seen += 1
     assert seen == len([f for f in want.files if f.startswith("opt")])
+
+
+def test_abandoned_read_reports_are_filtered_and_nothing_else():
+    """asyncio's "exception was never retrieved" record for an abandoned orbax read is dropped, whatever the case of
+    "TensorStore" in it (CI once printed one whose message said only "TensorStore"); other records are kept."""
+    import logging
+
+    from ring_jax.train.checkpoint import _keep_asyncio_record
+
+    def record(msg, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None))
+
+    read = Exception("Encountered error while reading array index: (slice(0, 1, 1),). See full TensorStore details")
+    assert not _keep_asyncio_record(record("Future exception was never retrieved", read))
+    assert not _keep_asyncio_record(record("Task exception was never retrieved", ValueError("tensorstore: bad")))
+    assert _keep_asyncio_record(record("Future exception was never retrieved", ValueError("something else")))
+    assert _keep_asyncio_record(record("Unclosed client session", read))
