@@ -331,8 +331,8 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
         _fill_layer(cfg, i, model.first_layers[i], read, put)
     # the stacked layers: each filled on the host into its slice of one buffer per parameter, placed once complete
     bufs: dict = {}
+    one = nnx.eval_shape(lambda: DecoderLayer(cfg, k, nnx.Rngs(params=0)))  # every parameter is set per layer
     for i in range(k, cfg.num_hidden_layers):
-        one = nnx.eval_shape(lambda: DecoderLayer(cfg, k, nnx.Rngs(params=0)))
         _fill_layer(cfg, i, one, read, on_host)
         for path, var in _variables(one).items():
             a = var.get_value()

@@ -34,10 +34,9 @@ def numpy_params(abstract, seed=0, scale=0.05, noisy_norms=False):
     rng = np.random.default_rng(seed)
 
     def one(path, a):
-        if per_layer_ndim(path, a.shape) == 1:
-            return (1.0 + (scale * rng.standard_normal(a.shape) if noisy_norms else 0.0) * np.ones(a.shape)
-                    ).astype(np.float32)
-        return (scale * rng.standard_normal(a.shape)).astype(np.float32)
+        norm = per_layer_ndim(path, a.shape) == 1
+        noise = scale * rng.standard_normal(a.shape) if noisy_norms or not norm else np.zeros(a.shape)
+        return ((1.0 if norm else 0.0) + noise).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(one, abstract)
 
