@@ -139,6 +139,13 @@ def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, 
                     max_shard_size="2GB") -> str:
     """Write ``config.json``, safetensors shards and ``model.safetensors.index.json`` (and the tokenizer, if given:
     anything with ``save(dir)``).  Only JAX process 0 writes; the others return after the gathers."""
+    return write_pretrained(model.config, model_to_hf(model), out_dir, tokenizer, dtype, max_shard_size)
+
+
+def write_pretrained(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], out_dir: str, tokenizer=None,
+                     dtype: str = "bfloat16", max_shard_size="2GB") -> str:
+    """:func:`save_pretrained` from ``(HF name, array)`` pairs in :func:`model_to_hf`'s order (consumed one shard at
+    a time, so a caller may produce them lazily: ``ring_jax.hf_stream``)."""
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {sorted(_NP_DTYPES)}")
     np_dtype, limit = _NP_DTYPES[dtype], _parse_size(max_shard_size)
@@ -157,7 +164,7 @@ def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, 
             files.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 
-    for name, arr in model_to_hf(model):
+    for name, arr in tensors:
         arr = np.ascontiguousarray(arr.astype(np_dtype))
         if shard and shard_bytes + arr.nbytes > limit:
             flush()
@@ -174,7 +181,7 @@ def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, 
         weight_map.update({k: final for k in names})
     with open(os.path.join(tmp, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    cfg_dict = model.config.to_hf_dict()
+    cfg_dict = cfg.to_hf_dict()
     cfg_dict["torch_dtype"] = dtype
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2)
@@ -186,37 +193,50 @@ def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, 
 
 
 # ------------------------------------------------------------------------------------------------ load
-class _Reader:
-    """Reads named tensors from the shards of an HF directory, opening each shard lazily."""
+class SafetensorsReader:
+    """Reads named tensors from the shards of an HF directory, opening each shard lazily.  At most ``max_open``
+    shards stay open (least recently used closed first): an open shard is a memory map, and every page read
+    through it counts in the process's resident memory until it is closed."""
 
-    def __init__(self, hf_dir: str):
+    def __init__(self, hf_dir: str, max_open: int = 2):
         idx = os.path.join(hf_dir, INDEX_NAME)
         single = os.path.join(hf_dir, "model.safetensors")
-        self.handles, self.used = {}, set()
+        self.handles, self.used, self.max_open = {}, set(), max(1, max_open)
         if os.path.exists(idx):
             weight_map = _read_json(idx).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{idx}: no 'weight_map' object")
             self.where = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
-            self.handles[single] = _open_shard(single)
-            self.where = {k: single for k in self.handles[single].keys()}
+            self.where = {k: single for k in self._open(single, "").keys()}
         else:
             raise CheckpointError(f"{hf_dir}: no {INDEX_NAME} or model.safetensors")
+
+    def _open(self, path: str, name: str):
+        if path in self.handles:
+            self.handles[path] = self.handles.pop(path)  # most recently used last
+            return self.handles[path]
+        if not os.path.exists(path):
+            raise CheckpointError(f"shard {path} (holding {name!r}) not found")
+        while len(self.handles) >= self.max_open:
+            self.handles.pop(next(iter(self.handles)))  # dropping the handle unmaps the file
+        self.handles[path] = _open_shard(path)
+        return self.handles[path]
 
     def __call__(self, name: str, shape: tuple) -> np.ndarray:
         if name not in self.where:
             raise CheckpointError(f"missing tensor {name!r} (expected shape {shape})")
-        path = self.where[name]
-        if path not in self.handles:
-            if not os.path.exists(path):
-                raise CheckpointError(f"shard {path} (holding {name!r}) not found")
-            self.handles[path] = _open_shard(path)
-        arr = self.handles[path].get_tensor(name)
+        arr = self._open(self.where[name], name).get_tensor(name)
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         self.used.add(name)
         return arr.astype(np.float32)
+
+    def shape(self, name: str) -> tuple | None:
+        """The stored shape of ``name`` (None when the index does not list it), from the shard's header only."""
+        if name not in self.where:
+            return None
+        return tuple(self._open(self.where[name], name).get_slice(name).get_shape())
 
     def unexpected(self) -> list[str]:
         return sorted(set(self.where) - self.used)
@@ -243,7 +263,9 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def _fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
+def fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
+    """Read decoder layer ``i``'s tensors with ``read(hf_name, shape)`` and hand each to ``put(variable, array)``
+    in ring_jax's layout (``layer`` is a DecoderLayer, abstract or concrete, whose Variables name the targets)."""
     p = f"model.layers.{i}."
     shapes = expected_shapes(cfg)
     r = lambda n: read(p + n, shapes[p + n])  # noqa: E731
@@ -281,7 +303,7 @@ def _fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
             put(getattr(mlp, f"{n}_proj"), r(f"mlp.{n}_proj.weight").T)
 
 
-def _variables(module) -> dict:
+def module_variables(module) -> dict:
     """{path: Variable} of a module (the module's own Variable objects)."""
     return {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
 
@@ -308,7 +330,7 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
     cfg = load_config(hf_dir, **runtime)
     model = nnx.eval_shape(lambda: build_model(cfg))
     pdt = jnp.dtype(cfg.param_dtype)
-    read = _Reader(hf_dir)
+    read = SafetensorsReader(hf_dir)
     shapes = expected_shapes(cfg)
 
     def on_host(var: nnx.Param, arr: np.ndarray):
@@ -328,16 +350,16 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
     put(model.word_embeddings, read("model.word_embeddings.weight", shapes["model.word_embeddings.weight"]))
     k = cfg.num_first_layers
     for i in range(k):
-        _fill_layer(cfg, i, model.first_layers[i], read, put)
+        fill_layer(cfg, i, model.first_layers[i], read, put)
     # the stacked layers: each filled on the host into its slice of one buffer per parameter, placed once complete
     bufs: dict = {}
     one = nnx.eval_shape(lambda: DecoderLayer(cfg, k, nnx.Rngs(params=0)))  # every parameter is set per layer
     for i in range(k, cfg.num_hidden_layers):
-        _fill_layer(cfg, i, one, read, on_host)
-        for path, var in _variables(one).items():
+        fill_layer(cfg, i, one, read, on_host)
+        for path, var in module_variables(one).items():
             a = var.get_value()
             bufs.setdefault(path, np.empty((cfg.num_hidden_layers - k,) + a.shape, a.dtype))[i - k] = a
-    for path, var in _variables(model.layers).items():
+    for path, var in module_variables(model.layers).items():
         put(var, bufs.pop(path))
     put(model.norm.weight, read("model.norm.weight", shapes["model.norm.weight"]))
     if not cfg.tie_word_embeddings:
@@ -350,4 +372,4 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
 
 
 __all__ = ["CheckpointError", "ConfigError", "expected_shapes", "load_config", "load_pretrained", "model_to_hf",
-           "save_pretrained"]
+           "SafetensorsReader", "fill_layer", "module_variables", "save_pretrained", "write_pretrained"]

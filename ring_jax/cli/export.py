@@ -26,6 +26,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype of the written tensors")
     flags.DEFINE_string("tokenizer", "", "tokenizer to include (default: the run directory's tokenizer/)")
     flags.DEFINE_string("max_shard_size", "2GB", "safetensors shard size")
+    flags.DEFINE_bool("stream", False, "read and write one decoder layer at a time, never holding the model (for a "
+                      "model larger than the host's RAM; one process, --mesh is not used)")
     common.define_runtime_flags()
     flags.mark_flags_as_required(["ckpt_dir", "out_dir"])
 
@@ -49,12 +51,17 @@ def restore_model(ckpt_dir: str, step: int | None = None, mesh=None, **overrides
 
 
 def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
-                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB") -> tuple[str, int]:
-    """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it.
-    Returns (out_dir, step)."""
+                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB",
+                      stream: bool = False) -> tuple[str, int]:
+    """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it
+    (``stream``: ``ring_jax.hf_stream`` writes the same files one layer at a time).  Returns (out_dir, step)."""
     from ring_jax.hf import save_pretrained
+    from ring_jax.train.checkpoint import resolve_ckpt_dir
 
-    model, run_dir, step = restore_model(ckpt_dir, step, mesh)
+    if stream:
+        run_dir, ckpt_path = resolve_ckpt_dir(ckpt_dir)
+    else:
+        model, run_dir, step = restore_model(ckpt_dir, step, mesh)
     tok = None
     tok_path = tokenizer or os.path.join(run_dir, "tokenizer")
     if os.path.isdir(tok_path) or os.path.isfile(tok_path):
@@ -65,6 +72,10 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtyp
         except FileNotFoundError:
             if tokenizer:
                 raise
+    if stream:
+        from ring_jax.hf_stream import export_streaming
+
+        return export_streaming(ckpt_path, step, out_dir, dtype, tok, max_shard_size)
     save_pretrained(model, out_dir, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
     return out_dir, step
 
@@ -78,7 +89,7 @@ def main(argv):
     mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
     try:
         out, step = export_checkpoint(FLAGS.ckpt_dir, FLAGS.out_dir, None if FLAGS.step < 0 else FLAGS.step,
-                                      FLAGS.dtype, FLAGS.tokenizer, mesh, FLAGS.max_shard_size)
+                                      FLAGS.dtype, FLAGS.tokenizer, mesh, FLAGS.max_shard_size, FLAGS.stream)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         common.die(str(e))
     print(f"exported step {step} of {FLAGS.ckpt_dir} to {out}", flush=True)

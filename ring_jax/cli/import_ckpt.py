@@ -2,6 +2,7 @@
 
     ring-jax-import --hf_dir=/models/Ling-lite-1.5 --out_dir=runs/ling_init --mesh=fsdp:16,expert:8
     ring-jax-sft --init_ckpt=runs/ling_init ...        # start SFT from it (fresh optimizer state)
+    ring-jax-import --hf_dir=... --out_dir=... --param_dtype=bfloat16 --stream   # a model larger than host RAM
 
 The parameters are loaded straight into their shards (``--mesh``) and written by every process; the config goes
 into the checkpoint's metadata and ``<out_dir>/config.json``, the tokenizer (if the HF directory has one) into
@@ -29,25 +30,35 @@ def define_flags() -> None:
                       "directory has loaded) and replaced by the import; without it a non-empty --out_dir is refused")
     flags.DEFINE_integer("step", 0, "step number of the written checkpoint")
     flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "stored parameter dtype")
+    flags.DEFINE_bool("stream", False, "convert one decoder layer at a time, never holding the model: host memory "
+                      "stays near one layer (for a model larger than the host's RAM; one process only)")
     common.define_runtime_flags()
     flags.mark_flags_as_required(["hf_dir", "out_dir"])
 
 
 def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "float32", mesh=None,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, stream: bool = False) -> str:
     """Write ``<out_dir>/ckpt/<step>`` (parameters + meta) from an HF directory; returns the checkpoint dir.
-    ``out_dir`` should be new or empty; ``overwrite`` first empties it (after the HF directory has loaded, so a bad
-    one leaves it untouched)."""
+    ``out_dir`` should be new or empty; ``overwrite`` first empties it (after the HF directory has loaded, or with
+    ``stream`` after its config and tensor shapes have checked out, so a bad one leaves it untouched).  ``stream``:
+    ``ring_jax.hf_stream`` writes the same checkpoint one layer at a time."""
     import jax
 
-    from ring_jax.hf import load_pretrained
+    from ring_jax.hf import SafetensorsReader, load_config, load_pretrained
     from ring_jax.sharding import param_sharding_fn
     from ring_jax.train.checkpoint import Checkpointer
     from ring_jax.train.step import split_model
 
-    model, cfg = load_pretrained(hf_dir, param_dtype=param_dtype,
-                                 shardings=param_sharding_fn(mesh) if mesh is not None else None)
-    _, _, params = split_model(model)
+    if stream:
+        from ring_jax.hf_stream import check_tensors
+
+        cfg = load_config(hf_dir, param_dtype=param_dtype)
+        check_tensors(cfg, SafetensorsReader(hf_dir))
+        params = None
+    else:
+        model, cfg = load_pretrained(hf_dir, param_dtype=param_dtype,
+                                     shardings=param_sharding_fn(mesh) if mesh is not None else None)
+        _, _, params = split_model(model)
     tokenizer = None
     if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
         from ring_jax.data import load_tokenizer
@@ -56,11 +67,16 @@ def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "floa
     if overwrite:
         _empty_dir(out_dir)
     ckpt_dir = os.path.join(os.path.abspath(out_dir), "ckpt")
-    ckpt = Checkpointer(ckpt_dir, keep=None)
     meta = {"model_config": cfg.to_hf_dict(), "runtime": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
             "source": os.path.abspath(hf_dir)}
-    ckpt.save(step, params=params, meta=meta, wait=True)
-    ckpt.close()
+    if stream:
+        from ring_jax.hf_stream import import_hf_streaming
+
+        import_hf_streaming(hf_dir, ckpt_dir, step, param_dtype, mesh, meta=meta)
+    else:
+        ckpt = Checkpointer(ckpt_dir, keep=None)
+        ckpt.save(step, params=params, meta=meta, wait=True)
+        ckpt.close()
     if jax.process_index() == 0:
         common.write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict())
         if tokenizer is not None:
@@ -109,11 +125,13 @@ def main(argv):
     common.init_distributed()
     from ring_jax.hf import CheckpointError as HFError
     from ring_jax.config import ConfigError
+    from ring_jax.train.checkpoint import CheckpointError
 
     mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
     try:
-        ckpt_dir = import_hf(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.step, FLAGS.param_dtype, mesh, FLAGS.overwrite)
-    except (HFError, ConfigError) as e:
+        ckpt_dir = import_hf(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.step, FLAGS.param_dtype, mesh, FLAGS.overwrite,
+                             FLAGS.stream)
+    except (HFError, ConfigError, CheckpointError) as e:
         common.die(str(e))
     print(f"imported {FLAGS.hf_dir} -> {ckpt_dir}/{FLAGS.step}", flush=True)
 
