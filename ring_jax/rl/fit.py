@@ -246,8 +246,9 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
             chunk: int = 32, resident_ref: bool = True) -> tuple[Report, Report]:
     """(prefill, decode) of the sampling engine with ``num_slots`` sequences generated concurrently (the decode
     batch) and a cache of S = the engine's bucket of prompt_len + max_new_tokens slots each.  Prefill takes
-    ``prefill_batch`` prompts (default num_slots) and writes a fresh [prefill_batch, S] cache that the engine then
-    copies into the decode state; during prefill the decode state is resident.  The trainer's optimizer state (and
+    ``prefill_batch`` prompts (default num_slots) and writes a fresh [prefill_batch, P] cache (P: the prompt bucket)
+    that the engine then copies into the first P positions of slots of the decode state; during prefill the decode
+    state is resident.  The trainer's optimizer state (and
     the reference model with ``resident_ref``) stay resident throughout the rollout."""
     cfg, mesh = setup.cfg, setup.mesh
     pb, s = cache_len_for(cfg, prompt_len, max_new_tokens)
@@ -260,7 +261,7 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
         resident["reference params"] = setup.params_bytes
     rsh1, rsh2 = setup.row_sharding(1), setup.row_sharding(2)
     with jax.set_mesh(mesh):
-        prefill = functools.partial(eng._prefill, setup.graphdef, cache_len=s, chunk=eng.PREFILL_CHUNK)
+        prefill = functools.partial(eng._prefill, setup.graphdef, cache_len=pb, chunk=eng.PREFILL_CHUNK)
         cache_abs, logits_abs = jax.eval_shape(prefill,
                                                setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         cache_sh = decode_state_shardings(cache_abs, mesh)
@@ -272,7 +273,7 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
                                out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4), donate_argnums=(1,)),
                        setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32))
     cache_bytes, ds_bytes = decode_state_bytes(setup, num_slots, s)
-    pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {s} cache", pre,
+    pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {pb} cache", pre,
                     {"params": setup.params_bytes, "prompts": 2 * _batch_bytes(setup, setup.rows((k,)))
                      + _batch_bytes(setup, setup.rows((k, pb)))},
                     {**resident, "decode state (KV cache of all slots)": ds_bytes})

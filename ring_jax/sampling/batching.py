@@ -107,7 +107,7 @@ def run(engine: SamplingEngine, prompts, params, *, key, state, mode, on_tokens)
         for row, r in enumerate(reqs):
             toks[row, :len(prompts[r])] = prompts[r]
             lens[row] = len(prompts[r])
-        cache, logits = engine._prefill(state, toks, lens, cache_len=s)
+        cache, logits = engine._prefill(state, toks, lens, cache_len=pb)  # insert copies these P positions
         gid = stats["prefill_calls"]
         groups[gid] = _Group(cache, logits, {r: row for row, r in enumerate(reqs)},
                              sum(params_list[r].n for r in reqs))
@@ -157,7 +157,10 @@ def run(engine: SamplingEngine, prompts, params, *, key, state, mode, on_tokens)
     while pending or any(x is not None for x in slots):
         free = [i for i, x in enumerate(slots) if x is None]
         if pending and free and (mode == "continuous" or len(free) == b):
+            ta = time.perf_counter()
             admit(free)
+            jax.block_until_ready(ds)  # prefill + insert finish here, so decode_seconds times decode alone
+            stats["admit_seconds"] += time.perf_counter() - ta
         n_active = sum(x is not None for x in slots)
         min_active = n_active if (mode == "continuous" and pending) else 1
         td = time.perf_counter()

@@ -239,20 +239,32 @@ def _empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int
 def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
             temperature, top_p, top_k, stop_ids) -> DecodeState:
     """Copy prefilled rows ``src_rows`` of (src_cache, src_logits) into slots ``dst`` (dst == num_slots: dummy,
-    dropped) and set those rows' sampling parameters; their sequences start now (active, ngen 0, pos = length)."""
+    dropped) and set those rows' sampling parameters; their sequences start now (active, ngen 0, pos = length).
+
+    ``src_cache`` holds P <= S positions (the prompt bucket): only the first P positions of each slot's keys and values
+    are written, so admitting a prompt costs its own length, not the cache's.  The slot's segment ids and positions
+    are rewritten whole (0 past P), which masks whatever the slot's previous sequence left in its keys and values
+    there until decode overwrites it."""
+    p = src_cache.segment_ids.shape[1]
+
     def put(big, small):
         return big.at[dst].set(small[src_rows].astype(big.dtype), mode="drop")
 
-    def put_kv(big, small):  # [L, slots, ...]: the slots are the second axis
-        return big.at[:, dst].set(small[:, src_rows].astype(big.dtype), mode="drop")
+    def put_row(big, small):  # [slots, S] from [rows, P]: the rest of the row is emptied
+        full = jnp.zeros((small.shape[0], big.shape[1]), big.dtype).at[:, :p].set(small.astype(big.dtype))
+        return put(big, full)
+
+    def put_kv(big, small, axis):  # [L, slots, ...]: the slots are the second axis, positions at ``axis``
+        idx = (slice(None), dst) + (slice(None),) * (axis - 2) + (slice(0, p),)
+        return big.at[idx].set(small[:, src_rows].astype(big.dtype), mode="drop")
 
     base = jax.random.wrap_key_data(base_key)
     seq_keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(req_ids, copy_ids)
     ones = jnp.ones(dst.shape, bool)
     return _place(DecodeState(
-        cache=ds.cache._replace(k=put_kv(ds.cache.k, src_cache.k), v=put_kv(ds.cache.v, src_cache.v),
-                                segment_ids=put(ds.cache.segment_ids, src_cache.segment_ids),
-                                positions=put(ds.cache.positions, src_cache.positions)),
+        cache=ds.cache._replace(k=put_kv(ds.cache.k, src_cache.k, 4), v=put_kv(ds.cache.v, src_cache.v, 3),
+                                segment_ids=put_row(ds.cache.segment_ids, src_cache.segment_ids),
+                                positions=put_row(ds.cache.positions, src_cache.positions)),
         logits=put(ds.logits, src_logits),
         keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
         pos=ds.pos.at[dst].set(lengths, mode="drop"), ngen=ds.ngen.at[dst].set(0, mode="drop"),

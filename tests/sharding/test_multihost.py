@@ -61,12 +61,12 @@ def test_a_dead_peer_fails_fast(tmp_path):
     port = _free_port()
     # a short initialization timeout: the peer never comes, so the survivor waits all of it (the test's cost, idle
     # wall time on one of the suite's two workers)
-    env = dict(os.environ, PYTHONPATH=ROOT, RING_JAX_TEST_INIT_TIMEOUT_S="5")
+    env = dict(os.environ, PYTHONPATH=ROOT, RING_JAX_TEST_INIT_TIMEOUT_S="2")
     p0 = subprocess.Popen([sys.executable, WORKER, "0", str(port), str(tmp_path / "o0.json")], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     t0 = time.time()
     try:
-        p0.wait(timeout=150)  # initialization_timeout=5 s: it must give up by itself
+        p0.wait(timeout=150)  # initialization_timeout=2 s: it must give up by itself
     except subprocess.TimeoutExpired:
         os.killpg(p0.pid, signal.SIGKILL)
         p0.wait()
