@@ -11,6 +11,7 @@ config fields the model cannot honour are errors that name the tensor or field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,12 +37,22 @@ class CheckpointError(ValueError):
 
 
 def _np(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x), dtype=np.float32)
+    """A host copy in the parameter's own dtype (float32 or bfloat16): every layout change below is exact in any
+    dtype, and the writer converts once (``as_dtype``)."""
+    return np.asarray(jax.device_get(x))
+
+
+def as_dtype(arr: np.ndarray, dtype) -> np.ndarray:
+    """``arr`` in ``dtype``, rounding once: float32 and ``dtype`` itself convert directly, anything else goes
+    through float32 (so e.g. bfloat16 -> float16 rounds as bfloat16 -> float32 -> float16 always did)."""
+    if arr.dtype == dtype or arr.dtype == np.float32:
+        return arr.astype(dtype, copy=False)
+    return arr.astype(np.float32).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ name mapping
 def layer_to_hf(cfg: ModelConfig, i: int, layer) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, float32 array) of decoder layer ``i`` (a ring_jax DecoderLayer)."""
+    """(HF name, array in the parameter's dtype) of decoder layer ``i`` (a ring_jax DecoderLayer)."""
     p = f"model.layers.{i}."
     h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size
     at = layer.attention
@@ -165,7 +176,7 @@ def write_pretrained(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]]
         shard, shard_bytes = {}, 0
 
     for name, arr in tensors:
-        arr = np.ascontiguousarray(arr.astype(np_dtype))
+        arr = np.ascontiguousarray(as_dtype(arr, np_dtype))
         if shard and shard_bytes + arr.nbytes > limit:
             flush()
         shard[name] = arr
@@ -196,12 +207,15 @@ def write_pretrained(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]]
 class SafetensorsReader:
     """Reads named tensors from the shards of an HF directory, opening each shard lazily.  At most ``max_open``
     shards stay open (least recently used closed first): an open shard is a memory map, and every page read
-    through it counts in the process's resident memory until it is closed."""
+    through it counts in the process's resident memory until it is closed.  ``mmap=False`` reads with plain file
+    reads instead (nothing stays resident; ``ring_jax.hf_stream``).  Tensors come as float32, or with
+    ``as_float32=False`` in their stored dtype."""
 
-    def __init__(self, hf_dir: str, max_open: int = 2):
+    def __init__(self, hf_dir: str, max_open: int = 2, mmap: bool = True, as_float32: bool = True):
         idx = os.path.join(hf_dir, INDEX_NAME)
         single = os.path.join(hf_dir, "model.safetensors")
         self.handles, self.used, self.max_open = {}, set(), max(1, max_open)
+        self.opener, self.as_float32 = (_open_shard if mmap else _PlainShard), as_float32
         if os.path.exists(idx):
             weight_map = _read_json(idx).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -220,7 +234,7 @@ class SafetensorsReader:
             raise CheckpointError(f"shard {path} (holding {name!r}) not found")
         while len(self.handles) >= self.max_open:
             self.handles.pop(next(iter(self.handles)))  # dropping the handle unmaps the file
-        self.handles[path] = _open_shard(path)
+        self.handles[path] = self.opener(path)
         return self.handles[path]
 
     def __call__(self, name: str, shape: tuple) -> np.ndarray:
@@ -230,7 +244,7 @@ class SafetensorsReader:
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
         self.used.add(name)
-        return arr.astype(np.float32)
+        return arr.astype(np.float32) if self.as_float32 else arr
 
     def shape(self, name: str) -> tuple | None:
         """The stored shape of ``name`` (None when the index does not list it), from the shard's header only."""
@@ -249,6 +263,59 @@ def _open_shard(path: str):
         return safe_open(path, framework="numpy")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+_ST_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+
+
+class _PlainShard:
+    """A safetensors file read with ``pread`` (the header, then one tensor's bytes at a time), never mapped: the
+    same ``keys`` / ``get_tensor`` / ``get_slice(name).get_shape()`` as a ``safe_open`` handle, and the same
+    CheckpointError naming the file when its header is unreadable or promises more bytes than the file holds."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header of {n} bytes in a file of {size}")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, t in header.items():
+                b, e = t["data_offsets"]
+                if t["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{name}: dtype {t['dtype']} (ring_jax reads F32, BF16, F16)")
+                if e - b != int(np.prod(t["shape"])) * _ST_DTYPES[t["dtype"]].itemsize or 8 + n + e > size:
+                    raise ValueError(f"{name}: bytes {b}..{e} do not fit its shape or the file")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        self.header, self.base = header, 8 + n
+
+    def keys(self):
+        return list(self.header)
+
+    def get_slice(self, name: str):
+        return _Shape(tuple(self.header[name]["shape"]))
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        t = self.header[name]
+        b, e = t["data_offsets"]
+        buf = bytearray(e - b)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + b)
+            if f.readinto(buf) != e - b:
+                raise CheckpointError(f"{self.path}: {name} is cut short")
+        return np.frombuffer(buf, _ST_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    shape: tuple
+
+    def get_shape(self) -> tuple:
+        return self.shape
 
 
 def _read_json(path: str) -> dict:
@@ -372,4 +439,4 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
 
 
 __all__ = ["CheckpointError", "ConfigError", "expected_shapes", "load_config", "load_pretrained", "model_to_hf",
-           "SafetensorsReader", "fill_layer", "module_variables", "save_pretrained", "write_pretrained"]
+           "SafetensorsReader", "as_dtype", "fill_layer", "module_variables", "save_pretrained", "write_pretrained"]

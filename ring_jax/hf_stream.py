@@ -37,7 +37,7 @@ from flax import nnx
 
 from ring_jax.config import ModelConfig
 from ring_jax.hf import CheckpointError as HFError
-from ring_jax.hf import (SafetensorsReader, expected_shapes, fill_layer, layer_to_hf, load_config,
+from ring_jax.hf import (SafetensorsReader, as_dtype, expected_shapes, fill_layer, layer_to_hf, load_config,
                          module_variables, write_pretrained)
 from ring_jax.model.transformer import DecoderLayer, build_model
 from ring_jax.train.checkpoint import PARAM_LAYOUT, CheckpointError
@@ -216,24 +216,23 @@ def _read_layer(cfg: ModelConfig, i: int, read: Callable, module) -> dict[tuple,
     return out
 
 
-def _hf_parts(cfg: ModelConfig, read: Callable) -> Iterator[tuple[int, tuple, int | None, np.ndarray]]:
-    """(decoder layer or -1 before the layers or L after them, leaf keys, index in the stack or None, float32 array)
-    for every parameter, one decoder layer at a time, read from the HF directory."""
+def _hf_parts(cfg: ModelConfig, read: Callable) -> Iterator[list[tuple[tuple, int | None, np.ndarray]]]:
+    """Every parameter read from the HF directory, one group at a time (the embedding, each decoder layer, the final
+    norm and head): lists of (leaf keys, index in the stack or None, array in the stored dtype).  The next group is
+    read only when asked for, so a caller that finishes with a group first holds one group at a time."""
     shapes = expected_shapes(cfg)
-    n, k = cfg.num_hidden_layers, cfg.num_first_layers
-    yield -1, ("word_embeddings",), None, read("model.word_embeddings.weight",
-                                               shapes["model.word_embeddings.weight"])
-    for i in range(n):
+    k = cfg.num_first_layers
+    yield [(("word_embeddings",), None, read("model.word_embeddings.weight",
+                                             shapes["model.word_embeddings.weight"]))]
+    for i in range(cfg.num_hidden_layers):
         layer = _read_layer(cfg, i, read, _layer_module(cfg, i) if i < k else _stack_module(cfg))
-        for path, arr in layer.items():
-            if i < k:
-                yield i, ("first_layers", i) + tuple(path), None, arr
-            else:
-                yield i, ("layers",) + tuple(path), i - k, arr
+        yield [(("first_layers", i) + tuple(path), None, arr) if i < k else (("layers",) + tuple(path), i - k, arr)
+               for path, arr in layer.items()]
         del layer
-    yield n, ("norm", "weight"), None, read("model.norm.weight", shapes["model.norm.weight"])
+    last = [(("norm", "weight"), None, read("model.norm.weight", shapes["model.norm.weight"]))]
     if not cfg.tie_word_embeddings:
-        yield n, ("lm_head",), None, read("lm_head.weight", shapes["lm_head.weight"]).T
+        last.append((("lm_head",), None, read("lm_head.weight", shapes["lm_head.weight"]).T))
+    yield last
 
 
 _STACK_MODULES: dict = {}
@@ -270,7 +269,7 @@ def import_hf_streaming(hf_dir: str, ckpt_dir: str, step: int = 0, param_dtype: 
     if jax.process_count() > 1:
         raise CheckpointError("--stream import runs in one process (it writes the whole checkpoint itself)")
     cfg = load_config(hf_dir, param_dtype=param_dtype)
-    read = SafetensorsReader(hf_dir)
+    read = SafetensorsReader(hf_dir, mmap=False, as_float32=False)  # nothing mapped, nothing widened
     check_tensors(cfg, read)
     ls = leaves(cfg, mesh)
     final = os.path.join(os.path.abspath(ckpt_dir), str(step))
@@ -297,20 +296,21 @@ def _write_params(cfg, read, ls, params_dir, tmp, final, meta, step, log) -> Non
     arrays = {leaf.keys: ts.open(_spec(params_dir, leaf, _zarr_metadata(leaf)), create=True,
                                  context=context).result() for leaf in ls}
     sums = {leaf.keys: Checksum() for leaf in ls}
-    pending, layer_now, t0 = [], -1, time.time()
-    for i, keys, j, arr in _hf_parts(cfg, read):
-        if i != layer_now:  # the previous layer is complete: let its writes finish before reading on
-            _wait(pending)
-            pending = []
-            if 0 <= layer_now < cfg.num_hidden_layers:
-                log(f"  layer {layer_now + 1}/{cfg.num_hidden_layers} written ({time.time() - t0:.0f}s)")
-            layer_now = i
-        leaf = by_keys[keys]
-        value = np.ascontiguousarray(arr.astype(leaf.dtype))
-        del arr
-        sums[keys].add(value, 0 if j is None else j * int(np.prod(leaf.shape[1:])))
-        pending.append((arrays[keys] if j is None else arrays[keys][j]).write(value))
-    _wait(pending)
+    t0 = time.time()
+    for g, group in enumerate(_hf_parts(cfg, read)):
+        pending = []
+        while group:
+            keys, j, arr = group.pop(0)
+            leaf = by_keys[keys]
+            value = np.ascontiguousarray(as_dtype(arr, leaf.dtype))
+            del arr
+            sums[keys].add(value, 0 if j is None else j * int(np.prod(leaf.shape[1:])))
+            pending.append((arrays[keys] if j is None else arrays[keys][j]).write(value))
+            del value
+        _wait(pending)  # this group is on disk before the next is read
+        del pending
+        if 1 <= g <= cfg.num_hidden_layers:
+            log(f"  layer {g}/{cfg.num_hidden_layers} written ({time.time() - t0:.0f}s)")
     del arrays, context
     meta = dict(meta or {}, step=int(step), has_state=False, checksums={"params": [sums[leaf.keys].value
                                                                                      for leaf in ls]},
@@ -341,7 +341,7 @@ def _open_params(step_dir: str, cfg: ModelConfig) -> dict[tuple, ts.TensorStore]
 
 
 def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tuple]:
-    """model_to_hf's (name, float32 array) pairs, read from the checkpoint one layer at a time, each array's
+    """model_to_hf's (name, array) pairs, read from the checkpoint one layer at a time, each array's
     checksum accumulated as it is read."""
     def get(keys, j=None):
         arr = arrays[keys]
@@ -354,7 +354,7 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
             var.set_value(value_of(tuple(path)))
         return module
 
-    yield "model.word_embeddings.weight", get(("word_embeddings",)).astype(np.float32)
+    yield "model.word_embeddings.weight", get(("word_embeddings",))
     k = cfg.num_first_layers
     for i in range(cfg.num_hidden_layers):
         if i < k:
@@ -363,9 +363,9 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
             module = filled(_stack_module(cfg), lambda path: get(("layers",) + path, i - k))
         yield from layer_to_hf(cfg, i, module)
         module = None
-    yield "model.norm.weight", get(("norm", "weight")).astype(np.float32)
+    yield "model.norm.weight", get(("norm", "weight"))
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", get(("lm_head",)).astype(np.float32).T
+        yield "lm_head.weight", get(("lm_head",)).T
 
 
 def export_streaming(ckpt_dir: str, step: int | None, out_dir: str, dtype: str = "bfloat16", tokenizer=None,

@@ -159,3 +159,23 @@ def test_a_bad_hf_directory_fails_before_anything_is_written(pair, tmp_path):
     with pytest.raises(HFError, match=r"missing tensor 'model.layers.2.mlp.experts.3.down_proj.weight'"):
         import_hf(str(hf), str(out), stream=True, overwrite=True)
     assert os.listdir(out) == ["keep"]
+    # a shard cut short (the streaming reader's own header check, not safetensors'): named, still before writing
+    shutil.copy(root / "hf" / "model.safetensors.index.json", hf / "model.safetensors.index.json")
+    shard = hf / index["weight_map"]["model.layers.3.mlp.experts.0.up_proj.weight"]
+    os.truncate(shard, os.path.getsize(shard) - 100)
+    with pytest.raises(HFError, match=f"{shard.name}: unreadable safetensors file"):
+        import_hf(str(hf), str(out), stream=True, overwrite=True)
+    assert os.listdir(out) == ["keep"]
+
+
+def test_the_plain_reader_reads_what_safetensors_reads(pair):
+    from ring_jax.hf import SafetensorsReader
+
+    case, root, mesh = pair
+    plain = SafetensorsReader(str(root / "hf"), mmap=False, as_float32=False)
+    mapped = SafetensorsReader(str(root / "hf"), as_float32=False)  # safetensors' own safe_open
+    assert set(plain.where) == set(mapped.where)
+    for name in plain.where:
+        a, b = plain(name, plain.shape(name)), mapped(name, mapped.shape(name))
+        assert a.dtype == b.dtype == ml_dtypes.bfloat16 and a.shape == b.shape
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
