@@ -44,7 +44,6 @@ from ring_jax.train.checkpoint import PARAM_LAYOUT, CheckpointError
 
 _STD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 _JSON_HANDLER = "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"
-_NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _MASK = 0xFFFFFFFF
 _BLOCK = 1 << 24  # checksum words per numpy pass (64 MiB of uint32)
 
@@ -138,7 +137,7 @@ def _spec(params_dir: str, leaf: Leaf, metadata: dict | None = None) -> dict:
 
 def _zarr_metadata(leaf: Leaf) -> dict:
     return {"chunks": list(leaf.chunk_shape), "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
-            "dtype": "bfloat16" if leaf.dtype == _NP["bfloat16"] else leaf.dtype.str, "fill_value": None,
+            "dtype": "bfloat16" if leaf.dtype == ml_dtypes.bfloat16 else leaf.dtype.str, "fill_value": None,
             "filters": None, "order": "C", "shape": list(leaf.shape), "zarr_format": 2}
 
 
@@ -175,8 +174,7 @@ def _commit_marker(path: str, shown: str) -> None:
         f.write(f"Checkpoint commit was successful to {shown}")
 
 
-def _write_orbax_metadata(step_dir: str, final_dir: str, tmp_dir: str, ls: list[Leaf], meta: dict,
-                          started_ns: int) -> None:
+def _write_orbax_metadata(step_dir: str, final_dir: str, ls: list[Leaf], meta: dict, started_ns: int) -> None:
     """Every file orbax writes beside the arrays of a params-only step (``Checkpointer.save(params=...)``)."""
     params = os.path.join(step_dir, "params")
     tree = {str(tuple(str(k) for k in leaf.keys)): {"key_metadata": [{"key": str(k), "key_type": 2} for k in leaf.keys],
@@ -195,7 +193,7 @@ def _write_orbax_metadata(step_dir: str, final_dir: str, tmp_dir: str, ls: list[
         os.makedirs(os.path.join(step_dir, item), exist_ok=True)
         _write_json(os.path.join(step_dir, item, "metadata"), obj)
     for item in ("params", "meta", "data"):
-        _commit_marker(os.path.join(step_dir, item), os.path.join(tmp_dir, item))
+        _commit_marker(os.path.join(step_dir, item), os.path.join(step_dir, item))
     _write_json(os.path.join(step_dir, "_CHECKPOINT_METADATA"), {
         "item_handlers": {"data": _JSON_HANDLER, "meta": _JSON_HANDLER, "params": _STD_HANDLER},
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
@@ -209,7 +207,7 @@ def _layer_module(cfg: ModelConfig, i: int):
 
 
 def _read_layer(cfg: ModelConfig, i: int, read: Callable, module) -> dict[tuple, np.ndarray]:
-    """{variable path: array} of decoder layer ``i`` in ring_jax's layout (float32, as read)."""
+    """{variable path: array} of decoder layer ``i`` in ring_jax's layout (in the dtype ``read`` returns)."""
     by_id = {id(v): path for path, v in module_variables(module).items()}
     out = {}
     fill_layer(cfg, i, module, read, lambda var, arr: out.__setitem__(by_id[id(var)], arr))
@@ -222,10 +220,11 @@ def _hf_parts(cfg: ModelConfig, read: Callable) -> Iterator[list[tuple[tuple, in
     read only when asked for, so a caller that finishes with a group first holds one group at a time."""
     shapes = expected_shapes(cfg)
     k = cfg.num_first_layers
+    stack = _layer_module(cfg, k)  # every stacked layer has this one's shapes: built once, refilled per layer
     yield [(("word_embeddings",), None, read("model.word_embeddings.weight",
                                              shapes["model.word_embeddings.weight"]))]
     for i in range(cfg.num_hidden_layers):
-        layer = _read_layer(cfg, i, read, _layer_module(cfg, i) if i < k else _stack_module(cfg))
+        layer = _read_layer(cfg, i, read, _layer_module(cfg, i) if i < k else stack)
         yield [(("first_layers", i) + tuple(path), None, arr) if i < k else (("layers",) + tuple(path), i - k, arr)
                for path, arr in layer.items()]
         del layer
@@ -233,17 +232,6 @@ def _hf_parts(cfg: ModelConfig, read: Callable) -> Iterator[list[tuple[tuple, in
     if not cfg.tie_word_embeddings:
         last.append((("lm_head",), None, read("lm_head.weight", shapes["lm_head.weight"]).T))
     yield last
-
-
-_STACK_MODULES: dict = {}
-
-
-def _stack_module(cfg: ModelConfig):
-    """One abstract layer of the stack (every stacked layer has its shape), built once per config."""
-    if cfg not in _STACK_MODULES:
-        _STACK_MODULES.clear()
-        _STACK_MODULES[cfg] = _layer_module(cfg, cfg.num_first_layers)
-    return _STACK_MODULES[cfg]
 
 
 def check_tensors(cfg: ModelConfig, read: SafetensorsReader) -> None:
@@ -315,7 +303,7 @@ def _write_params(cfg, read, ls, params_dir, tmp, final, meta, step, log) -> Non
     meta = dict(meta or {}, step=int(step), has_state=False, checksums={"params": [sums[leaf.keys].value
                                                                                      for leaf in ls]},
                 param_layout=PARAM_LAYOUT)
-    _write_orbax_metadata(tmp, final, tmp, ls, meta, started)
+    _write_orbax_metadata(tmp, final, ls, meta, started)
 
 
 def _wait(futures) -> None:
@@ -356,11 +344,12 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
 
     yield "model.word_embeddings.weight", get(("word_embeddings",))
     k = cfg.num_first_layers
+    stack = _layer_module(cfg, k)
     for i in range(cfg.num_hidden_layers):
         if i < k:
             module = filled(_layer_module(cfg, i), lambda path: get(("first_layers", i) + path))
         else:
-            module = filled(_stack_module(cfg), lambda path: get(("layers",) + path, i - k))
+            module = filled(stack, lambda path: get(("layers",) + path, i - k))
         yield from layer_to_hf(cfg, i, module)
         module = None
     yield "model.norm.weight", get(("norm", "weight"))
