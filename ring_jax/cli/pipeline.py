@@ -59,7 +59,9 @@ def define_flags():
     flags.DEFINE_float("rl_lr", 5e-5, "RL learning rate (Ring-lite uses 3e-6 at 16.8B; a 22M model needs more)")
     flags.DEFINE_integer("rl_warmup_steps", 3, "RL warm-up steps (linear from 0, then constant: Ring-lite's schedule)")
     flags.DEFINE_integer("updates_per_rollout", 1, "C3PO updates per rollout, each on its own --budget tokens")
-    flags.DEFINE_integer("prompts_per_step", 16, "RL prompts per step")
+    flags.DEFINE_integer("prompts_per_step", 64, "RL prompts per step: the C3PO budget stays --budget tokens, filled "
+                         "informative responses first, so more prompts mean more prompts with signal in each update "
+                         "(BUILD_NOTES, issue 16: 64 against 16 on the same checkpoint)")
     flags.DEFINE_integer("samples_per_prompt", 8, "RL responses per prompt")
     flags.DEFINE_integer("budget", 2048, "C3PO token budget per step")
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit (one token per digit: the longest worked "
@@ -191,8 +193,9 @@ def main(argv):
     _stage("C3PO RL", ["ring_jax.cli.rl", f"--init_ckpt={init_ckpt}", f"--tokenizer={tok_dir}",
                        f"--prompts_jsonl={paths['rl_prompts']}", f"--eval_jsonl={paths['eval']}",
                        f"--eval_n={FLAGS.eval_n}", f"--eval_seed={FLAGS.eval_seed}", "--eval_slots=256",
-                       # every response of a step in one engine batch: 1.26x the rollout of 32 slots (issue 15)
-                       f"--num_slots={FLAGS.prompts_per_step * FLAGS.samples_per_prompt}",
+                       # every response of a step in one engine batch (1.26x the rollout of 32 slots, issue 15), up
+                       # to 256 rows, the largest decode batch measured (issue 15)
+                       f"--num_slots={min(256, FLAGS.prompts_per_step * FLAGS.samples_per_prompt)}",
                        f"--steps={FLAGS.rl_steps}", f"--lr={FLAGS.rl_lr}",
                        f"--warmup_steps={FLAGS.rl_warmup_steps}", f"--updates_per_rollout={FLAGS.updates_per_rollout}",
                        f"--prompts_per_step={FLAGS.prompts_per_step}",
