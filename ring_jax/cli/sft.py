@@ -82,7 +82,7 @@ def _check_flags(dp: int, processes: int) -> None:
 
 def _tokenizer(out_dir: str, records, cfg, chief: bool, init_run: str = ""):
     from ring_jax.data import load_tokenizer, train_bpe
-    from ring_jax.train.synthetic import corpus_texts
+    from ring_jax.data.synthetic import corpus_texts
 
     own = os.path.join(out_dir, "tokenizer")
     path = FLAGS.tokenizer or (FLAGS.hf_dir if FLAGS.hf_dir and _has_tokenizer(FLAGS.hf_dir) else "")
@@ -123,7 +123,7 @@ def main(argv):
     from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
     from ring_jax.train.step import (abstract_train_state, create_train_state, data_parallel_size, global_batch,
                                      make_train_step, train_state_shardings)
-    from ring_jax.train.synthetic import arithmetic_records, write_jsonl
+    from ring_jax.data.synthetic import arithmetic_records, write_jsonl
 
     chief = jax.process_index() == 0
     cfg = common.model_config_from_flags()
