@@ -3,13 +3,20 @@ distributed start-up, mesh construction and model initialisation with clear one-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from absl import flags, logging
 
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
+
 FLAGS = flags.FLAGS
+T = TypeVar("T")
 
 
 def define_model_flags(default_preset: str = "small") -> None:
@@ -236,6 +243,79 @@ def resume_point(ckpt_dir: str, resume: bool) -> int | None:
     return None
 
 
-__all__ = ["build_mesh", "define_model_flags", "define_runtime_flags", "die", "init_distributed", "init_params",
-           "model_config_from_flags", "parse_ckpt_ref", "resume_point", "runtime_overrides", "usage",
-           "write_init_record", "write_json"]
+def start_main(argv: list[str]) -> None:
+    """The first step of a training CLI's ``main``: positional arguments are a usage error, then the distributed
+    start-up (`init_distributed`)."""
+    if len(argv) > 1:
+        usage(f"unexpected arguments: {' '.join(argv[1:])}")
+    init_distributed()
+
+
+def dataclass_from_flags(cls: type[T], renames: Mapping[str, str] | None = None,
+                         flag_values: flags.FlagValues | None = None, **overrides: Any) -> T:
+    """An instance of the dataclass ``cls`` whose fields come from the parsed flags.
+
+    Each init field of ``cls`` takes, in this order: its value in ``overrides``; the value of the flag
+    ``renames[field]``; the value of the flag of the same name, when ``flag_values`` (default: the global FLAGS)
+    defines one; else the field's default.  E.g. ``dataclass_from_flags(RLConfig, {"num_micro": "micro_batches"},
+    policy=dataclass_from_flags(PolicyLossConfig))``.  A name in ``renames`` or ``overrides`` that is not a field
+    of ``cls`` is a TypeError (a typo would otherwise be ignored); the dataclass's own checks (``__post_init__``)
+    raise as usual, e.g. ValueError, for the caller to report."""
+    fv = FLAGS if flag_values is None else flag_values
+    renames = dict(renames or {})
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted((set(renames) | set(overrides)) - {f.name for f in fields})
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    kwargs = {}
+    for f in fields:
+        if f.name in overrides:
+            kwargs[f.name] = overrides[f.name]
+        elif f.name in renames:
+            kwargs[f.name] = fv[renames[f.name]].value
+        elif f.name in fv:
+            kwargs[f.name] = fv[f.name].value
+    return cls(**kwargs)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def holds_tokenizer(directory: str) -> bool:
+    """Whether ``directory`` holds a tokenizer.json or tokenizer.model."""
+    return bool(directory) and any(os.path.isfile(os.path.join(directory, n)) for n in TOKENIZER_FILES)
+
+
+def find_tokenizer(out_dir: str, init_run: str | None = None) -> tuple[Tokenizer, str] | None:
+    """The tokenizer a training run uses and the path it was loaded from, or None when there is none to load (the
+    caller then trains one, or works on token ids).  The one search order of the training CLIs, first match wins:
+
+    1. ``--tokenizer``, when given (a directory with tokenizer.json / tokenizer.model, a tokenizer.json or a
+       .model file); one that cannot be loaded is a usage error ``--tokenizer: ...``, never passed over;
+    2. ``--hf_dir``, when it holds a tokenizer;
+    3. ``<out_dir>/tokenizer``: the run's own, written when the run started (on --resume, the tokenizer its
+       checkpoints were trained with);
+    4. ``<init_run>/tokenizer``: that of the --init_ckpt run.
+
+    A tokenizer found at 2-4 that cannot be loaded is a usage error ``tokenizer: ...``."""
+    from ring_jax.data import load_tokenizer
+
+    if FLAGS.tokenizer:
+        path, what = FLAGS.tokenizer, "--tokenizer"
+    else:
+        own = os.path.join(out_dir, "tokenizer")
+        found = [p for p in (FLAGS.hf_dir, own, os.path.join(init_run, "tokenizer") if init_run else "")
+                 if holds_tokenizer(p)]
+        if not found:
+            return None
+        path, what = found[0], "tokenizer"
+    try:
+        return load_tokenizer(path), path
+    except (FileNotFoundError, ValueError) as e:
+        usage(f"{what}: {e}")
+
+
+__all__ = ["build_mesh", "dataclass_from_flags", "define_model_flags", "define_runtime_flags", "die",
+           "find_tokenizer", "holds_tokenizer", "init_distributed", "init_params", "model_config_from_flags",
+           "parse_ckpt_ref", "resume_point", "runtime_overrides", "start_main", "usage", "write_init_record",
+           "write_json"]

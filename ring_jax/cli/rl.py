@@ -36,6 +36,7 @@ from absl import app, flags, logging
 
 from ring_jax.cli import common
 from ring_jax.cli.common import usage
+from ring_jax.cli.run import TrainRun
 
 FLAGS = flags.FLAGS
 
@@ -227,21 +228,7 @@ def _prompt_texts(sources) -> list[str]:
     return texts
 
 
-def _tokenizer(init_run: str):
-    from ring_jax.data import load_tokenizer
-
-    for p in (FLAGS.tokenizer, FLAGS.hf_dir, os.path.join(init_run, "tokenizer") if init_run else "",
-              os.path.join(FLAGS.out_dir, "tokenizer")):
-        if p and any(os.path.isfile(os.path.join(p, n)) for n in ("tokenizer.json", "tokenizer.model")) or (
-                p and os.path.isfile(p)):
-            try:
-                return load_tokenizer(p)
-            except (FileNotFoundError, ValueError) as e:
-                usage(f"tokenizer: {e}")
-    return None
-
-
-def _reference_params(out_dir, cfg, mesh, abstract_params, param_shardings):
+def _reference_params(run: TrainRun):
     """The KL reference of a resumed run: the initial policy, rebuilt from ``<out_dir>/init.json`` and checked
     against its checksums (never the restored parameters)."""
     import jax
@@ -249,7 +236,7 @@ def _reference_params(out_dir, cfg, mesh, abstract_params, param_shardings):
 
     from ring_jax.train.checkpoint import CheckpointError, Checkpointer, tree_checksums
 
-    path = os.path.join(out_dir, "init.json")
+    path = os.path.join(run.out_dir, "init.json")
     try:
         with open(path) as f:
             rec = json.load(f)
@@ -259,7 +246,7 @@ def _reference_params(out_dir, cfg, mesh, abstract_params, param_shardings):
     if rec.get("init_ckpt"):
         try:
             with Checkpointer(rec["init_ckpt"], read_only=True) as c:
-                params = c.restore_params(abstract_params, param_shardings, rec.get("step")).params
+                params = c.restore_params(run.params, run.shardings.params, rec.get("step")).params
         except CheckpointError as e:
             common.die(f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is "
                        f"unreadable ({e})")
@@ -267,7 +254,7 @@ def _reference_params(out_dir, cfg, mesh, abstract_params, param_shardings):
         hf_dir = rec.get("hf_dir") or ""
         if hf_dir and not os.path.isdir(hf_dir):
             common.die(f"--resume: the KL reference's Hugging Face directory {hf_dir} (init.json) is gone")
-        params = common.init_params(cfg, mesh, int(rec.get("seed", FLAGS.seed)), hf_dir)[2]
+        params = common.init_params(run.cfg, run.mesh, int(rec.get("seed", FLAGS.seed)), hf_dir)[2]
     sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
     if sums != rec.get("params_checksums"):
         common.die(f"--resume: the rebuilt KL reference does not match the checksums in {path} (the initial policy's "
@@ -280,81 +267,28 @@ def _rl_config():
     from ring_jax.rl.step import RLConfig
 
     try:
-        return RLConfig(samples_per_prompt=FLAGS.samples_per_prompt, aggregation=FLAGS.aggregation,
-                        budget=FLAGS.budget, responses_per_step=FLAGS.responses_per_step,
-                        selection_order=FLAGS.selection_order, max_new_tokens=FLAGS.max_new_tokens,
-                        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seq_len=FLAGS.seq_len,
-                        num_micro=FLAGS.micro_batches,
-                        policy=PolicyLossConfig(clip_eps=FLAGS.clip_eps, beta=FLAGS.beta, alpha_ent=FLAGS.alpha_ent),
-                        alpha_bal=FLAGS.alpha_bal, alpha_z=FLAGS.alpha_z, reward_timeout_s=FLAGS.reward_timeout_s,
-                        binary_reward=FLAGS.binary_reward, num_slots=FLAGS.num_slots,
-                        sampling_moe_impl=FLAGS.sampling_moe_impl, updates_per_rollout=FLAGS.updates_per_rollout,
-                        tis_cap=FLAGS.tis_cap, tis_level=FLAGS.tis_level, skip_no_signal=FLAGS.skip_no_signal,
-                        max_reward_fail_frac=FLAGS.max_reward_fail_frac)
+        return common.dataclass_from_flags(RLConfig, {"num_micro": "micro_batches"},
+                                           policy=common.dataclass_from_flags(PolicyLossConfig))
     except ValueError as e:
         usage(str(e))
 
 
-def main(argv):
-    if len(argv) > 1:
-        usage(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.init_distributed()
-    _check_flags()
-    import jax
+def _register_reward_model(mesh) -> None:
+    """--reward_model: the learned reward model scores the records of task 'reward_model'."""
+    if not os.path.isdir(os.path.join(FLAGS.reward_model, "ckpt")):
+        usage(f"--reward_model: {FLAGS.reward_model} holds no ckpt/ (write one with LearnedRewardModel.save)")
+    from ring_jax.rewards.general import register_reward_model
+    from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError
 
-    from ring_jax.data import train_bpe
-    from ring_jax.data.pipeline import prompt_dataset
-    from ring_jax.rl.evaluate import evaluate
-    from ring_jax.rl.step import RLStep, make_rl_train_step
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer
-    from ring_jax.train.loop import LoopConfig, NonFiniteError, StepAborted, batches_with_state, train_loop
-    from ring_jax.train.metrics import MetricsWriter
-    from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-    from ring_jax.train.step import (abstract_train_state, create_train_state, data_parallel_size, global_batch,
-                                     train_state_shardings)
+    try:
+        register_reward_model(LearnedRewardModel.load(FLAGS.reward_model, mesh=mesh))
+    except (RewardModelError, FileNotFoundError) as e:
+        usage(f"--reward_model: {e}")
 
-    chief = jax.process_index() == 0
-    cfg = common.model_config_from_flags()
-    cfg, init_run, init_dir, init_step = common.resolve_init_ckpt(cfg)
-    mesh = common.build_mesh(FLAGS.mesh)
-    if FLAGS.reward_model:
-        if not os.path.isdir(os.path.join(FLAGS.reward_model, "ckpt")):
-            usage(f"--reward_model: {FLAGS.reward_model} holds no ckpt/ (write one with LearnedRewardModel.save)")
-        from ring_jax.rewards.general import register_reward_model
-        from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError
 
-        try:
-            register_reward_model(LearnedRewardModel.load(FLAGS.reward_model, mesh=mesh))
-        except (RewardModelError, FileNotFoundError) as e:
-            usage(f"--reward_model: {e}")
-    dp = data_parallel_size(mesh)
-    rl = _rl_config()
-
-    out_dir = os.path.abspath(FLAGS.out_dir)
-    ckpt_dir = os.path.join(out_dir, "ckpt")
-    latest = common.resume_point(ckpt_dir, FLAGS.resume)
-    train_src = _sources(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl, "train")
-    eval_src = _sources(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl, "eval")
-    tok = _tokenizer(init_run or "")
-    if tok is None and not (FLAGS.hf_dir or init_dir):
-        texts = _prompt_texts(train_src + eval_src)
-        if texts:  # a run from a preset with text prompts: its own tokenizer, trained on them
-            vocab = cfg.vocab_size if cfg.vocab_size >= 320 else 384
-            logging.info("no tokenizer given: training a %d-token BPE tokenizer on %d prompt texts", vocab, len(texts))
-            tok = train_bpe(texts, vocab_size=vocab)
-    if tok is None:
-        encode, decode, stop_ids = (lambda r: r["prompt_ids"]), (lambda ids: " ".join(map(str, ids))), cfg.eos_ids
-    else:
-        from ring_jax.data.chat import ChatRenderer
-
-        renderer = ChatRenderer(tok)
-        encode, decode, stop_ids = (lambda r: r["prompt_ids"]), tok.decode, tuple(renderer.stop_ids)
-        if tok.vocab_size > cfg.vocab_size:
-            if FLAGS.hf_dir or FLAGS.init_ckpt:
-                usage(f"tokenizer vocabulary {tok.vocab_size} > model vocab_size {cfg.vocab_size}")
-            cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64)
-        if chief:
-            tok.save(os.path.join(out_dir, "tokenizer"))
+def _prompt_records(train_src, eval_src, tok, cfg) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) prompt records of the sources, each with ``prompt_ids`` in ``cfg``'s vocabulary and
+    room for a --max_new_tokens response; held-out ones that are also training prompts left out."""
     room = min(FLAGS.seq_len, cfg.max_position_embeddings) - FLAGS.max_new_tokens
     train_recs = _load_prompts(train_src, tok, room, f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} "
                                f"of the {min(FLAGS.seq_len, cfg.max_position_embeddings)}-token row for the response)",
@@ -370,27 +304,24 @@ def main(argv):
     if bad_ids:
         usage(f"{len(bad_ids)} prompts hold token ids outside [0, vocab_size={cfg.vocab_size}), e.g. task "
               f"{bad_ids[0].get('task')!r}: the tokenizer does not belong to this model")
+    return train_recs, eval_recs
 
-    n_upd = FLAGS.updates_per_rollout
-    optim_cfg = OptimConfig(lr=FLAGS.lr, schedule="constant", warmup_steps=FLAGS.warmup_steps * n_upd,
-                            weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm)
-    resuming = latest is not None
-    graphdef, pvars, params = common.init_params(cfg, mesh, FLAGS.seed, FLAGS.hf_dir,
-                                                 materialize=not (resuming or init_dir))
-    optimizer, schedule = make_optimizer(optim_cfg, FLAGS.steps * n_upd, decay_mask(pvars))
-    abstract = abstract_train_state(params, optimizer, FLAGS.seed)
-    shardings = train_state_shardings(pvars, abstract, mesh)
-    it = prompt_dataset(train_recs, FLAGS.prompts_per_step, seed=FLAGS.seed, num_epochs=None, shard_index=0,
-                        shard_count=1)
+
+def _evaluator(run: TrainRun, eval_recs: list[dict], encode, decode, stop_ids):
+    """``run_eval(params, tag) -> metrics``: held-out pass@1 of ``params`` (and greedy accuracy), printed and
+    appended to ``<out_dir>/eval.jsonl`` by the chief; {} without held-out prompts."""
+    from ring_jax.rl.evaluate import evaluate
+
+    out_dir = run.out_dir
 
     def run_eval(params, tag):
         if not eval_recs:
             return {}
-        res = evaluate(graphdef, params, eval_recs, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
+        res = evaluate(run.graphdef, params, eval_recs, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                        n=FLAGS.eval_n, top_p=FLAGS.eval_top_p, max_new_tokens=FLAGS.max_new_tokens,
                        seed=FLAGS.eval_seed, num_slots=FLAGS.eval_slots or FLAGS.num_slots,
                        moe_impl=FLAGS.sampling_moe_impl, greedy=FLAGS.eval_greedy)
-        if chief:
+        if run.chief:
             def line(m):
                 return (f"pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
                         + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
@@ -411,43 +342,66 @@ def main(argv):
             out["eval/greedy"] = res.overall.greedy.value
         return out
 
-    with Checkpointer(ckpt_dir, save_every=FLAGS.ckpt_every, keep=FLAGS.keep) as ckpt:
-        start_step = 0
+    return run_eval
+
+
+def main(argv):
+    common.start_main(argv)
+    _check_flags()
+    import jax
+
+    from ring_jax.data import train_bpe
+    from ring_jax.data.pipeline import prompt_dataset
+    from ring_jax.rl.step import RLStep, make_rl_train_step
+    from ring_jax.train.loop import LoopConfig
+    from ring_jax.train.optim import OptimConfig
+    from ring_jax.train.step import data_parallel_size, global_batch
+
+    run = TrainRun.from_flags()
+    if FLAGS.reward_model:
+        _register_reward_model(run.mesh)
+    dp = data_parallel_size(run.mesh)
+    rl = _rl_config()
+    run.check_resume()
+
+    # ---- prompts and tokenizer
+    train_src = _sources(FLAGS.tasks, FLAGS.num_prompts, FLAGS.task_seed, FLAGS.prompts_jsonl, "train")
+    eval_src = _sources(FLAGS.eval_tasks, FLAGS.eval_prompts, FLAGS.eval_seed, FLAGS.eval_jsonl, "eval")
+    tok = run.find_tokenizer()
+    if tok is None and not (FLAGS.hf_dir or run.init_dir):
+        texts = _prompt_texts(train_src + eval_src)
+        if texts:  # a run from a preset with text prompts: its own tokenizer, trained on them
+            vocab = run.cfg.vocab_size if run.cfg.vocab_size >= 320 else 384
+            logging.info("no tokenizer given: training a %d-token BPE tokenizer on %d prompt texts", vocab, len(texts))
+            tok = train_bpe(texts, vocab_size=vocab)
+    if tok is None:
+        encode, decode, stop_ids = (lambda r: r["prompt_ids"]), (lambda ids: " ".join(map(str, ids))), run.cfg.eos_ids
+    else:
+        from ring_jax.data.chat import ChatRenderer
+
+        renderer = ChatRenderer(tok)
+        encode, decode, stop_ids = (lambda r: r["prompt_ids"]), tok.decode, tuple(renderer.stop_ids)
+        run.use_tokenizer(tok)
+    train_recs, eval_recs = _prompt_records(train_src, eval_src, tok, run.cfg)
+
+    # ---- model, optimizer, state
+    n_upd = FLAGS.updates_per_rollout
+    run.build(common.dataclass_from_flags(OptimConfig, schedule="constant", warmup_steps=FLAGS.warmup_steps * n_upd),
+              FLAGS.steps * n_upd)
+    it = prompt_dataset(train_recs, FLAGS.prompts_per_step, seed=FLAGS.seed, num_epochs=None, shard_index=0,
+                        shard_count=1)
+    run_eval = _evaluator(run, eval_recs, encode, decode, stop_ids)
+
+    with run.checkpointer() as ckpt:
+        state, start_step = run.restore_or_init(ckpt, it, record_init=True)
         ref_params = None
-        if resuming:
-            try:
-                restored = ckpt.restore(abstract, shardings)
-            except CheckpointError as e:
-                common.die(str(e))
-            state, start_step = restored.state, restored.step
-            if restored.data_state:
-                it.set_state(restored.data_state)
-            if FLAGS.beta:
-                ref_params = _reference_params(out_dir, cfg, mesh, params, shardings.params)
-            if chief:
-                print(f"resumed from step {start_step} of {ckpt_dir}", flush=True)
-        else:
-            if init_dir:
-                try:
-                    with Checkpointer(init_dir, read_only=True) as c:
-                        restored_init = c.restore_params(params, shardings.params, init_step)
-                except CheckpointError as e:
-                    common.die(f"--init_ckpt: {e}")
-                params = restored_init.params
-                common.write_init_record(out_dir, init_dir, restored_init.step, params, chief)
-            elif FLAGS.hf_dir:
-                common.write_init_record(out_dir, None, None, params, chief, hf_dir=os.path.abspath(FLAGS.hf_dir))
-            else:
-                common.write_init_record(out_dir, None, None, params, chief, preset=FLAGS.preset, seed=FLAGS.seed)
-            state = create_train_state(params, optimizer, shardings, FLAGS.seed)
-            if FLAGS.beta:
-                ref_params = jax.tree.map(lambda x: x.copy(), state.params)  # frozen pi_ref (the state is donated)
-        if chief:
-            common.write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict())
-        train_step = make_rl_train_step(graphdef, rl, optimizer, mesh, shardings, schedule=schedule)
-        rl_step = RLStep(graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
+        if FLAGS.beta:  # the frozen pi_ref: the initial policy (a copy: the state is donated)
+            ref_params = _reference_params(run) if run.resuming else jax.tree.map(lambda x: x.copy(), state.params)
+        train_step = make_rl_train_step(run.graphdef, rl, run.optimizer, run.mesh, run.shardings,
+                                        schedule=run.schedule)
+        rl_step = RLStep(run.graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
                          ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
-                         to_device=lambda b: global_batch(b, mesh))
+                         to_device=lambda b: global_batch(b, run.mesh))
         if FLAGS.eval_only:
             run_eval(state.params, "init")
             return
@@ -464,27 +418,13 @@ def main(argv):
                 m.update(run_eval(state.params, f"step{step}"))
             return state, m
 
-        meta = {"model_config": cfg.to_hf_dict(),
-                "runtime": {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "moe_impl", "remat")},
-                "rl": json.loads(json.dumps(dataclasses.asdict(rl), default=str)), "total_steps": total}
-        with MetricsWriter(out_dir, total, is_chief=chief, desc="rl", show_bar=FLAGS.progress_bar) as writer:
-            try:
-                result = train_loop(step_fn, state, batches_with_state(it), start_step=start_step,
-                                    cfg=LoopConfig(total_steps=total, max_nonfinite=FLAGS.max_nonfinite,
-                                                   step_delay_s=FLAGS.step_delay_s),
-                                    checkpointer=ckpt, writer=writer, meta=meta)
-            except NonFiniteError as e:
-                common.die(str(e))
-            except StepAborted as e:
-                common.die(f"{e}; last checkpoint: "
-                           + (f"step {e.last_checkpoint} in {ckpt_dir} (continue with --resume)"
-                              if e.last_checkpoint else "none"))
+        result = run.train(step_fn, state, it, start_step=start_step, ckpt=ckpt, desc="rl",
+                           loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total),
+                           meta={"rl": json.loads(json.dumps(dataclasses.asdict(rl), default=str))})
         after = run_eval(result.state.params, "after") if not result.preempted else {}
-    if result.preempted:
-        print(f"pre-empted by signal {result.signal}: checkpoint of step {result.step} in {ckpt_dir}", flush=True)
-        sys.exit(128 + int(result.signal))
-    if chief:
-        line = f"done: {result.step} RL steps; checkpoints in {ckpt_dir}"
+    run.exit_if_preempted(result)
+    if run.chief:
+        line = f"done: {result.step} RL steps; checkpoints in {run.ckpt_dir}"
         if no_signal[0]:
             line += (f"; {no_signal[0]} of {no_signal[1]} updates skipped: every selected response had advantage 0 "
                      "(no reward varied within a group)")

@@ -49,6 +49,8 @@ import time
 
 from absl import app, flags
 
+from ring_jax.cli.common import die, usage
+
 FLAGS = flags.FLAGS
 
 DRIVER_OWNED = ("out_dir", "init_ckpt", "resume")
@@ -159,27 +161,22 @@ def _validate_child() -> None:
         try:
             rest = FLAGS(["ring-jax-rl", *args])
         except flags.Error as e:
-            _fail(f"stage {name!r}: {' '.join(str(e).split()).removeprefix('ERROR:: ')}")
+            usage(f"stage {name!r}: {' '.join(str(e).split()).removeprefix('ERROR:: ')}")
         if len(rest) > 1:
-            _fail(f"stage {name!r}: unexpected arguments {rest[1:]}")
+            usage(f"stage {name!r}: unexpected arguments {rest[1:]}")
         for f in _PATH_FLAGS:
             p = getattr(FLAGS, f)
             if p and not os.path.exists(p):
-                _fail(f"stage {name!r}: --{f}={p}: no such file or directory")
+                usage(f"stage {name!r}: --{f}={p}: no such file or directory")
         for fam in FLAGS.tasks + FLAGS.eval_tasks:
             if fam not in FAMILIES:
-                _fail(f"stage {name!r}: unknown task family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
+                usage(f"stage {name!r}: unknown task family {fam!r}; known: {', '.join(sorted(FAMILIES))}")
         if not FLAGS.tasks and not FLAGS.prompts_jsonl:
-            _fail(f"stage {name!r}: give tasks and/or prompts_jsonl")
+            usage(f"stage {name!r}: give tasks and/or prompts_jsonl")
         if FLAGS.steps < 1:
-            _fail(f"stage {name!r}: steps must be >= 1, got {FLAGS.steps}")
+            usage(f"stage {name!r}: steps must be >= 1, got {FLAGS.steps}")
         out[name] = {"steps": FLAGS.steps}
     print(json.dumps(out))
-
-
-def _fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def validate_stage_args(jobs: list[tuple[str, list[str]]], extra: list[str]) -> dict:
@@ -225,19 +222,14 @@ def _stage_state(out: str, name: str, steps: int) -> str:
     return "partial" if done else "new"
 
 
-def _die(msg: str, code: int = 1):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 def main(argv):
     extra = list(argv[1:])
     if extra and extra[0] == "--":
         extra = extra[1:]
     if any(not a.startswith("--") for a in extra):
-        _die(f"extra arguments must be ring-jax-rl flags after '--', got {extra}", 2)
+        die(f"extra arguments must be ring-jax-rl flags after '--', got {extra}", 2)
     if not FLAGS.stages:
-        _die("give --stages=FILE (a JSON stages file)", 2)
+        die("give --stages=FILE (a JSON stages file)", 2)
     try:
         spec = load_stages(FLAGS.stages)
         for a in extra:
@@ -248,10 +240,10 @@ def main(argv):
             raise StagesError(f"--stop_after={FLAGS.stop_after}: no such stage; stages: {', '.join(names)}")
         parsed = validate_stage_args([(s["name"], s["args"]) for s in spec["stages"]], extra)
     except StagesError as e:
-        _die(str(e), 2)
+        die(str(e), 2)
     init = FLAGS.init_ckpt if FLAGS.init_ckpt is not None else spec["init_ckpt"]
     if init and not os.path.exists(init.rsplit(":", 1)[0] if re.search(r":\d+$", init) else init):
-        _die(f"init_ckpt {init}: no such directory", 2)
+        die(f"init_ckpt {init}: no such directory", 2)
 
     out = os.path.abspath(FLAGS.out_dir)
     env = dict(os.environ)
@@ -291,10 +283,10 @@ def main(argv):
             if r.returncode:
                 entry["status"] = f"failed (exit status {r.returncode})"
                 _write_record(record_path, record, entry)
-                _die(f"stage {name} failed with exit status {r.returncode}; fix it and run the same command again "
-                     "to continue from there", r.returncode)
+                die(f"stage {name} failed with exit status {r.returncode}; fix it and run the same command again "
+                    "to continue from there", r.returncode)
             if steps not in _ckpt_steps(ckpt_dir):
-                _die(f"stage {name} exited without its final checkpoint {ckpt_dir}/{steps}")
+                die(f"stage {name} exited without its final checkpoint {ckpt_dir}/{steps}")
             entry["status"] = "done"
             entry["seconds"] = round(time.time() - t0, 1)
             if prev_ckpt and prev_step is not None:
@@ -326,20 +318,20 @@ def _check_recorded_start(name: str, run_dir: str, prev_ckpt, prev_step) -> None
     want = (os.path.abspath(prev_ckpt), prev_step)
     got = (rec.get("init_ckpt"), rec.get("step")) if isinstance(rec, dict) else None
     if got != want:
-        _die(f"stage {name} is finished but started from {got[0] + ':' + str(got[1]) if got else 'an unknown point'}, "
-             f"not from {want[0]}:{want[1]}; delete {run_dir} to run it again from there")
+        die(f"stage {name} is finished but started from {got[0] + ':' + str(got[1]) if got else 'an unknown point'}, "
+            f"not from {want[0]}:{want[1]}; delete {run_dir} to run it again from there")
 
 
 def _verify_start(name: str, run_dir: str, prev_ckpt: str, prev_step: int) -> bool:
     """init.json of the stage == the checksums stored in the previous stage's final checkpoint."""
     rec = _read_json(os.path.join(run_dir, "init.json"))
     if not isinstance(rec, dict) or "params_checksums" not in rec:
-        _die(f"stage {name}: {run_dir}/init.json is missing; cannot show it started from {prev_ckpt}:{prev_step}")
+        die(f"stage {name}: {run_dir}/init.json is missing; cannot show it started from {prev_ckpt}:{prev_step}")
     want = _final_checksums(prev_ckpt, prev_step)
     if (rec.get("init_ckpt"), rec.get("step")) != (os.path.abspath(prev_ckpt), prev_step) or \
             rec["params_checksums"] != want:
-        _die(f"stage {name} did not start from {prev_ckpt}:{prev_step} (init.json: {rec.get('init_ckpt')}:"
-             f"{rec.get('step')}, checksums {'equal' if rec['params_checksums'] == want else 'differ'})")
+        die(f"stage {name} did not start from {prev_ckpt}:{prev_step} (init.json: {rec.get('init_ckpt')}:"
+            f"{rec.get('step')}, checksums {'equal' if rec['params_checksums'] == want else 'differ'})")
     print(f"== stage {name} started from {prev_ckpt}:{prev_step}: {len(want)} parameter arrays, checksums equal",
           flush=True)
     return True

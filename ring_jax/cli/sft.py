@@ -12,12 +12,12 @@ Run directory (--out_dir): ``ckpt/`` (orbax steps), ``tokenizer/`` (the tokenize
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
 from ring_jax.cli import common
 from ring_jax.cli.common import usage
+from ring_jax.cli.run import TrainRun
 
 FLAGS = flags.FLAGS
 
@@ -80,88 +80,46 @@ def _check_flags(dp: int, processes: int) -> None:
         usage("--ckpt_every must be >= 0")
 
 
-def _tokenizer(out_dir: str, records, cfg, chief: bool, init_run: str = ""):
-    from ring_jax.data import load_tokenizer, train_bpe
-    from ring_jax.train.synthetic import corpus_texts
-
-    own = os.path.join(out_dir, "tokenizer")
-    path = FLAGS.tokenizer or (FLAGS.hf_dir if FLAGS.hf_dir and _has_tokenizer(FLAGS.hf_dir) else "")
-    if not path and _has_tokenizer(own):
-        path = own
-    if not path and init_run and _has_tokenizer(os.path.join(init_run, "tokenizer")):
-        path = os.path.join(init_run, "tokenizer")
-    if path:
-        try:
-            tok = load_tokenizer(path)
-        except (FileNotFoundError, ValueError) as e:
-            usage(f"--tokenizer: {e}")
-    else:
-        vocab = cfg.vocab_size if cfg.vocab_size >= 320 else 384
-        logging.info("training a %d-token BPE tokenizer on the corpus", vocab)
-        tok = train_bpe(corpus_texts(records), vocab_size=vocab)
-    if chief and os.path.abspath(path or "") != os.path.abspath(own):
-        tok.save(own)
-    return tok
-
-
-def _has_tokenizer(d: str) -> bool:
-    return any(os.path.isfile(os.path.join(d, n)) for n in ("tokenizer.json", "tokenizer.model"))
-
-
 def main(argv):
-    if len(argv) > 1:
-        usage(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.init_distributed()
+    common.start_main(argv)
     import jax
 
-    from ring_jax.data import DataError
+    from ring_jax.data import DataError, train_bpe
     from ring_jax.data.pipeline import make_sft_dataset
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer
-    from ring_jax.train.loop import LoopConfig, NonFiniteError, batches_with_state, train_loop
+    from ring_jax.data.synthetic import arithmetic_records, corpus_texts, write_jsonl
+    from ring_jax.train.loop import LoopConfig
     from ring_jax.train.losses import LossConfig, sft_loss_fn
-    from ring_jax.train.metrics import MetricsWriter, flops_per_token, measure_matmul_peak
-    from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-    from ring_jax.train.step import (abstract_train_state, create_train_state, data_parallel_size, global_batch,
-                                     make_train_step, train_state_shardings)
-    from ring_jax.train.synthetic import arithmetic_records, write_jsonl
+    from ring_jax.train.metrics import flops_per_token, measure_matmul_peak
+    from ring_jax.train.optim import OptimConfig
+    from ring_jax.train.step import data_parallel_size, global_batch, make_train_step
 
-    chief = jax.process_index() == 0
-    cfg = common.model_config_from_flags()
-    cfg, init_run, init_dir, init_step = common.resolve_init_ckpt(cfg)
-    mesh = common.build_mesh(FLAGS.mesh)
-    dp = data_parallel_size(mesh)
+    run = TrainRun.from_flags()
+    dp = data_parallel_size(run.mesh)
     _check_flags(dp, jax.process_count())
     try:
-        optim_cfg = OptimConfig(lr=FLAGS.lr, schedule=FLAGS.schedule, warmup_ratio=FLAGS.warmup_ratio,
-                                warmup_steps=FLAGS.warmup_steps, end_lr_ratio=FLAGS.end_lr_ratio, b1=FLAGS.b1,
-                                b2=FLAGS.b2, eps=FLAGS.eps, weight_decay=FLAGS.weight_decay,
-                                clip_norm=FLAGS.clip_norm)
+        optim_cfg = common.dataclass_from_flags(OptimConfig)
     except ValueError as e:
         usage(str(e))
+    run.check_resume()
 
-    out_dir = os.path.abspath(FLAGS.out_dir)
-    ckpt_dir = os.path.join(out_dir, "ckpt")
-    resuming = common.resume_point(ckpt_dir, FLAGS.resume) is not None
-
-    # ---- data
+    # ---- data and tokenizer
     if FLAGS.synthetic_corpus:
         records = arithmetic_records(FLAGS.synthetic_corpus, seed=FLAGS.data_seed)
-        if chief:
-            write_jsonl(records, os.path.join(out_dir, "data", "synthetic.jsonl"))
+        if run.chief:
+            write_jsonl(records, os.path.join(run.out_dir, "data", "synthetic.jsonl"))
         source = records
     else:
         source, records = FLAGS.train_jsonl, None
-        if FLAGS.tokenizer == "" and not FLAGS.hf_dir and not FLAGS.init_ckpt and not _has_tokenizer(
-                os.path.join(out_dir, "tokenizer")):
+    tok = run.find_tokenizer()
+    if tok is None:  # a BPE tokenizer trained on the corpus
+        if records is None and not FLAGS.hf_dir and not FLAGS.init_ckpt:
             from ring_jax.data.jsonl import iter_records
 
             records = [r for _, _, r in iter_records(source)]  # corpus_texts keeps only the usable ones
-    tok = _tokenizer(out_dir, records, cfg, chief, init_run or "")
-    if tok.vocab_size > cfg.vocab_size:
-        if FLAGS.hf_dir or FLAGS.init_ckpt:
-            usage(f"tokenizer vocabulary {tok.vocab_size} > model vocab_size {cfg.vocab_size}")
-        cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64)
-        logging.info("vocab_size raised to %d to hold the tokenizer", cfg.vocab_size)
+        vocab = run.cfg.vocab_size if run.cfg.vocab_size >= 320 else 384
+        logging.info("training a %d-token BPE tokenizer on the corpus", vocab)
+        tok = train_bpe(corpus_texts(records), vocab_size=vocab)
+    run.use_tokenizer(tok)
     try:
         ds, info = make_sft_dataset(source, tok, FLAGS.seq_len, FLAGS.global_batch, seed=FLAGS.data_seed,
                                     num_epochs=None if FLAGS.steps else (FLAGS.epochs or 1),
@@ -174,65 +132,29 @@ def main(argv):
     logging.info("data: %d rows of %d tokens, %d steps of %d rows", info.shard.num_items, FLAGS.seq_len,
                  total_steps, FLAGS.global_batch)
 
-    # ---- model, optimizer, state
-    graphdef, pvars, params = common.init_params(cfg, mesh, FLAGS.seed, FLAGS.hf_dir,
-                                                 materialize=not (resuming or init_dir))
-    optimizer, schedule = make_optimizer(optim_cfg, total_steps, decay_mask(pvars))
-    abstract = abstract_train_state(params, optimizer, FLAGS.seed)
-    shardings = train_state_shardings(pvars, abstract, mesh)
+    # ---- model, optimizer, state, loop
+    run.build(optim_cfg, total_steps)
     it = iter(ds)
-    with Checkpointer(ckpt_dir, save_every=FLAGS.ckpt_every, keep=FLAGS.keep) as ckpt:
-        start_step = 0
-        if resuming:
-            try:
-                restored = ckpt.restore(abstract, shardings)
-            except CheckpointError as e:
-                common.die(str(e))
-            state, start_step = restored.state, restored.step
-            if restored.data_state:
-                it.set_state(restored.data_state)
-            if chief:
-                print(f"resumed from step {start_step} of {ckpt_dir}", flush=True)
-        else:
-            if init_dir:
-                try:
-                    with Checkpointer(init_dir, read_only=True) as c:
-                        params = c.restore_params(params, shardings.params, init_step).params
-                except CheckpointError as e:
-                    common.die(f"--init_ckpt: {e}")
-                logging.info("parameters initialised from %s", FLAGS.init_ckpt)
-            state = create_train_state(params, optimizer, shardings, FLAGS.seed)
-        if chief:
-            common.write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict())
-
-        loss_fn = sft_loss_fn(LossConfig(alpha_bal=FLAGS.alpha_bal, alpha_z=FLAGS.alpha_z, ce_chunk=FLAGS.ce_chunk))
-        step_fn = make_train_step(graphdef, loss_fn, optimizer, mesh, shardings, FLAGS.micro_batches,
-                                  schedule=schedule)
+    with run.checkpointer() as ckpt:
+        state, start_step = run.restore_or_init(ckpt, it)
+        step_fn = make_train_step(run.graphdef, sft_loss_fn(common.dataclass_from_flags(LossConfig)), run.optimizer,
+                                  run.mesh, run.shardings, FLAGS.micro_batches, schedule=run.schedule)
         peak = FLAGS.peak_flops
         if peak < 0:
-            peak = measure_matmul_peak(cfg.dtype) * jax.device_count()
+            peak = measure_matmul_peak(run.cfg.dtype) * jax.device_count()
             logging.info("measured matmul peak: %.1f GFLOP/s (all devices)", peak / 1e9)
-        meta = {"model_config": cfg.to_hf_dict(),
-                "runtime": {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "moe_impl", "remat")},
-                "seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch, "micro_batches": FLAGS.micro_batches,
-                "total_steps": total_steps}
-        loop_cfg = LoopConfig(total_steps=total_steps, max_nonfinite=FLAGS.max_nonfinite,
-                              log_every=FLAGS.log_every, step_delay_s=FLAGS.step_delay_s)
-        with MetricsWriter(out_dir, total_steps, peak_flops=peak or None,
-                           flops_per_token=flops_per_token(cfg, FLAGS.seq_len), is_chief=chief, desc="sft",
-                           show_bar=FLAGS.progress_bar) as writer:
-            try:
-                result = train_loop(step_fn, state, batches_with_state(it), start_step=start_step, cfg=loop_cfg,
-                                    to_device=lambda b: global_batch(b, mesh), checkpointer=ckpt, writer=writer,
-                                    meta=meta, tokens_per_step=FLAGS.global_batch * FLAGS.seq_len)
-            except NonFiniteError as e:
-                common.die(str(e))
-    if result.preempted:
-        print(f"pre-empted by signal {result.signal}: checkpoint of step {result.step} in {ckpt_dir}", flush=True)
-        sys.exit(128 + int(result.signal))
-    if chief:
+        result = run.train(step_fn, state, it, start_step=start_step, ckpt=ckpt, desc="sft",
+                           loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total_steps),
+                           meta={"seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
+                                 "micro_batches": FLAGS.micro_batches},
+                           writer_kw={"peak_flops": peak or None,
+                                      "flops_per_token": flops_per_token(run.cfg, FLAGS.seq_len)},
+                           to_device=lambda b: global_batch(b, run.mesh),
+                           tokens_per_step=FLAGS.global_batch * FLAGS.seq_len)
+    run.exit_if_preempted(result)
+    if run.chief:
         print(f"done: step {result.step}, loss {result.last_metrics.get('loss', float('nan')):.4f}; "
-              f"checkpoints in {ckpt_dir}", flush=True)
+              f"checkpoints in {run.ckpt_dir}", flush=True)
 
 
 def run():

@@ -17,8 +17,9 @@ last ``</think>`` (whole response if none), stripped.
 supplies ``record["prompt"]``; the response is passed unchanged (thinking included), the model
 decides what it looks at. `score_batch` of the registry calls the model once per batch.
 The project's learned reward model (BailingMoe backbone + scalar value head, scored on the mesh, Bradley-Terry
-training) is ``ring_jax.rl.reward_model.LearnedRewardModel``; it lives in ``rl`` because ``rewards`` imports
-nothing from ``model``.
+training) is ``ring_jax.rl.reward_model.LearnedRewardModel``; it lives in ``rl`` (its network in
+``ring_jax.model.reward_head``, its trainer in ``ring_jax.rl.reward_trainer``) because ``rewards`` imports nothing
+from ``model``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""A learned reward model: the BailingMoe backbone with a scalar value head, scored on the mesh, trained with a
-Bradley-Terry pairwise loss.
-
-Model (`RewardNet`): the policy's network without its ``lm_head`` (``BailingMoeForCausalLM`` run with
-``return_hidden=True, compute_logits=False``) and a value head ``score = h_last . w + b`` (``w`` [H, 1], ``b`` [1],
-float32 arithmetic), where ``h_last`` is the final normed hidden state at the LAST REAL TOKEN of the sequence.
+"""A learned reward model: the BailingMoe backbone with a scalar value head (``ring_jax.model.reward_head``),
+scored on the mesh; Bradley-Terry training is ``ring_jax.rl.reward_trainer``.
 
 Input: a (prompt, response) pair is rendered with the chat template the policy was trained on (ChatML by default)
 as ``render_prompt([user: prompt]) + encode(response) + stop_ids``, i.e. the user turn, the assistant header, the
@@ -18,86 +14,36 @@ handful of shapes are compiled, and a score does not depend on its batch partner
 function is ``jax.jit`` with explicit shardings: parameters by the logical-axis rules table
 (``ring_jax.sharding``), token rows over the data-like axes, the scores replicated.  Every process passes the same
 prompts and responses (as ring-jax-rl's processes do) and builds the global batch from them, so scoring also runs
-on a multi-process mesh; `RewardModelTrainer` feeds host batches straight to the train step (one process).
+on a multi-process mesh.
 
 `LearnedRewardModel` implements ``ring_jax.rewards.general.RewardModel`` (``score_batch(prompts, responses)``), so
 
     register_reward_model(LearnedRewardModel.from_policy_checkpoint("runs/sft", mesh=mesh))
 
-makes the ``reward_model`` reward task score with it.  `RewardModelTrainer` runs Bradley-Terry steps
-(``loss = mean over pairs of -log sigmoid(r_chosen - r_rejected)``, plus the MoE balance / z losses) through the
-project's train step (``ring_jax.train.step.make_train_step``: micro-batching, non-finite guard, explicit
-shardings), with any optax optimizer.  `save` / `load` write and read an orbax checkpoint (parameters and the
-model config; the tokenizer alongside in ``tokenizer/``).
+makes the ``reward_model`` reward task score with it.  `save` / `load` write and read an orbax checkpoint
+(parameters and the model config; the tokenizer alongside in ``tokenizer/``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ring_jax.config import ModelConfig
 from ring_jax.data.chat import CHATML, ChatRenderer, ChatTemplate
-from ring_jax.model.layers import param
-from ring_jax.model.transformer import BailingMoeForCausalLM, abstract_model
+from ring_jax.model.reward_head import POLICY_ONLY, ValueHead, build_reward_net
+from ring_jax.model.transformer import abstract_model
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, make_mesh, state_shardings
-from ring_jax.train.step import (TrainState, abstract_train_state, create_train_state, data_parallel_size,
-                                 make_train_step, split_model, train_state_shardings)
-
-POLICY_ONLY = ("lm_head",)  # policy parameters the reward model does not have
+from ring_jax.train.step import data_parallel_size, split_model
 
 
 class RewardModelError(ValueError):
     """Bad input to the reward model (empty batch, mismatched lengths, unusable checkpoint or tokenizer)."""
-
-
-# --------------------------------------------------------------------------------------------------------- network
-class ValueHead(nnx.Module):
-    """``h . w + b`` -> one float32 scalar per row; ``w`` [H, 1] (logical axes embed, None), ``b`` [1]."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.weight = param(rngs, (cfg.hidden_size, 1), ("embed", None), cfg)
-        self.bias = param(rngs, (1,), (None,), cfg, init="zeros")
-
-    def __call__(self, h):
-        w = self.weight[...].astype(jnp.float32)
-        return jnp.einsum("bh,ho->bo", h.astype(jnp.float32), w)[:, 0] + self.bias[...].astype(jnp.float32)[0]
-
-
-class RewardOutput(NamedTuple):
-    scores: jax.Array  # [B] float32
-    balance_loss: jax.Array
-    z_loss: jax.Array
-
-
-class RewardNet(nnx.Module):
-    """BailingMoe backbone (no lm_head) + `ValueHead` read at ``last_idx`` (the last real token of each row)."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.config = cfg
-        self.backbone = BailingMoeForCausalLM(cfg, rngs)
-        if hasattr(self.backbone, "lm_head"):
-            del self.backbone.lm_head  # never used: compute_logits=False
-        self.value_head = ValueHead(cfg, rngs)
-
-    def __call__(self, tokens, segment_ids, last_idx) -> RewardOutput:
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = self.backbone(tokens, positions, segment_ids, return_hidden=True, compute_logits=False)
-        h_last = jnp.take_along_axis(out.hidden, last_idx[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        return RewardOutput(self.value_head(h_last), out.balance_loss, out.z_loss)
-
-
-def build_reward_net(cfg: ModelConfig, seed: int = 0) -> RewardNet:
-    return RewardNet(cfg, nnx.Rngs(params=seed))
 
 
 # --------------------------------------------------------------------------------------------------------- batching
@@ -297,85 +243,4 @@ def _run_tokenizer(run_dir: str, what: str):
     return load_tokenizer(tok_dir)
 
 
-# --------------------------------------------------------------------------------------------------------- training
-def bradley_terry_loss_fn(alpha_bal: float = 0.0, alpha_z: float = 0.0):
-    """``loss_fn(model, batch) -> (loss_sum, aux)`` for ``make_train_step``.
-
-    ``batch``: ``tokens`` / ``segment_ids`` [P, 2, T] (pair p: row 0 chosen, row 1 rejected), ``last_idx`` [P, 2],
-    ``loss_mask`` [P] (1 = a real pair, 0 = padding).  ``loss_sum = sum_p mask_p * softplus(r_rejected - r_chosen)``
-    (= -log sigmoid(r_chosen - r_rejected)); the step divides it by the number of real pairs.  Pairs stay whole in
-    every micro-batch (rows of the batch are pairs)."""
-
-    def loss_fn(model, batch):
-        p, two, t = batch["tokens"].shape
-        out = model(batch["tokens"].reshape(p * two, t), batch["segment_ids"].reshape(p * two, t),
-                    batch["last_idx"].reshape(p * two))
-        r = out.scores.reshape(p, two)
-        margin = r[:, 0] - r[:, 1]
-        w = batch["loss_mask"].astype(jnp.float32)
-        loss_sum = jnp.sum(w * jax.nn.softplus(-margin))
-        aux = {"aux_loss": alpha_bal * out.balance_loss + alpha_z * out.z_loss,
-               "balance_loss": out.balance_loss, "z_loss": out.z_loss,
-               "pairs": jnp.sum(w), "correct": jnp.sum(w * (margin > 0)), "margin_sum": jnp.sum(w * margin)}
-        return loss_sum, aux
-
-    return loss_fn
-
-
-BT_SUM_KEYS = ("pairs", "correct", "margin_sum")
-
-
-class RewardModelTrainer:
-    """Bradley-Terry training of a `LearnedRewardModel` in place (its ``params`` are replaced after each step).
-
-    ``step(prompts, chosen, rejected) -> metrics`` (loss, accuracy, mean margin, grad_norm, ...).  The optimizer is
-    any optax transformation of the pure parameter tree (e.g. ``ring_jax.train.optim.make_optimizer``); the
-    compiled step is the project's train step, so ``num_micro`` micro-batches accumulate gradients and a
-    non-finite step is skipped."""
-
-    def __init__(self, rm: LearnedRewardModel, optimizer: optax.GradientTransformation, *, num_micro: int = 1,
-                 alpha_bal: float = 0.0, alpha_z: float = 0.0, seed: int = 0):
-        self.rm = rm
-        abstract = abstract_train_state(rm.params, optimizer, seed)
-        self.shardings = train_state_shardings(rm.param_vars, abstract, rm.mesh, rm.rules)
-        self.state: TrainState = create_train_state(rm.params, optimizer, self.shardings, seed)
-        self.num_micro = num_micro
-        self._step = make_train_step(rm.graphdef, bradley_terry_loss_fn(alpha_bal, alpha_z), optimizer, rm.mesh,
-                                     self.shardings, num_micro, sum_aux_keys=BT_SUM_KEYS, rules=rm.rules)
-
-    def batch(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.ndarray]:
-        """The [P, 2, T] pair batch (padded to a power-of-two pair count the mesh and micro-batches divide)."""
-        if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
-            raise RewardModelError(f"need equally many (>0) prompts, chosen and rejected responses, got "
-                                   f"{len(prompts)}, {len(chosen)}, {len(rejected)}")
-        seqs = []
-        for p, c, r in zip(prompts, chosen, rejected):
-            seqs += [self.rm.encode(p, c), self.rm.encode(p, r)]
-        b = pad_rows(seqs, 2 * self.rm.row_multiple * self.num_micro, self.rm.min_len)
-        n = b["tokens"].shape[0] // 2
-        mask = np.zeros((n,), np.int32)
-        mask[:len(prompts)] = 1
-        return {"tokens": b["tokens"].reshape(n, 2, -1), "segment_ids": b["segment_ids"].reshape(n, 2, -1),
-                "last_idx": b["last_idx"].reshape(n, 2), "loss_mask": mask}
-
-    def step(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, float]:
-        self.state, m = self._step(self.state, self.batch(prompts, chosen, rejected))
-        self.rm.params = self.state.params
-        m = jax.device_get(m)
-        pairs = max(float(m["pairs"]), 1.0)
-        return {"loss": float(m["loss"]), "accuracy": float(m["correct"]) / pairs,
-                "margin": float(m["margin_sum"]) / pairs, "grad_norm": float(m["grad_norm"]),
-                "skipped": float(m["skipped"]), "balance_loss": float(m["balance_loss"])}
-
-
-def pairwise_accuracy(rm: LearnedRewardModel, prompts: Sequence[str], chosen: Sequence[str],
-                      rejected: Sequence[str]) -> float:
-    """Fraction of pairs scored chosen > rejected."""
-    c = np.asarray(rm.score_batch(list(prompts), list(chosen)))
-    r = np.asarray(rm.score_batch(list(prompts), list(rejected)))
-    return float(np.mean(c > r))
-
-
-__all__ = ["BT_SUM_KEYS", "LearnedRewardModel", "RewardModelError", "RewardModelTrainer", "RewardNet",
-           "RewardOutput", "ValueHead", "bradley_terry_loss_fn", "build_reward_net", "pad_rows",
-           "pairwise_accuracy", "row_sharding"]
+__all__ = ["LearnedRewardModel", "RewardModelError", "pad_rows", "row_sharding"]

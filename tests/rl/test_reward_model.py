@@ -13,8 +13,9 @@ from flax import nnx
 from ring_jax.config import get_preset
 from ring_jax.data import train_bpe
 from ring_jax.rewards import general, registry
-from ring_jax.rl.reward_model import (LearnedRewardModel, RewardModelError, RewardModelTrainer, build_reward_net,
-                                      pairwise_accuracy)
+from ring_jax.model.reward_head import build_reward_net
+from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError
+from ring_jax.rl.reward_trainer import RewardModelTrainer, pairwise_accuracy
 from ring_jax.sharding import make_mesh
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
 from ring_jax.train.step import split_model

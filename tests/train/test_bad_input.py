@@ -14,7 +14,7 @@ import pytest
 
 from ring_jax.config import get_preset
 from ring_jax.hf import load_pretrained, save_pretrained
-from ring_jax.train.synthetic import arithmetic_records
+from ring_jax.data.synthetic import arithmetic_records
 from tests.sampling.models import random_model
 from tests.train.cli_run import BASE, cli, error_lines, finish, sft
 from tests.train.test_checkpoint import damage
