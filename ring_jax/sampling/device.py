@@ -39,7 +39,7 @@ replicated, so every process of a multi-host mesh can read them.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,8 @@ from ring_jax.model.transformer import KVCache, abstract_model, init_cache
 from ring_jax.sampling import rules as sampling_rules
 from ring_jax.sampling.types import DecodeState, pow2_bucket
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------ shape buckets
@@ -115,7 +117,8 @@ def mesh_of(state) -> jax.sharding.Mesh | None:
     return None
 
 
-def decode_state_specs(tree, mesh, rules: ShardingRules = DEFAULT_RULES):
+def decode_state_specs(tree, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                       rules: ShardingRules = DEFAULT_RULES):
     """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [layers, slots, kv_heads, head_dim, S]
     and v [layers, slots, kv_heads, S, head_dim] by the rules for their logical axes (``layers`` +
     ``attention.K_CACHE_AXES`` / ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits
@@ -131,7 +134,7 @@ def decode_state_specs(tree, mesh, rules: ShardingRules = DEFAULT_RULES):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def place(tree, rules: ShardingRules = DEFAULT_RULES):
+def place(tree: T, rules: ShardingRules = DEFAULT_RULES) -> T:
     """Constrain a DecodeState / KVCache (or a dict of logits) to :func:`decode_state_specs` by ``rules`` under the
     active mesh (none: unchanged).  Called inside the jitted functions."""
     mesh = jax.sharding.get_abstract_mesh()

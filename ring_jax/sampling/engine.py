@@ -27,8 +27,8 @@ from ring_jax.sampling.types import (FINISH_LENGTH, FINISH_STOP, Completion, Dec
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
-def to_numpy(x):
-    """device_get of an array or a pytree of arrays, as NumPy."""
+def to_numpy(x) -> np.ndarray | tuple | list | dict:
+    """device_get of an array or a pytree of arrays, as NumPy (same structure)."""
     return jax.tree.map(np.asarray, jax.device_get(x))
 
 
@@ -181,7 +181,8 @@ class SamplingEngine:
         return s
 
     # -------------------------------------------------------------------------------------------- scheduling
-    def _run(self, prompts, params, *, key, state, mode, on_tokens) -> list[Completion]:
+    def _run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *, key, state, mode: str,
+             on_tokens) -> list[Completion]:
         if mode not in ("continuous", "static"):
             raise SamplingError(f"mode {mode!r}: 'continuous' or 'static'")
         prompts = [list(map(int, p)) for p in prompts]
@@ -201,9 +202,10 @@ class SamplingEngine:
         base_key = _key_data(key)
 
         t0 = time.perf_counter()
-        call = _Call(prompts, params_list, state, s, ns, stop_rows, max_new, base_key,
-                     device.empty_state(self.cfg, b, s, ns, rules=self.rules),
-                     collections.deque((i, j) for i, sp in enumerate(params_list) for j in range(sp.n)), [None] * b)
+        call = _Call(prompts=prompts, params=params_list, state=state, cache_len=s, num_stop=ns, stop_rows=stop_rows,
+                     max_new=max_new, base_key=base_key, ds=device.empty_state(self.cfg, b, s, ns, rules=self.rules),
+                     pending=collections.deque((i, j) for i, sp in enumerate(params_list) for j in range(sp.n)),
+                     slots=[None] * b)
         stats = call.stats
         while call.pending or any(x is not None for x in call.slots):
             free = [i for i, x in enumerate(call.slots) if x is None]
@@ -281,7 +283,8 @@ class SamplingEngine:
                     where.pop(r, None)
         call.stats["inserts"] += 1
 
-    def _decode_chunk(self, call: _Call, min_active: int, filtered: bool, on_tokens) -> None:
+    def _decode_chunk(self, call: _Call, min_active: int, filtered: bool,
+                      on_tokens: Callable[[int, int, list[int], bool], None] | None) -> None:
         """One decode call (up to ``chunk`` steps, fewer once under ``min_active`` rows are active); streams the new
         tokens and moves the finished sequences to ``call.done``, freeing their slots."""
         stats = call.stats
