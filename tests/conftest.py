@@ -49,7 +49,7 @@ SLOW_FILES_FIRST = [
     "tests/sampling/test_engine.py",
     "tests/rl/test_reward_model.py",
     "tests/sampling/test_engine_mesh.py",
-    "tests/rl/test_fit.py",
+    "tests/test_fit.py",
 ]
 
 

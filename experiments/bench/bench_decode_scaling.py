@@ -141,7 +141,7 @@ def ablated(part: str):
     import jax.numpy as jnp
 
     from ring_jax.model import attention, moe
-    from ring_jax.sampling import engine, rules
+    from ring_jax.sampling import device, rules
 
     patches = {
         "moe": (moe.MoEBlock, "_routed", lambda self, flat, *a: (jnp.zeros(flat.shape, jnp.float32),
@@ -149,7 +149,7 @@ def ablated(part: str):
         "attention": (attention, "dot_attention_heads_major", lambda q, kt, vt, mask: q),
         "sampling": (rules, "sample_tokens", lambda logits, keys, *a, **k: (
             jnp.zeros(logits.shape[:1], jnp.int32) + 3, logits[:, 0], logits[:, 1])),
-        "lm_head": (engine, "project", lambda h, w: jnp.zeros((h.shape[0], w.shape[1]), jnp.float32) + h[:, :1]),
+        "lm_head": (device, "project", lambda h, w: jnp.zeros((h.shape[0], w.shape[1]), jnp.float32) + h[:, :1]),
     }
 
     @contextlib.contextmanager

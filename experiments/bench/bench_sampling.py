@@ -128,7 +128,8 @@ def main():
     import numpy as np
 
     from ring_jax.model import build_model
-    from ring_jax.sampling import SamplingEngine, SamplingParams, pow2_bucket
+    from ring_jax.sampling import SamplingEngine, SamplingParams
+    from ring_jax.sampling.device import cache_bucket, prompt_bucket
 
     print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}); sizes {SIZES}; batch {args.batch}, prompt {args.prompt_len}, "
@@ -156,7 +157,7 @@ def main():
         print(f"[main] ring_jax engine ({paths}, chunk {args.chunk}, cache {cache_len}): {t:.2f}s -> "
               f"{ntok / t:.0f} tokens/s ({st['decode_calls']} decode calls, {st['cpu_s']:.2f} CPU-s)")
         t, st, _ = timed(engine(cache_len=None), prompts, greedy, args.repeats)
-        bucket = pow2_bucket(pow2_bucket(args.prompt_len, 16) + args.new_tokens, 64)
+        bucket = cache_bucket(prompt_bucket(args.prompt_len) + args.new_tokens)
         print(f"[main] same with the default power-of-two cache bucket ({bucket}): {t:.2f}s -> {ntok / t:.0f} "
               f"tokens/s ({st['cpu_s']:.2f} CPU-s)")
 

@@ -96,7 +96,7 @@ def _hbm():
 
 def programs(cfg, mesh):
     """``(name, compile)`` for every program named by --programs; ``compile()`` returns a list of reports."""
-    from ring_jax.rl import fit
+    from ring_jax import fit
     from ring_jax.rl.losses import PolicyLossConfig
     from ring_jax.rl.step import RLConfig
     from ring_jax.train.losses import LossConfig
@@ -125,7 +125,7 @@ def programs(cfg, mesh):
 
 def reports_for(cfg, mesh):
     """Every report, each printed as soon as it is compiled (with --extrapolate: at 1 and 2 layers)."""
-    from ring_jax.rl import fit
+    from ring_jax import fit
 
     if not FLAGS.extrapolate:
         progs = [(name, [fn]) for name, fn in programs(cfg, mesh)]
@@ -147,7 +147,7 @@ def main(argv):
     del argv
     from ring_jax.cli.common import quiet_library_logs
     from ring_jax.config import get_preset, human
-    from ring_jax.rl import fit
+    from ring_jax import fit
     from ring_jax.sharding import ShardingError, make_mesh
 
     quiet_library_logs()

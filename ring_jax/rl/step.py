@@ -1,11 +1,12 @@
 """One RL step: rollout on the live parameters -> rewards -> advantages -> selection of N disjoint budgets ->
 for each: packed rows -> reference log-probabilities -> micro-batched update (ring_jax.train.step.make_train_step).
 
-The sampling engine reads ``state.params`` (the trainer's own arrays, on the trainer's mesh): no copy, no host round
-trip, so each rollout uses the weights of the previous update.  The sampler's per-token log-probabilities at
-temperature 1 are pi_old, the policy that sampled.  With ``updates_per_rollout = N > 1`` the pool feeds N optimiser
-updates, each on its own budget of Phi tokens (``selection.select_budgets``), so from the second update on the
-trained policy differs from pi_old and the PPO clip acts (Ring-lite trains several mini-batches per rollout batch).
+The rollout (``RLStep(rollout=...)``, a :class:`ring_jax.rl.rollout.Rollout`; by default the sampling engine) reads
+``state.params`` (the trainer's own arrays, on the trainer's mesh): no copy, no host round trip, so each rollout uses
+the weights of the previous update.  The sampler's per-token log-probabilities at temperature 1 are pi_old, the policy
+that sampled.  With ``updates_per_rollout = N > 1`` the pool feeds N optimiser updates, each on its own budget of Phi
+tokens (``selection.select_budgets``), so from the second update on the trained policy differs from pi_old and the PPO
+clip acts (Ring-lite trains several mini-batches per rollout batch).
 
 Off-policy correction: at temperature != 1 or with top-p / top-k the rollout samples another distribution q than
 pi_old; each trained token then carries the truncated importance weight min(pi_old / q, C) (``losses.tis_weights``,
@@ -37,9 +38,9 @@ from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.batch import build_rows
 from ring_jax.rl.losses import (TIS_LEVELS, PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, tis_weights,
                                 token_logprobs, token_weights)
+from ring_jax.rl.rollout import EngineRollout, Rollout
 from ring_jax.rl.selection import fixed_count, select_budgets
-from ring_jax.sampling.engine import SamplingEngine
-from ring_jax.sampling.types import FINISH_STOP, SamplingParams
+from ring_jax.sampling.types import FINISH_STOP, Completion, SamplingParams
 from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
 
@@ -161,10 +162,14 @@ class RLStep:
 
     def __init__(self, graphdef, train_step: Callable, rl: RLConfig, *, encode_prompt: Callable[[dict], Sequence[int]],
                  decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int] = (), ref_params=None,
-                 row_multiple: int = 1, seed: int = 0, to_device: Callable = lambda b: b):
+                 row_multiple: int = 1, seed: int = 0, to_device: Callable = lambda b: b,
+                 rollout: Rollout | None = None):
         if rl.aggregation == "c3po" and rl.budget <= 0:
             raise ValueError("c3po needs a positive token budget")
         self.graphdef, self.train_step, self.rl = graphdef, train_step, rl
+        # the sampler (default: the sampling engine, ``rl.num_slots`` rows, ``rl.sampling_moe_impl``)
+        self.sampler: Rollout = rollout if rollout is not None else EngineRollout(
+            graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl)
         self.encode_prompt, self.decode, self.stop_ids = encode_prompt, decode, tuple(stop_ids)
         self.ref_params = ref_params if rl.policy.beta else None  # beta = 0: no reference model in memory
         self.ref_fn = make_ref_logp_fn(graphdef, rl.logit_chunk) if self.ref_params is not None else None
@@ -172,12 +177,12 @@ class RLStep:
         self.calls = 0
         self._errors_logged: set = set()
 
-    def rollout(self, params, prompts: list[list[int]], key: int):
+    def rollout(self, params, prompts: list[list[int]], key: int) -> list[Completion]:
+        """``samples_per_prompt`` responses per prompt from ``params`` at the config's temperature / top-p."""
         rl = self.rl
-        engine = SamplingEngine(self.graphdef, params, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl)
         sp = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
                             n=rl.samples_per_prompt, stop_token_ids=self.stop_ids)
-        return engine.generate(prompts, sp, key=key)
+        return self.sampler.generate(params, prompts, sp, key)
 
     # -------------------------------------------------------------------------------------------- rewards
     def score(self, recs: list[dict], texts: list[str]):

@@ -1,47 +1,80 @@
-"""Device side of the sampling engine: prefill, slot insertion and the chunked decode loop, each one jitted function
-over ``(graphdef, state)`` with fixed shapes per bucket.
+"""Host half of the sampling engine: :class:`SamplingEngine` checks the requests, picks the shape buckets and
+schedules the requests over the slots of one decode state, calling the jitted functions of
+:mod:`ring_jax.sampling.device` (prefill, insert, decode).
 
-Cache layout: one KV cache of ``num_slots`` rows x ``S`` slots (``S`` = cache length bucket), every layer's stacked
-on a leading axis (``transformer.KVCache``).  Prompts are
-left-aligned: a row's prompt occupies slots [0, L) with positions 0..L-1, generated token g goes to slot/position
-L + g (``write_idx`` = ``pos``, per row).  Prefill runs on a fresh small cache (one row per distinct prompt,
-right-padded with segment 0 to a power-of-two length bucket) and its rows are then copied into free slots of the big
-cache, ``n`` times for ``n`` samples (one prefill per prompt).  Copying a whole row also clears whatever the previous
-occupant left (its segment ids become those of the fresh row: 0 past the prompt).
-
-Decode: ``decode`` runs up to ``chunk`` steps inside one ``lax.while_loop`` (sample from the carried logits ->
-record -> stop check -> feed the token); it leaves the loop early when fewer than ``min_active`` rows are still
-generating, so the host can refill freed slots (continuous batching) without waiting for the whole chunk.  Finished
-and empty rows feed segment-0 tokens at their current slot, which their masks ignore.
-
-Parameters are never copied: every call takes the state the trainer holds (``update_params`` or ``state=``).
-
-Placement: when the state's parameters are sharded over a mesh of several devices (the trainer's), the engine runs
-under that mesh (``jax.set_mesh``: the MoE block takes its expert-parallel path) and places the decode state by the
-rules table (:func:`decode_state_specs`): the KV cache, its segment ids / positions and the logits are split over the
-slots by the batch axes (kv heads over tensor); the per-slot scalars the host loop reads (active, ngen, stop ids,
-...) and the sampled tokens are replicated, so every process of a multi-host mesh can read them.
+Scheduling: continuous batching (a freed slot is refilled by the next waiting sample before the next decode chunk)
+or static batching (fill every slot, run until all rows end, repeat), over the same device functions.  Each distinct
+prompt is prefilled once; its cache row stays on device until all of its ``n`` samples have been copied into slots
+(possibly across several refills).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
+import dataclasses
+import time
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.attention import CACHE_AXES, K_CACHE_AXES
-from ring_jax.model.transformer import abstract_model, init_cache
-from ring_jax.sampling import rules
-from ring_jax.sampling.types import Completion, DecodeState, SamplingParams
-from ring_jax.sharding import DEFAULT_RULES
+from ring_jax.sampling import device
+from ring_jax.sampling.types import (FINISH_LENGTH, FINISH_STOP, Completion, DecodeState, SamplingError,
+                                     SamplingParams, pow2_bucket)
+from ring_jax.sharding import DEFAULT_RULES, ShardingRules
 
 
-PREFILL_CHUNK = 512  # prompt positions per prefill step (SamplingEngine.prefill_chunk's default)
+def to_numpy(x) -> np.ndarray | tuple | list | dict:
+    """device_get of an array or a pytree of arrays, as NumPy (same structure)."""
+    return jax.tree.map(np.asarray, jax.device_get(x))
+
+
+def _key_data(key) -> np.ndarray:
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    elif not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32[2] (jax.random.PRNGKey) key
+    return to_numpy(jax.random.key_data(key)).astype(np.uint32)
+
+
+@dataclasses.dataclass
+class _Seq:
+    req: int
+    copy: int
+    ids: list
+    lps: list
+    raws: list
+
+
+@dataclasses.dataclass
+class _Group:
+    cache: object
+    logits: object
+    rows: dict  # prompt index -> row in this prefill batch
+    remaining: int  # samples of these prompts not yet placed in a slot
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``generate`` call: its requests, the decode state and the host's view of the slots."""
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    state: object  # the model parameters the device functions read
+    cache_len: int  # S
+    num_stop: int  # stop-id columns
+    stop_rows: np.ndarray  # [prompts, num_stop] int32, padded with -1
+    max_new: list[int]
+    base_key: np.ndarray
+    ds: DecodeState
+    pending: collections.deque  # (prompt index, sample index) not yet in a slot
+    slots: list  # _Seq | None per slot
+    groups: dict = dataclasses.field(default_factory=dict)  # prefill id -> _Group
+    where: dict = dataclasses.field(default_factory=dict)  # prompt index -> prefill id
+    done: list = dataclasses.field(default_factory=list)
+    stats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 class SamplingEngine:
@@ -58,38 +91,40 @@ class SamplingEngine:
       prefill_chunk: prompts longer than this are prefilled this many positions at a time (a power of two; 0: in one
         call); with the blocked cache attention each chunk reads only the cache blocks written before it.
       moe_impl: MoE compute path for prefill and decode (same parameters, another graphdef).  None (default):
-        prefill takes the model's configured path and decode the one :func:`decode_moe_impl` picks for
+        prefill takes the model's configured path and decode the one :func:`device.decode_moe_impl` picks for
         ``num_slots`` rows (on CPU the "capacity" path up to a mean expert group of 32 rows).
+      mesh: the mesh to run under (default: the one ``state`` is sharded over, if any).
+      rules: the sharding-rules table that places the decode state on that mesh (:func:`device.decode_state_specs`).
+
+    After each :meth:`generate`, ``last_stats`` holds that call's counters: ``prefill_calls``, ``prefill_tokens``,
+    ``inserts``, ``decode_calls``, ``decode_steps``, ``row_steps`` (decode steps x slots), ``generated_tokens``,
+    ``admit_seconds``, ``decode_seconds``, ``seconds`` and ``cache_len`` (S).
     """
 
     def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
-                 cache_len: int | None = None, min_prompt_bucket: int = 16, min_cache_bucket: int = 64,
-                 moe_impl: str | None = None, mesh=None, prefill_chunk: int = PREFILL_CHUNK):
+                 cache_len: int | None = None, min_prompt_bucket: int = device.MIN_PROMPT_BUCKET,
+                 min_cache_bucket: int = device.MIN_CACHE_BUCKET, moe_impl: str | None = None, mesh=None,
+                 prefill_chunk: int = device.PREFILL_CHUNK, rules: ShardingRules = DEFAULT_RULES):
         cfg: ModelConfig = nnx.merge(graphdef, state).config
-        self.mesh = mesh if mesh is not None else mesh_of(state)
+        self.mesh = mesh if mesh is not None else device.mesh_of(state)
+        self.rules = rules
         if moe_impl is not None and moe_impl != cfg.moe_impl:
             cfg = cfg.replace(moe_impl=moe_impl)
-            graphdef = graphdef_of(cfg)
+            graphdef = device.graphdef_of(cfg)
         self.cfg, self.graphdef, self.state = cfg, graphdef, state
         self.decode_graphdef, self.decode_moe_impl = graphdef, cfg.moe_impl
         if moe_impl is None:
-            impl = decode_moe_impl(cfg, int(num_slots))
+            impl = device.decode_moe_impl(cfg, int(num_slots))
             if impl != cfg.moe_impl:
-                self.decode_graphdef = graphdef_of(cfg.replace(moe_impl=impl))
+                self.decode_graphdef = device.graphdef_of(cfg.replace(moe_impl=impl))
                 self.decode_moe_impl = impl
         self.num_slots, self.chunk = int(num_slots), int(chunk)
         self.prefill_batch = int(prefill_batch or num_slots)
         self.cache_len, self.min_prompt_bucket, self.min_cache_bucket = cache_len, min_prompt_bucket, min_cache_bucket
         self.last_stats: dict = {}
-        # The jitted functions are module-level with the graphdef (or config) static, so engines over equal models
-        # (a new engine per RL step, a reloaded checkpoint) share their compilations.
         if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk={prefill_chunk}: 0 or a power of two")
         self.prefill_chunk = int(prefill_chunk)
-        self._prefill = functools.partial(_PREFILL, graphdef, chunk=self.prefill_chunk)
-        self._insert = _INSERT
-        self._decode = functools.partial(_DECODE, self.decode_graphdef)
-        self._empty = functools.partial(_EMPTY, cfg)
 
     @classmethod
     def from_model(cls, model, **kw) -> "SamplingEngine":
@@ -103,231 +138,178 @@ class SamplingEngine:
     @staticmethod
     def compile_counts() -> dict[str, int]:
         """Compiled variants of each jitted function (one per shape bucket and model), over all engines."""
-        return {name: fn._cache_size() for name, fn in
-                (("prefill", _PREFILL), ("insert", _INSERT), ("decode", _DECODE), ("empty", _EMPTY))}
+        return device.compile_counts()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams(),
-                 *, key=0, state=None, mode: str = "continuous", on_tokens=None) -> list[Completion]:
-        """Generate for every prompt (``params.n`` samples each).  Returns completions ordered by (prompt, sample).
+                 *, key=0, state=None, mode: str = "continuous",
+                 on_tokens: Callable[[int, int, list[int], bool], None] | None = None) -> list[Completion]:
+        """Generate for every prompt (``params.n`` samples each).  Returns completions ordered by (prompt, sample);
+        the call's counters are in ``last_stats`` afterwards.
 
         key: an int seed or a PRNG key; sample j of prompt i uses fold_in(fold_in(key, i), j), and its step-g draw
           fold_in(that, g), so results do not depend on batching or slot assignment.
         mode: "continuous" (refill a slot as soon as its sequence ends) or "static" (fill all slots, run until every
           row ends, repeat).
         on_tokens: optional callback ``(prompt_index, sample_index, new_token_ids, finished)`` after each chunk."""
-        from ring_jax.sampling.batching import run
-
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            return run(self, prompts, params, key=key, state=self.state if state is None else state, mode=mode,
-                       on_tokens=on_tokens)
+            return self._run(prompts, params, key=key, state=self.state if state is None else state, mode=mode,
+                             on_tokens=on_tokens)
 
+    def validate(self, prompts: list[list[int]], params_list: list[SamplingParams]) -> int:
+        """Checks every request; returns the cache length S for this call."""
+        cfg = self.cfg
+        if not prompts:
+            raise SamplingError("no prompts given")
+        context = cfg.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise SamplingError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= cfg.vocab_size:
+                raise SamplingError(f"prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})")
+            if len(p) >= context:
+                raise SamplingError(f"prompt {i} has {len(p)} tokens: no room left in the context of {context} "
+                                    f"(max_position_embeddings)")
+        if self.cache_len is not None:
+            s = self.cache_len
+        else:
+            need = max(device.prompt_bucket(len(p), self.min_prompt_bucket) + sp.max_new_tokens
+                       for p, sp in zip(prompts, params_list))
+            s = device.cache_bucket(need, context, self.min_cache_bucket)
+        for i, p in enumerate(prompts):
+            if len(p) >= s:
+                raise SamplingError(f"prompt {i} has {len(p)} tokens: no room left in the cache of {s} slots")
+        return s
 
-# ------------------------------------------------------------------------------------------------ MoE path
-@functools.lru_cache(maxsize=16)
-def graphdef_of(cfg: ModelConfig):
-    """The model's graphdef for ``cfg``, built once per config: RL makes an engine per step, and tracing the model
-    abstractly costs ~0.15 s for ``small`` and ~1.2 s for ling-lite-1.5 on the CPU host."""
-    return nnx.split(abstract_model(cfg))[0]
+    # -------------------------------------------------------------------------------------------- scheduling
+    def _run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *, key, state, mode: str,
+             on_tokens) -> list[Completion]:
+        if mode not in ("continuous", "static"):
+            raise SamplingError(f"mode {mode!r}: 'continuous' or 'static'")
+        prompts = [list(map(int, p)) for p in prompts]
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise SamplingError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        s = self.validate(prompts, params_list)
+        b = self.num_slots
+        stops = [tuple(dict.fromkeys((() if sp.ignore_eos else self.cfg.eos_ids) + tuple(sp.stop_token_ids)))
+                 for sp in params_list]
+        ns = device.stop_bucket(max(len(x) for x in stops))
+        stop_rows = np.full((len(prompts), ns), -1, np.int32)
+        for i, x in enumerate(stops):
+            stop_rows[i, :len(x)] = x
+        max_new = [min(sp.max_new_tokens, s - len(p)) for p, sp in zip(prompts, params_list)]
+        filtered = any(sp.filtered for sp in params_list)
+        base_key = _key_data(key)
 
+        t0 = time.perf_counter()
+        call = _Call(prompts=prompts, params=params_list, state=state, cache_len=s, num_stop=ns, stop_rows=stop_rows,
+                     max_new=max_new, base_key=base_key, ds=device.empty_state(self.cfg, b, s, ns, rules=self.rules),
+                     pending=collections.deque((i, j) for i, sp in enumerate(params_list) for j in range(sp.n)),
+                     slots=[None] * b)
+        stats = call.stats
+        while call.pending or any(x is not None for x in call.slots):
+            free = [i for i, x in enumerate(call.slots) if x is None]
+            if call.pending and free and (mode == "continuous" or len(free) == b):
+                ta = time.perf_counter()
+                self._admit(call, free)
+                jax.block_until_ready(call.ds)  # prefill + insert finish here, so decode_seconds times decode alone
+                stats["admit_seconds"] += time.perf_counter() - ta
+            n_active = sum(x is not None for x in call.slots)
+            self._decode_chunk(call, n_active if (mode == "continuous" and call.pending) else 1, filtered, on_tokens)
+        stats["seconds"] = time.perf_counter() - t0
+        stats["cache_len"] = s
+        self.last_stats = dict(stats)
+        call.done.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return call.done
 
-CAPACITY_DECODE_MAX_GROUP = 32  # measured crossover on CPU (bench MoE, 8 experts top-2): see decode_moe_impl
+    def _prefill_group(self, call: _Call, reqs: list[int]) -> None:
+        """Prefill the distinct prompts ``reqs`` in one call; their cache rows wait in a new group."""
+        prompts, stats = call.prompts, call.stats
+        kb = pow2_bucket(len(reqs))
+        pb = min(device.prompt_bucket(max(len(prompts[r]) for r in reqs), self.min_prompt_bucket), call.cache_len)
+        toks = np.zeros((kb, pb), np.int32)
+        lens = np.zeros((kb,), np.int32)
+        for row, r in enumerate(reqs):
+            toks[row, :len(prompts[r])] = prompts[r]
+            lens[row] = len(prompts[r])
+        # a [kb, pb] cache: insert copies these P positions
+        cache, logits = device.prefill(self.graphdef, call.state, toks, lens, cache_len=pb, chunk=self.prefill_chunk,
+                                       rules=self.rules)
+        gid = stats["prefill_calls"]
+        call.groups[gid] = _Group(cache, logits, {r: row for row, r in enumerate(reqs)},
+                                  sum(call.params[r].n for r in reqs))
+        for r in reqs:
+            call.where[r] = gid
+        stats["prefill_calls"] += 1
+        stats["prefill_tokens"] += int(lens.sum())
 
+    def _admit(self, call: _Call, free: list[int]) -> None:
+        """Fill the ``free`` slots with the next waiting samples, prefilling the prompts not prefilled yet."""
+        pending, where, b, ns = call.pending, call.where, self.num_slots, call.num_stop
+        take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+        new = list(dict.fromkeys(r for r, _ in take if r not in where))
+        if new:  # prefill ahead: fill the last prefill batch with the next waiting prompts (fewer, larger calls)
+            target = -(-len(new) // self.prefill_batch) * self.prefill_batch
+            for r, _ in pending:
+                if len(new) >= target:
+                    break
+                if r not in where and r not in new:
+                    new.append(r)
+        for k in range(0, len(new), self.prefill_batch):
+            self._prefill_group(call, new[k:k + self.prefill_batch])
+        by_group = collections.defaultdict(list)
+        for (r, c), slot in zip(take, free):
+            by_group[where[r]].append((r, c, slot))
+            call.slots[slot] = _Seq(r, c, [], [], [])
+        for gid, items in by_group.items():
+            g = call.groups[gid]
+            rb = pow2_bucket(len(items))
+            arr = lambda dt, fill=0: np.full((rb,), fill, dt)  # noqa: E731
+            src, dst, lens, reqs, copies, mx = (arr(np.int32), arr(np.int32, b), arr(np.int32), arr(np.int32),
+                                                arr(np.int32), arr(np.int32, 1))
+            temp, topp, topk = arr(np.float32, 1.0), arr(np.float32, 1.0), arr(np.int32)
+            stop = np.full((rb, ns), -1, np.int32)
+            for k, (r, c, slot) in enumerate(items):
+                sp = call.params[r]
+                src[k], dst[k], lens[k], reqs[k], copies[k], mx[k] = (g.rows[r], slot, len(call.prompts[r]), r, c,
+                                                                      call.max_new[r])
+                temp[k], topp[k], topk[k], stop[k] = sp.temperature, sp.top_p, sp.top_k, call.stop_rows[r]
+            call.ds = device.insert(call.ds, g.cache, g.logits, src, dst, lens, call.base_key, reqs, copies, mx, temp,
+                                    topp, topk, stop, rules=self.rules)
+            g.remaining -= len(items)
+            if g.remaining == 0:
+                del call.groups[gid]
+                for r in g.rows:
+                    where.pop(r, None)
+        call.stats["inserts"] += 1
 
-def decode_moe_impl(cfg: ModelConfig, num_slots: int, backend: str | None = None) -> str:
-    """MoE compute path for decoding ``num_slots`` rows (one token each per step) when the caller names none.
-
-    On CPU a decode step has few (token, slot) assignments: the dispatch path's per-expert loop is then mostly
-    fixed cost, and the all-experts ``dense`` path runs E/k times the routed work.  The ``capacity`` path
-    (``moe.moe_capacity``: every expert's rows in one [E, C, H] block, C = 1.5x the mean group, three batched
-    matmuls; exact, with a fallback when a group outgrows C) beat both on the bench MoE (8 experts top-2) up to 128
-    rows, a mean group of 32 (``CAPACITY_DECODE_MAX_GROUP``); from 256 rows dispatch is faster (BUILD_NOTES.md,
-    "Rollouts at RL batch sizes").  With fewer assignments than experts (a row or two), dispatch reads only the
-    experts in use.  Other backends and dense-MLP models keep the configured path."""
-    backend = backend or jax.default_backend()
-    e, k = cfg.num_experts or 0, cfg.num_experts_per_tok
-    if backend == "cpu" and e and e <= num_slots * k <= CAPACITY_DECODE_MAX_GROUP * e:
-        return "capacity"
-    return cfg.moe_impl
-
-
-# ------------------------------------------------------------------------------------------------ placement
-def mesh_of(state):
-    """The mesh the arrays of ``state`` are sharded over when it has more than one device, else None."""
-    for x in jax.tree.leaves(state):
-        sh = getattr(x, "sharding", None)
-        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
-            return sh.mesh
-    return None
-
-
-def decode_state_specs(tree, mesh, rules=DEFAULT_RULES):
-    """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [layers, slots, kv_heads, head_dim, S]
-    and v [layers, slots, kv_heads, S, head_dim] by the rules for their logical axes (``layers`` +
-    ``attention.K_CACHE_AXES`` / ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits
-    [slots, V] over the slots, everything else replicated."""
-    def one(path, x):
-        names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
-        if x.ndim == 5:
-            return rules.spec(("layers",) + (K_CACHE_AXES if "k" in names else CACHE_AXES), x.shape, mesh)
-        if names & {"logits", "segment_ids", "positions"}:
-            return rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-        return jax.sharding.PartitionSpec()
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _place(tree):
-    """Constrain a DecodeState / KVCache to :func:`decode_state_specs` under the active mesh (none: unchanged)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, decode_state_specs(tree, mesh))
-
-
-def _replicated(x):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
-
-
-# ------------------------------------------------------------------------------------------------ jitted bodies
-def _prefill(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0):
-    """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V]).
-    ``chunk`` < P (both powers of two): the prompts go through the model ``chunk`` positions at a time (one
-    ``lax.scan`` over the chunks, the cache carried), so attention over the cache reads only the blocks written so
-    far and no [K, P, P]-sized scores exist at once."""
-    model = nnx.merge(graphdef, state)
-    k, p = tokens.shape
-    ar = jnp.arange(p, dtype=jnp.int32)
-    positions = jnp.broadcast_to(ar, (k, p))
-    segment_ids = (ar[None, :] < lengths[:, None]).astype(jnp.int32)
-    cache = _place(init_cache(model.config, k, cache_len))
-    if chunk and chunk < p:
-        n = p // chunk
-
-        def one(cache, xs):
-            tok, pos, seg, start = xs
-            out = model(tok, pos, seg, cache=cache, write_idx=jnp.full((k,), start, jnp.int32),
-                        compute_logits=False, return_hidden=True)
-            return _place(out.cache), out.hidden
-
-        split = lambda a: a.reshape(k, n, chunk).swapaxes(0, 1)  # noqa: E731
-        cache, hidden = jax.lax.scan(one, cache, (split(tokens), split(positions), split(segment_ids),
-                                                  jnp.arange(n, dtype=jnp.int32) * chunk))
-        hidden = hidden.swapaxes(0, 1).reshape(k, p, -1)
-        out_cache = cache
-    else:
-        out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
-                    compute_logits=False, return_hidden=True)
-        hidden, out_cache = out.hidden, out.cache
-    h_last = hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
-    logits = project(h_last, model.head_weight())
-    return _place(out_cache), _place({"logits": logits})["logits"]
-
-
-def _empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int) -> DecodeState:
-    b = num_slots
-    zi = jnp.zeros((b,), jnp.int32)
-    return _place(DecodeState(
-        cache=init_cache(cfg, b, cache_len), logits=jnp.zeros((b, cfg.vocab_size), jnp.float32),
-        keys=jnp.zeros((b, 2), jnp.uint32), pos=zi, ngen=zi, max_new=zi, active=jnp.zeros((b,), bool),
-        stop_hit=jnp.zeros((b,), bool), temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
-        top_k=zi, stop_ids=jnp.full((b, num_stop), -1, jnp.int32)))
-
-
-def _insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
-            temperature, top_p, top_k, stop_ids) -> DecodeState:
-    """Copy prefilled rows ``src_rows`` of (src_cache, src_logits) into slots ``dst`` (dst == num_slots: dummy,
-    dropped) and set those rows' sampling parameters; their sequences start now (active, ngen 0, pos = length).
-
-    ``src_cache`` holds P <= S positions (the prompt bucket): only the first P positions of each slot's keys and values
-    are written, so admitting a prompt costs its own length, not the cache's.  The slot's segment ids and positions
-    are rewritten whole (0 past P), which masks whatever the slot's previous sequence left in its keys and values
-    there until decode overwrites it."""
-    p = src_cache.segment_ids.shape[1]
-
-    def put(big, small):
-        return big.at[dst].set(small[src_rows].astype(big.dtype), mode="drop")
-
-    def put_row(big, small):  # [slots, S] from [rows, P]: the rest of the row is emptied
-        full = jnp.zeros((small.shape[0], big.shape[1]), big.dtype).at[:, :p].set(small.astype(big.dtype))
-        return put(big, full)
-
-    def put_kv(big, small, axis):  # [L, slots, ...]: the slots are the second axis, positions at ``axis``
-        idx = (slice(None), dst) + (slice(None),) * (axis - 2) + (slice(0, p),)
-        return big.at[idx].set(small[:, src_rows].astype(big.dtype), mode="drop")
-
-    base = jax.random.wrap_key_data(base_key)
-    seq_keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(req_ids, copy_ids)
-    ones = jnp.ones(dst.shape, bool)
-    return _place(DecodeState(
-        cache=ds.cache._replace(k=put_kv(ds.cache.k, src_cache.k, 4), v=put_kv(ds.cache.v, src_cache.v, 3),
-                                segment_ids=put_row(ds.cache.segment_ids, src_cache.segment_ids),
-                                positions=put_row(ds.cache.positions, src_cache.positions)),
-        logits=put(ds.logits, src_logits),
-        keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
-        pos=ds.pos.at[dst].set(lengths, mode="drop"), ngen=ds.ngen.at[dst].set(0, mode="drop"),
-        max_new=ds.max_new.at[dst].set(max_new, mode="drop"), active=ds.active.at[dst].set(ones, mode="drop"),
-        stop_hit=ds.stop_hit.at[dst].set(~ones, mode="drop"),
-        temperature=ds.temperature.at[dst].set(temperature, mode="drop"),
-        top_p=ds.top_p.at[dst].set(top_p, mode="drop"), top_k=ds.top_k.at[dst].set(top_k, mode="drop"),
-        stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop")))
-
-
-def project(hidden, head):
-    """Logits [B, V] float32 of final hidden states [B, H] under the output projection ``head`` [H, V]."""
-    return jnp.einsum("bh,hv->bv", hidden, head, preferred_element_type=jnp.float32)
-
-
-def decode_step(model, ds: DecodeState, *, filtered: bool, head=None):
-    """One step for every row: sample from ds.logits, stop check, feed the token.  Returns (new state, token,
-    sampling logprob, raw logprob); rows inactive at entry return token -1.  ``head``: the model's
-    ``head_weight()``, computed once by the caller for many steps (with norm_head it is a pass over [H, V])."""
-    step_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(ds.keys), ds.ngen)
-    tok, lp, raw = rules.sample_tokens(ds.logits, step_keys, ds.temperature, ds.top_k, ds.top_p, filtered=filtered)
-    tok = jnp.where(ds.active, tok, -1)
-    ngen = ds.ngen + ds.active.astype(jnp.int32)
-    hit = ds.active & jnp.any(tok[:, None] == ds.stop_ids, axis=-1)
-    still = ds.active & ~hit & (ngen < ds.max_new)
-    feed = jnp.maximum(tok, 0)[:, None]
-    out = model(feed, ds.pos[:, None], still.astype(jnp.int32)[:, None], cache=ds.cache, write_idx=ds.pos,
-                compute_logits=False, return_hidden=True)
-    logits = project(out.hidden[:, 0], model.head_weight() if head is None else head)
-    ds = ds._replace(cache=out.cache, logits=logits, pos=ds.pos + still.astype(jnp.int32), ngen=ngen,
-                     active=still, stop_hit=ds.stop_hit | hit)
-    return ds, tok, lp, raw
-
-
-def _decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool):
-    """Up to ``chunk`` decode steps; stops early once fewer than max(min_active, 1) rows are active.
-    Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run)."""
-    model = nnx.merge(graphdef, state)
-    head = model.head_weight()  # once per call, outside the loop
-    b = ds.pos.shape[0]
-    bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32),
-            jnp.zeros((b, chunk), jnp.float32))
-    floor = jnp.maximum(min_active, 1)
-
-    def cond(c):
-        i, d, _ = c
-        return (i < chunk) & (jnp.sum(d.active.astype(jnp.int32)) >= floor)
-
-    def body(c):
-        i, d, (bt, bl, br) = c
-        d, tok, lp, raw = decode_step(model, d, filtered=filtered, head=head)
-        return i + 1, d, (bt.at[:, i].set(tok), bl.at[:, i].set(lp), br.at[:, i].set(raw))
-
-    steps, ds, (bt, bl, br) = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, bufs))
-    return _place(ds), _replicated(bt), _replicated(bl), _replicated(br), _replicated(steps)
-
-
-_PREFILL = jax.jit(_prefill, static_argnums=(0,), static_argnames=("cache_len", "chunk"))
-_INSERT = jax.jit(_insert, donate_argnums=(0,))
-_DECODE = jax.jit(_decode, static_argnums=(0,), static_argnames=("chunk", "filtered"), donate_argnums=(2,))
-_EMPTY = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3))
-
-
-def to_numpy(x):
-    """device_get of an array or a pytree of arrays, as NumPy."""
-    return jax.tree.map(np.asarray, jax.device_get(x))
+    def _decode_chunk(self, call: _Call, min_active: int, filtered: bool,
+                      on_tokens: Callable[[int, int, list[int], bool], None] | None) -> None:
+        """One decode call (up to ``chunk`` steps, fewer once under ``min_active`` rows are active); streams the new
+        tokens and moves the finished sequences to ``call.done``, freeing their slots."""
+        stats = call.stats
+        td = time.perf_counter()
+        call.ds, bt, bl, br, steps = device.decode(self.decode_graphdef, call.state, call.ds, np.int32(min_active),
+                                                   chunk=self.chunk, filtered=filtered, rules=self.rules)
+        ds = call.ds
+        active, ngen, hit, bt, bl, br, steps = to_numpy((ds.active, ds.ngen, ds.stop_hit, bt, bl, br, steps))
+        stats["decode_seconds"] += time.perf_counter() - td
+        stats["decode_calls"] += 1
+        stats["decode_steps"] += int(steps)
+        stats["row_steps"] += int(steps) * self.num_slots
+        for slot, seq in enumerate(call.slots):
+            if seq is None:
+                continue
+            cnt = int(ngen[slot]) - len(seq.ids)
+            seq.ids.extend(bt[slot, :cnt].tolist())
+            seq.lps.extend(bl[slot, :cnt].tolist())
+            seq.raws.extend(br[slot, :cnt].tolist())
+            finished = not bool(active[slot])
+            if on_tokens is not None and (cnt or finished):
+                on_tokens(seq.req, seq.copy, bt[slot, :cnt].tolist(), finished)
+            if finished:
+                call.done.append(Completion(seq.req, seq.copy, call.prompts[seq.req], np.asarray(seq.ids, np.int32),
+                                            np.asarray(seq.lps, np.float32), np.asarray(seq.raws, np.float32),
+                                            FINISH_STOP if bool(hit[slot]) else FINISH_LENGTH))
+                stats["generated_tokens"] += len(seq.ids)
+                call.slots[slot] = None

@@ -189,7 +189,7 @@ def test_bad_requests(engine):
 def test_decode_moe_path_selection(model, engine):
     """Unless moe_impl is given, decode on CPU runs the capacity path while E <= num_slots * k <= 32 E (a mean
     expert group of at most 32 rows); prefill keeps the configured path."""
-    from ring_jax.sampling.engine import CAPACITY_DECODE_MAX_GROUP, decode_moe_impl
+    from ring_jax.sampling.device import CAPACITY_DECODE_MAX_GROUP, decode_moe_impl
 
     e, k = CFG.num_experts, CFG.num_experts_per_tok
     assert decode_moe_impl(CFG, e // k, "cpu") == "capacity"

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from ring_jax.config import get_preset
+from ring_jax.sampling import device
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import SamplingParams
 from ring_jax.sharding import make_mesh, shard_model
@@ -27,7 +28,7 @@ def test_sharded_engine_places_the_cache_and_samples_the_same_tokens():
         assert (eng.mesh is not None) == bool(spec)
         outs.append(eng.generate(prompts, sp, key=0))
     with jax.set_mesh(eng.mesh):
-        ds = eng._empty(8, 64, 8)
+        ds = device.empty_state(eng.cfg, 8, 64, 8, rules=eng.rules)
     assert ds.cache.k.sharding.spec[:2] == (None, ("data", "expert"))  # [layers, slots, ...]: slots over the batch axes
     assert ds.logits.sharding.spec[0] == ("data", "expert")
     assert ds.active.sharding.is_fully_replicated and ds.stop_ids.sharding.is_fully_replicated

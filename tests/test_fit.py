@@ -1,11 +1,11 @@
-"""ring_jax.rl.fit (ring-jax-fit): the rollout report's KV cache is the formula's bytes per device and scales with
+"""ring_jax.fit (ring-jax-fit): the rollout report's KV cache is the formula's bytes per device and scales with
 slots x cache length; XLA's compiled arguments include what the report says they hold; the RL step compiles with
 the reference model resident."""
 
 import pytest
 
 from ring_jax.config import get_preset
-from ring_jax.rl import fit
+from ring_jax import fit
 from ring_jax.rl.losses import PolicyLossConfig
 from ring_jax.rl.step import RLConfig
 from ring_jax.sharding import make_mesh

@@ -2,9 +2,9 @@
 C3PO RL step (+ the reference log-probabilities) for a model on a mesh, from XLA's memory analysis of the programs
 compiled against abstract arrays (``jax.ShapeDtypeStruct``: nothing is allocated, no accelerator is needed).
 
-Each program is the library's own (``make_train_step`` with the SFT or RL loss, the sampling engine's ``_prefill`` and
-``_decode`` bodies), jitted with explicit shardings from the rules table and compiled under ``jax.set_mesh`` so the
-MoE block takes its expert-parallel path.  ``inputs`` are the per-device bytes of the program's arguments by kind,
+Each program is the library's own (``make_train_step`` with the SFT or RL loss, the sampling engine's
+``device.prefill_body`` and ``device.decode_body``), jitted with explicit shardings from the rules table and
+compiled under ``jax.set_mesh`` so the MoE block takes its expert-parallel path.  ``inputs`` are the per-device bytes of the program's arguments by kind,
 exact from the shardings; ``resident`` are arrays that stay in device memory during the program without being its
 arguments (the optimizer state and the reference model during rollout, ...); ``temp`` is XLA's temporary
 allocation (activations, gradients, collective buffers).  ``peak = arguments + outputs - aliased + temporaries +
@@ -31,8 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ring_jax.config import ModelConfig
 from ring_jax.model.transformer import build_model
 from ring_jax.rl.step import RLConfig, make_rl_train_step, policy_logprobs
-from ring_jax.sampling import engine as eng
-from ring_jax.sampling.types import pow2_bucket
+from ring_jax.sampling import device
 from ring_jax.sharding import batch_sharding
 from ring_jax.train.losses import LossConfig, sft_loss_fn
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
@@ -40,7 +39,7 @@ from ring_jax.train.step import (TrainState, abstract_train_state, data_parallel
                                  train_state_shardings)
 
 GIB = 2 ** 30
-NUM_STOP = 8  # stop-id columns of the decode state (the engine's minimum bucket)
+NUM_STOP = device.MIN_STOP_BUCKET  # stop-id columns of the decode state (the engine's minimum bucket)
 
 
 def _is_sharding(x):
@@ -217,9 +216,9 @@ def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Rep
 
 
 def decode_state_shardings(ds, mesh):
-    """NamedShardings of a DecodeState / KVCache as the sampling engine places it (``engine.decode_state_specs``:
+    """NamedShardings of a DecodeState / KVCache as the sampling engine places it (``device.decode_state_specs``:
     cache and logits over the slots, per-slot scalars replicated)."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), eng.decode_state_specs(ds, mesh),
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), device.decode_state_specs(ds, mesh),
                         is_leaf=lambda x: isinstance(x, P))
 
 
@@ -230,14 +229,15 @@ def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype=None) -> 
 
 
 def cache_len_for(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt bucket, cache length S) as the sampling engine picks them (powers of two; S capped at the context)."""
-    pb = pow2_bucket(prompt_len, 16)
-    return pb, min(pow2_bucket(pb + max_new_tokens, 64), cfg.max_position_embeddings)
+    """(prompt bucket, cache length S) as the sampling engine picks them (``device.prompt_bucket`` /
+    ``device.cache_bucket`` at their default minimums: powers of two, S capped at the context)."""
+    pb = device.prompt_bucket(prompt_len)
+    return pb, device.cache_bucket(pb + max_new_tokens, cfg.max_position_embeddings)
 
 
 def decode_state_bytes(setup: Setup, num_slots: int, cache_len: int) -> tuple[int, int]:
     """(KV cache, whole decode state) bytes per device for ``num_slots`` x ``cache_len`` (exact, no compile)."""
-    ds = jax.eval_shape(functools.partial(eng._empty_state, setup.cfg, num_slots, cache_len, NUM_STOP))
+    ds = jax.eval_shape(functools.partial(device.empty_state_body, setup.cfg, num_slots, cache_len, NUM_STOP))
     ds_sh = decode_state_shardings(ds, setup.mesh)
     return shard_bytes(ds.cache, ds_sh.cache), shard_bytes(ds, ds_sh)
 
@@ -253,7 +253,7 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
     cfg, mesh = setup.cfg, setup.mesh
     pb, s = cache_len_for(cfg, prompt_len, max_new_tokens)
     k = prefill_batch or num_slots
-    ds = jax.eval_shape(functools.partial(eng._empty_state, cfg, num_slots, s, NUM_STOP))
+    ds = jax.eval_shape(functools.partial(device.empty_state_body, cfg, num_slots, s, NUM_STOP))
     ds_sh = decode_state_shardings(ds, mesh)
     p_sh = setup.shardings.params
     resident = {"optimizer state": setup.opt_bytes}
@@ -261,14 +261,14 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
         resident["reference params"] = setup.params_bytes
     rsh1, rsh2 = setup.row_sharding(1), setup.row_sharding(2)
     with jax.set_mesh(mesh):
-        prefill = functools.partial(eng._prefill, setup.graphdef, cache_len=pb, chunk=eng.PREFILL_CHUNK)
+        prefill = functools.partial(device.prefill_body, setup.graphdef, cache_len=pb, chunk=device.PREFILL_CHUNK)
         cache_abs, logits_abs = jax.eval_shape(prefill,
                                                setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         cache_sh = decode_state_shardings(cache_abs, mesh)
         pre = _compile(jax.jit(prefill,
                                in_shardings=(p_sh, rsh2, rsh1), out_shardings=(cache_sh, rsh2)),
                        setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
-        dec = _compile(jax.jit(functools.partial(eng._decode, setup.graphdef, chunk=chunk, filtered=True),
+        dec = _compile(jax.jit(functools.partial(device.decode_body, setup.graphdef, chunk=chunk, filtered=True),
                                in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
                                out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4), donate_argnums=(1,)),
                        setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32))
