@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's experiments beyond the main job, each from the main job's own SFT checkpoints, with the main job's RL
-# flags and rollout budget (16 prompts x 8 samples, 45 steps), evaluated on the run's held-out file:
+# flags and rollout budget (PROMPTS prompts x 8 samples, 45 steps), evaluated on the run's held-out file:
 #
 #   aggregation  C3PO against sample-level GRPO (seq_mean) and token-mean on the same rollouts per step
 #   sftmore      more SFT from the same checkpoint for as many tokens as C3PO trained on (the sum of Phi)
@@ -14,7 +14,9 @@
 #   WHAT="aggregation sftmore picked truncated" (default: all) picks the experiments, AGGS="seq_mean token_mean"
 #   the baselines, SEEDS="0 1 2" the seeds of the RUNs (default: 0, 1, ... in order); a run whose final
 #   checkpoint exists is skipped, so the script continues where it stopped (two instances with different WHAT or
-#   AGGS can share a 2-core box: decode runs mostly on one core).
+#   AGGS can share a 2-core box: decode runs mostly on one core).  PROMPTS: RL prompts per step (default 64, the
+#   main job's since 2026-12-06; the results recorded in experiments/results/issue16/evidence.md ran at PROMPTS=16,
+#   the main job's before).
 # Then: python experiments/evidence_report.py OUT RUN0 [RUN1 ...] writes the tables and plots.
 set -euo pipefail
 OUT=$(realpath -m "$1"); shift
@@ -25,12 +27,14 @@ read -r -a SEEDS <<< "${SEEDS:-$(seq -s ' ' 0 $(($# - 1)))}"
 [ ${#SEEDS[@]} = $# ] || { echo "error: SEEDS has ${#SEEDS[@]} seeds for $# runs" >&2; exit 2; }
 PY=${PYTHON:-python}
 STEPS=45
+PROMPTS=${PROMPTS:-64}
+SLOTS=$((PROMPTS * 8 < 256 ? PROMPTS * 8 : 256))  # the pipeline's decode batch: every response, up to 256 rows
 mkdir -p "$OUT"
 
 rl_flags() {  # $1 run folder, $2 seed: the pipeline's RL stage flags (ring_jax/cli/pipeline.py), no eval before
   echo --tokenizer="$1/tokenizer" --prompts_jsonl="$1/data/rl_prompts.jsonl" --eval_jsonl="$1/data/eval.jsonl" \
-       --eval_n=8 --eval_seed=99000 --eval_slots=256 --num_slots=128 --steps=$STEPS --lr=5e-05 --warmup_steps=3 \
-       --updates_per_rollout=1 --prompts_per_step=16 --samples_per_prompt=8 --budget=2048 \
+       --eval_n=8 --eval_seed=99000 --eval_slots=256 --num_slots=$SLOTS --steps=$STEPS --lr=5e-05 --warmup_steps=3 \
+       --updates_per_rollout=1 --prompts_per_step=$PROMPTS --samples_per_prompt=8 --budget=2048 \
        --selection_order=informative_first --max_new_tokens=64 --seed="$2" \
        --ckpt_every=$STEPS --progress_bar=false
 }
