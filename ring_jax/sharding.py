@@ -21,6 +21,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ring_jax.utils import is_variable, log_once
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -122,8 +124,8 @@ class ShardingRules:
                 if mesh is not None and shape is not None:
                     size = int(np.prod([mesh.shape[b] for b in keep + [a]]))
                     if shape[i] % size:
-                        _warn_once(f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
-                                   "replicating it along that axis")
+                        log_once(f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
+                                 "replicating it along that axis", logging.INFO)
                         continue
                 keep.append(a)
             out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
@@ -134,37 +136,26 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules()
-_warned: set[str] = set()
-
-
-def _warn_once(msg):
-    if msg not in _warned:
-        _warned.add(msg)
-        logging.info(msg)
-
-
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """NamedSharding for every Variable of an nnx State (parameters carry ``logical_axes``; anything without
     it, e.g. optimizer step counters, is replicated).  Works on abstract states too."""
     def one(v):
-        axes = v.get_metadata().get("logical_axes") if _is_var(v) else None
-        shape = v.get_value().shape if _is_var(v) else np.shape(v)
+        axes = v.get_metadata().get("logical_axes") if is_variable(v) else None
+        shape = v.get_value().shape if is_variable(v) else np.shape(v)
         if axes is None:
             return NamedSharding(mesh, P())
         return rules.sharding(mesh, axes, shape)
 
-    return jax.tree.map(one, state, is_leaf=_is_var)
+    return jax.tree.map(one, state, is_leaf=is_variable)
 
 
 def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """Place every parameter of ``model`` according to the rules (in place; returns the model)."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
-    placed = jax.tree.map(lambda v, s: jax.device_put(v.get_value(), s), state, shardings, is_leaf=_is_var)
+    placed = jax.tree.map(lambda v, s: jax.device_put(v.get_value(), s), state, shardings, is_leaf=is_variable)
     nnx.update(model, placed)
     return model
 

@@ -48,10 +48,6 @@ class TrainState(NamedTuple):
         return jax.random.wrap_key_data(self.rng)
 
 
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
-
-
 def split_model(model) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, Variable state of the parameters, pure parameter tree).  The model must hold only nnx.Param."""
     _, _, rest = nnx.split(model, nnx.Param, ...)
