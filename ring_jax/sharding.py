@@ -8,12 +8,18 @@ Every parameter carries ``logical_axes`` metadata (see ``ring_jax.model.layers.p
 the KV cache name theirs here.  ``LOGICAL_RULES`` is the only place that decides where anything lives: changing the
 sharding is an edit of this table.  A mesh axis that does not divide a dimension is dropped for that array (logged
 once), so small test models run on any mesh.
+
+Code inside the model that needs the rules (the expert-parallel MoE block shards its tokens like the batch) reads
+:func:`active_rules`: ``DEFAULT_RULES`` unless a caller traces it inside :func:`use_rules`, the counterpart of
+``jax.set_mesh`` for the rules (``make_train_step`` enters both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -136,6 +142,23 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules()
+_ACTIVE_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("ring_jax_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules: ShardingRules) -> Iterator[ShardingRules]:
+    """Inside the block, :func:`active_rules` returns ``rules``.  Model code reads them when it is traced, so a jitted
+    function must be traced (first called) inside the block whose rules it should use."""
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> ShardingRules:
+    """The rules of the innermost :func:`use_rules` block, else ``DEFAULT_RULES``."""
+    return _ACTIVE_RULES.get()
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):

@@ -34,6 +34,7 @@ from flax import nnx
 from ring_jax.config import ModelConfig
 from ring_jax.model.grouped_xla import group_metadata, moe_grouped
 from ring_jax.model.layers import SwiGLU, dtype_of, param
+from ring_jax.sharding import active_rules
 
 
 class RouterStats(NamedTuple):
@@ -217,6 +218,7 @@ class MoEBlock(nnx.Module):
         self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
         self.num_experts = e
         self.capacity_factor = cfg.moe_capacity_factor
+        self.ep_platform, self.ep_auto_ragged = cfg.ep_platform, cfg.ep_auto_ragged
         self.moe_chunk = cfg.moe_chunk
         self.dtype = dtype_of(cfg.dtype)
 
@@ -226,7 +228,9 @@ class MoEBlock(nnx.Module):
         from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
 
         if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
-            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor)
+            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor,
+                                              rules=active_rules(), platform=self.ep_platform,
+                                              auto_ragged=self.ep_auto_ragged)
         paths = {"dense": moe_dense, "dispatch": lambda *a: moe_dispatch(*a, self.tile), "ragged": moe_ragged,
                  "capacity": moe_capacity, "pallas": moe_pallas}
         return paths[self.impl](flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)

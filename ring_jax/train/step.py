@@ -31,7 +31,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings
+from ring_jax.sharding import (DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings,
+                               use_rules)
 
 SUM_AUX_KEYS = ("expert_load", "ce_tokens")  # aux entries summed over micro-batches (the rest are averaged)
 MAX_AUX_KEYS = ()  # aux entries maximised over micro-batches (non-negative statistics such as a largest ratio)
@@ -143,6 +144,8 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
       schedule: learning-rate schedule, only to report ``lr`` (evaluated at the optimizer's update count,
         ``state.step - state.skipped``).
       normalizer_fn: ``batch -> scalar`` used when ``step`` is called without ``normalizer``.
+      rules: the logical-axis rules of the batch; the step traces the model inside ``use_rules(rules)``, so the
+        expert-parallel MoE block shards its tokens by them too.
       donate: donate the input state's buffers to the output state.
 
     Metrics (replicated device arrays): loss (the objective), token_loss (sum / normaliser), normalizer,
@@ -240,8 +243,9 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         return compiled[key]
 
     def step(state: TrainState, batch, normalizer=None):
-        # under the mesh: the MoE block takes its expert-parallel path when the mesh has an expert axis > 1
-        with jax.set_mesh(mesh):
+        # under the mesh and the rules: the MoE block takes its expert-parallel path when the mesh has an expert axis
+        # > 1, with its tokens sharded like the batch
+        with jax.set_mesh(mesh), use_rules(rules):
             if normalizer is None:
                 return jitted(batch, False)(state, batch)
             return jitted(batch, True)(state, batch, jnp.asarray(normalizer, jnp.float32))
@@ -249,7 +253,7 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
     def lower(state, batch, normalizer=None):
         """The step lowered for (possibly abstract, ``jax.ShapeDtypeStruct``) inputs, under the mesh: compile it to
         read XLA's memory analysis without running it (ring-jax-fit)."""
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), use_rules(rules):
             if normalizer is None:
                 return jitted(batch, False).lower(state, batch)
             return jitted(batch, True).lower(state, batch, normalizer)
