@@ -4,8 +4,9 @@ Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with par
 ``expert`` (experts sharded; acts as a data axis outside the MoE block), ``tensor`` (heads and MLP widths sharded).
 A flag such as ``--mesh=data:2,fsdp:1,expert:4,tensor:1`` builds it; absent axes have size 1.
 
-Every parameter carries ``logical_axes`` metadata (see ``ring_jax.model.layers.param``); activations, batches and
-the KV cache name theirs here.  ``LOGICAL_RULES`` is the only place that decides where anything lives: changing the
+Every parameter carries ``logical_axes`` metadata (see ``ring_jax.model.layers.param``); batches and the KV cache
+name theirs here (activations inside the model carry no constraint: XLA propagates the parameters' and the batch's
+shardings to them).  ``LOGICAL_RULES`` is the only place that decides where anything lives: changing the
 sharding is an edit of this table.  A mesh axis that does not divide a dimension is dropped for that array (logged
 once), so small test models run on any mesh.
 
@@ -48,11 +49,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     # the stacked decoder layers' leading axis (parameters and KV cache): every device holds every layer's shard
     # (a pipeline axis would go here)
     "layers": None,
-    # activations, batches, KV cache
+    # batches, KV cache
     "batch": ("data", "fsdp", "expert"),
     "length": None,
-    "act_embed": None,
-    "act_vocab": "tensor",
     "cache_length": None,
 }
 
