@@ -5,13 +5,13 @@ renormalise the k weights to sum 1 only when k > 1 and ``norm_topk_prob``; no ca
 
 Compute paths (``ModelConfig.moe_impl``):
 - ``dense``: every expert on every token, combined with the routing weights.  The test oracle; cost grows with E.
-- ``dispatch`` (default): sort the (token, slot) assignments by expert, then loop over the experts and run each
-  expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of ``moe_tile`` rows,
-  default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes the weight
-  gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work plus a
-  small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py).
-  ``moe_dispatch_gather`` keeps the earlier variant (pad each group to a tile multiple, gather the weights of every
-  tile, one batched matmul) for comparison: its per-tile weight gather grows with E.
+- ``dispatch`` (default): sort the (token, slot) assignments by expert (``grouping.py``), then loop over the experts
+  and run each expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of
+  ``moe_tile`` rows, default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes
+  the weight gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work plus a
+  small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py, which also times
+  the earlier variant kept in experiments/bench/moe_gather.py: groups padded to tile multiples, the weights of every
+  tile gathered, one batched matmul; its per-tile weight gather grows with E).
 - ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
   about as much as the dense path).
 - ``capacity``: the sort again, then every expert's rows gathered into a fixed [E, C, H] block for three batched
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.grouped_xla import group_metadata, moe_grouped
+from ring_jax.model.grouped_xla import moe_grouped
+from ring_jax.model.grouping import group_metadata
 from ring_jax.model.layers import SwiGLU, dtype_of, param
 from ring_jax.sharding import active_rules
 
@@ -83,33 +84,12 @@ def moe_dense(x, weights, ids, wg, wu, wd):
     return jnp.einsum("ne,enh->nh", comb, y.astype(jnp.float32))
 
 
-class _Sorted(NamedTuple):
-    order: jax.Array  # [M] assignment index (n*k + j) at each sorted position
-    sizes: jax.Array  # [E] assignments per expert
-
-
-def _sort(ids, num_experts):
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return _Sorted(order, sizes)
-
-
-def _combine(y_sorted, srt: _Sorted, weights):
-    """y_sorted [M,H] in sorted order -> [N,H] float32 weighted sum over each token's k experts."""
+def combine_sorted(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """y_sorted [M,H] in expert-sorted order (``order``: sorted row -> assignment, ``GroupMeta.order``) -> [N,H]
+    float32 weighted sum over each token's k experts: scattered back to assignment order, then combined."""
     n, k = weights.shape
-    y = jnp.zeros_like(y_sorted).at[srt.order].set(y_sorted).reshape(n, k, -1)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
-
-
-def auto_tile(num_assignments: int, num_experts: int) -> int:
-    """Token tile for ``moe_dispatch_gather``: about a quarter of the mean group size, a power of two in [8, 128], so
-    padding (< one tile per expert) stays small next to the routed work."""
-    mean = max(1, num_assignments // max(1, num_experts))
-    t = 8
-    while t * 2 <= min(128, max(8, mean // 4)):
-        t *= 2
-    return t
 
 
 def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
@@ -118,38 +98,14 @@ def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
     return moe_grouped(x, weights, ids, wg, wu, wd, tile)
 
 
-def moe_dispatch_gather(x, weights, ids, wg, wu, wd, tile: int = 0):
-    """The earlier dispatch path, kept for comparison: groups padded to tile multiples, per-tile weight gather."""
-    n, h = x.shape
-    e, k = wg.shape[0], ids.shape[1]
-    m = n * k
-    tile = tile or auto_tile(m, e)
-    srt = _sort(ids, e)
-    padded = (srt.sizes + tile - 1) // tile * tile
-    pstart = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(srt.sizes) - srt.sizes
-    e_sorted = ids.reshape(-1)[srt.order]
-    dest = pstart[e_sorted] + jnp.arange(m, dtype=jnp.int32) - start[e_sorted]  # padded row of each sorted row
-    num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded length / tile
-    xs = jnp.zeros((num_tiles * tile, h), x.dtype).at[dest].set(x[srt.order // k])
-    tile_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right")
-    tile_expert = jnp.minimum(tile_expert, e - 1)  # tiles past the end hold zeros; any expert will do
-    xt = xs.reshape(num_tiles, tile, h)
-    g = jnp.einsum("nth,nhf->ntf", xt, wg[tile_expert])
-    u = jnp.einsum("nth,nhf->ntf", xt, wu[tile_expert])
-    yt = jnp.einsum("ntf,nfh->nth", jax.nn.silu(g) * u, wd[tile_expert])
-    y_sorted = yt.reshape(num_tiles * tile, h)[dest]
-    return _combine(y_sorted, srt, weights)
-
-
 def moe_ragged(x, weights, ids, wg, wu, wd):
     e, k = wg.shape[0], ids.shape[1]
-    srt = _sort(ids, e)
-    xs = x[srt.order // k]
-    g = jax.lax.ragged_dot(xs, wg, srt.sizes)
-    u = jax.lax.ragged_dot(xs, wu, srt.sizes)
-    y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, srt.sizes)
-    return _combine(y_sorted, srt, weights)
+    meta = group_metadata(ids, e)
+    xs = x[meta.order // k]
+    g = jax.lax.ragged_dot(xs, wg, meta.sizes)
+    u = jax.lax.ragged_dot(xs, wu, meta.sizes)
+    y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, meta.sizes)
+    return combine_sorted(y_sorted, meta.order, weights)
 
 
 CAPACITY_FACTOR = 1.5  # rows per expert of the capacity path, as a multiple of the mean group size

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ring_jax.model.grouping import group_metadata
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules
 from ring_jax.utils import log_once
 
@@ -115,16 +116,12 @@ def _capacity_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, cap, ten
     e, c = num_experts, cap
     xs = jax.lax.axis_size(EXPERT_AXIS)
     e_loc = e // xs
-    m = n * k
     # slot-major assignment a = j * n + i  (token i, slot j): first choices get the slots first
     ids_sm = ids.T.reshape(-1)
     valid_sm = jnp.tile(valid, k)
-    key = jnp.where(valid_sm, ids_sm, e)
-    order = jnp.argsort(key, stable=True)
-    skey = key[order]
-    counts = jnp.bincount(key, length=e + 1)
-    start = jnp.cumsum(counts) - counts
-    pos = jnp.zeros((m,), jnp.int32).at[order].set((jnp.arange(m) - start[skey]).astype(jnp.int32))
+    key = jnp.where(valid_sm, ids_sm, e)  # group e: the invalid (padding) assignments
+    meta = group_metadata(key, e + 1)
+    pos = meta.inv - meta.starts[key]  # rank of each assignment within its (device, expert) bucket
     kept = valid_sm & (pos < c)
     dest = jnp.where(kept, ids_sm * c + pos, e * c)  # e*c: out of range, dropped by the scatter
     tok = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)
@@ -171,9 +168,10 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     m = n * k
     me = jax.lax.axis_index(EXPERT_AXIS)
     key = jnp.where(jnp.repeat(valid, k), ids.reshape(-1), e)
-    order = jnp.argsort(key, stable=True)
+    meta = group_metadata(key, e + 1)
+    order = meta.order
     x_sorted = x[order // k]  # rows grouped by destination shard, then local expert; invalid rows last
-    counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+    counts = meta.sizes[:e]
     send_sizes = counts.reshape(xs, e_loc).sum(1)
     input_offsets = jnp.cumsum(send_sizes) - send_sizes
     recv_counts = jax.lax.all_to_all(counts.reshape(xs, e_loc), EXPERT_AXIS, 0, 0, tiled=True)  # [src, E_loc]
@@ -192,7 +190,7 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     within = r - recv_off[src_c]
     lexp = jnp.sum(within[:, None] >= jnp.cumsum(recv_counts, axis=1)[src_c], axis=1)
     lkey = jnp.where(src < xs, lexp, e_loc)
-    order2 = jnp.argsort(lkey, stable=True)
+    order2 = group_metadata(lkey, e_loc + 1).order
     group_sizes = recv_counts.sum(0)
     xr = recv[order2]
     g = jax.lax.ragged_dot(xr, wg, group_sizes)
