@@ -18,14 +18,17 @@ Compute paths (``ModelConfig.moe_impl``):
   matmuls (:func:`moe_capacity`), falling back to dense / dispatch when a group outgrows C: the decode path on CPU.
 - ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
 
+``MOE_PATHS`` maps each name to its function; :func:`moe_path` rejects an unknown name with the known ones.
+
 The block also returns router statistics for the load-balance loss (``E * sum_i P_i F_i``) and the router z-loss
 (mean over tokens of logsumexp(logits)^2), computed over real tokens only (``token_mask``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +163,20 @@ def moe_pallas(x, weights, ids, wg, wu, wd):
     return moe_ffn(x, ids, weights, wg, wu, wd).astype(jnp.float32)
 
 
+# ModelConfig.moe_impl -> the routed experts ``fn(x [N,H], weights [N,k], ids [N,k], wg, wu, wd) -> [N,H] float32``
+# (the dispatch path also takes the block's ``tile``); the names are config.MOE_IMPLS
+MOE_PATHS: dict[str, Callable[..., jax.Array]] = {
+    "dispatch": moe_dispatch, "ragged": moe_ragged, "dense": moe_dense, "capacity": moe_capacity, "pallas": moe_pallas}
+
+
+def moe_path(impl: str) -> Callable[..., jax.Array]:
+    """The routed-expert function of ``impl`` (a ``ModelConfig.moe_impl``); a ValueError naming the known ones for
+    any other name."""
+    if impl not in MOE_PATHS:
+        raise ValueError(f"unknown moe_impl {impl!r}: one of {', '.join(MOE_PATHS)}")
+    return MOE_PATHS[impl]
+
+
 # ------------------------------------------------------------------------------------------------- the block
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -171,6 +188,7 @@ class MoEBlock(nnx.Module):
         # None = no shared MLP; 0 = a zero-width one that adds nothing (reference semantics).
         ns = cfg.num_shared_experts
         self.shared = SwiGLU(cfg, f * ns, rngs, axis="mlp") if ns else None
+        moe_path(cfg.moe_impl)  # an unknown name fails here, not at the first call
         self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
         self.num_experts = e
         self.capacity_factor = cfg.moe_capacity_factor
@@ -187,9 +205,10 @@ class MoEBlock(nnx.Module):
             return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor,
                                               rules=active_rules(), platform=self.ep_platform,
                                               auto_ragged=self.ep_auto_ragged)
-        paths = {"dense": moe_dense, "dispatch": lambda *a: moe_dispatch(*a, self.tile), "ragged": moe_ragged,
-                 "capacity": moe_capacity, "pallas": moe_pallas}
-        return paths[self.impl](flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
+        fn = moe_path(self.impl)
+        if self.impl == "dispatch":
+            fn = functools.partial(fn, tile=self.tile)
+        return fn(flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
 
     def __call__(self, x, token_mask):
         b, t, h = x.shape
