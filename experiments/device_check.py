@@ -16,6 +16,7 @@ with smaller shapes (a smoke test of the script itself: ``--smoke``).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -86,7 +87,8 @@ def kernels_check(interpret: bool, small: bool):
 def train_check(peak_tflops: float, small: bool):
     from ring_jax.config import get_preset
     from ring_jax.train.metrics import flops_per_token, measure_matmul_peak
-    from ring_jax.train.step import bench_adapter
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    from train_adapter import bench_adapter  # experiments/bench/train_adapter.py
 
     b, t = (2, 128) if small else (8, 1024)
     cfg = get_preset("small", dtype="bfloat16", param_dtype="float32", max_position_embeddings=max(1024, t))
