@@ -38,10 +38,10 @@ def err(a, b):
 
 
 def kernels_check(interpret: bool, small: bool):
-    from kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
-    from kernels.decode_attention import decode_attention, decode_attention_ref
-    from kernels.ops import moe_ffn, moe_ffn_ref
-    from kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
+    from ring_kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
+    from ring_kernels.decode_attention import decode_attention, decode_attention_ref
+    from ring_kernels.ops import moe_ffn, moe_ffn_ref
+    from ring_kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
 
     rng = np.random.default_rng(0)
     t, h, f, e, k = (64, 64, 32, 8, 2) if small else (2048, 2048, 1408, 64, 6)

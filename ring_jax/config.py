@@ -40,7 +40,7 @@ MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
 # nothing (the whole layer is recomputed), dots (every matmul output), dots_no_batch (matmuls without batch dims)
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch")
 # attention over the KV cache: blocked (an XLA loop over the blocks up to the longest row's live length), pallas
-# (kernels/decode_attention.py for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
+# (ring_kernels.decode_attention for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
 # (pallas on GPU, else blocked)
 CACHE_ATTN = ("auto", "blocked", "pallas", "full")
 RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "moe_tile",

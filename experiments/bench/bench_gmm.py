@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.gmm import GmmTiling, gmm  # noqa: E402
+from ring_kernels.gmm import GmmTiling, gmm  # noqa: E402
 
 
 def _time(fn, *args, iters: int):

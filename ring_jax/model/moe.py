@@ -16,7 +16,7 @@ Compute paths (``ModelConfig.moe_impl``):
   about as much as the dense path).
 - ``capacity``: the sort again, then every expert's rows gathered into a fixed [E, C, H] block for three batched
   matmuls (:func:`moe_capacity`), falling back to dense / dispatch when a group outgrows C: the decode path on CPU.
-- ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
+- ``pallas``: the Pallas kernels of ``ring_kernels`` (folder ``kernels/``; interpret mode on CPU).
 
 ``MOE_PATHS`` maps each name to its function; :func:`moe_path` rejects an unknown name with the known ones.
 
@@ -158,7 +158,7 @@ def moe_capacity(x, weights, ids, wg, wu, wd, capacity: int = 0):
 
 
 def moe_pallas(x, weights, ids, wg, wu, wd):
-    from kernels.ops import moe_ffn  # kernels/ sits below model/ in the import order
+    from ring_kernels.ops import moe_ffn  # ring_kernels sits below model/ in the import order
 
     return moe_ffn(x, ids, weights, wg, wu, wd).astype(jnp.float32)
 
