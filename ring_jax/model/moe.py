@@ -8,10 +8,10 @@ Compute paths (``ModelConfig.moe_impl``):
 - ``dispatch`` (default): sort the (token, slot) assignments by expert (``grouping.py``), then loop over the experts
   and run each expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of
   ``moe_tile`` rows, default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes
-  the weight gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work plus a
-  small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py, which also times
-  the earlier variant kept in experiments/bench/moe_gather.py: groups padded to tile multiples, the weights of every
-  tile gathered, one batched matmul; its per-tile weight gather grows with E).
+  the weight gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work
+  plus a small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py, which also
+  times the earlier variant kept in experiments/bench/moe_gather.py: groups padded to tile multiples, the weights of
+  every tile gathered, one batched matmul; its per-tile weight gather grows with E).
 - ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
   about as much as the dense path).
 - ``capacity``: the sort again, then every expert's rows gathered into a fixed [E, C, H] block for three batched
