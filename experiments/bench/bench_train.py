@@ -23,7 +23,8 @@ over transformers as the median over rounds of the paired (same-round) time rati
 
 ring_jax's step (``--step``): ``auto`` (default) uses the project's step, ``ring_jax.train.step.make_train_step``
 through ``train_adapter.bench_adapter`` beside this script (same loss and AdamW, plus its non-finite guard and
-metrics), when importable, else the self-contained minimal step below (nnx.split + jax.jit + optax.adamw, params and optimizer state donated);
+metrics), when importable, else the self-contained minimal step below (nnx.split + jax.jit + optax.adamw, params
+and optimizer state donated);
 ``both`` adds the minimal step for the first impl.  ``--impls`` picks the MoE compute paths (cfg.moe_impl).
 ``--profile`` prints where the minimal step's time goes (XLA CPU thunk events of a jax.profiler trace attributed
 to jax source lines); ``--breakdown`` times pieces (one MoE block, one attention, head + CE, forward only).
