@@ -76,7 +76,8 @@ def expert_parallel_mesh(num_experts: int | None, mesh=None):
     return mesh
 
 
-def token_axes(mesh, rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
+def token_axes(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+               rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
     """Mesh axes the tokens are sharded over inside the EP block: the axes of ``rules``' 'batch' entry that the mesh
     has, always incl. expert."""
     rule = rules.rules.get("batch")
