@@ -16,6 +16,7 @@ with smaller shapes (a smoke test of the script itself: ``--smoke``).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -37,10 +38,10 @@ def err(a, b):
 
 
 def kernels_check(interpret: bool, small: bool):
-    from kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
-    from kernels.decode_attention import decode_attention, decode_attention_ref
-    from kernels.ops import moe_ffn, moe_ffn_ref
-    from kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
+    from ring_kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
+    from ring_kernels.decode_attention import decode_attention, decode_attention_ref
+    from ring_kernels.ops import moe_ffn, moe_ffn_ref
+    from ring_kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
 
     rng = np.random.default_rng(0)
     t, h, f, e, k = (64, 64, 32, 8, 2) if small else (2048, 2048, 1408, 64, 6)
@@ -86,7 +87,8 @@ def kernels_check(interpret: bool, small: bool):
 def train_check(peak_tflops: float, small: bool):
     from ring_jax.config import get_preset
     from ring_jax.train.metrics import flops_per_token, measure_matmul_peak
-    from ring_jax.train.step import bench_adapter
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    from train_adapter import bench_adapter  # experiments/bench/train_adapter.py
 
     b, t = (2, 128) if small else (8, 1024)
     cfg = get_preset("small", dtype="bfloat16", param_dtype="float32", max_position_embeddings=max(1024, t))

@@ -5,5 +5,5 @@
 #   bash experiments/device_check.sh [--peak_tflops=989]        # --smoke: small shapes (interpret mode on CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # ring_jax, and ring_kernels in kernels/
 exec timeout 480 "${PYTHON:-python}" experiments/device_check.py "$@"

@@ -40,11 +40,12 @@ MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
 # nothing (the whole layer is recomputed), dots (every matmul output), dots_no_batch (matmuls without batch dims)
 REMAT_POLICIES = ("nothing", "dots", "dots_no_batch")
 # attention over the KV cache: blocked (an XLA loop over the blocks up to the longest row's live length), pallas
-# (kernels/decode_attention.py for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
+# (ring_kernels.decode_attention for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
 # (pallas on GPU, else blocked)
 CACHE_ATTN = ("auto", "blocked", "pallas", "full")
 RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "moe_tile",
-                  "moe_capacity_factor", "attn_chunk", "moe_chunk", "cache_attn", "cache_block")
+                  "moe_capacity_factor", "attn_chunk", "moe_chunk", "cache_attn", "cache_block", "ep_platform",
+                  "ep_auto_ragged")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,11 @@ class ModelConfig:
     # expert-parallel capacity factor: None = dropless (capacity = local tokens); c > 0 keeps at most
     # ceil(c * local_tokens * k / num_experts) tokens per expert per device and drops (counts) the rest
     moe_capacity_factor: float | None = None
+    # the expert-parallel dispatch (ring_jax.model.moe_ep.choose_impl): the platform it decides for (None: jax's
+    # default backend; ring-jax-fit sets "tpu" when it compiles for a TPU topology from a CPU host) and whether it
+    # may pick the ragged all_to_all path there (False: the capacity all_to_all path)
+    ep_platform: str | None = None
+    ep_auto_ragged: bool = True
     # long sequences: attention ``attn_chunk`` queries at a time (0 = all at once; same numerics, scores memory
     # [B, H, attn_chunk, S] instead of [B, H, T, S]) and the routed experts ``moe_chunk`` positions of every row at a
     # time (0 = all; bounds the dispatch buffers); both rematerialised per chunk in the backward pass

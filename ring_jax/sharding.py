@@ -4,22 +4,31 @@ Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with par
 ``expert`` (experts sharded; acts as a data axis outside the MoE block), ``tensor`` (heads and MLP widths sharded).
 A flag such as ``--mesh=data:2,fsdp:1,expert:4,tensor:1`` builds it; absent axes have size 1.
 
-Every parameter carries ``logical_axes`` metadata (see ``ring_jax.model.layers.param``); activations, batches and
-the KV cache name theirs here.  ``LOGICAL_RULES`` is the only place that decides where anything lives: changing the
+Every parameter carries ``logical_axes`` metadata (see ``ring_jax.model.layers.param``); batches and the KV cache
+name theirs here (activations inside the model carry no constraint: XLA propagates the parameters' and the batch's
+shardings to them).  ``LOGICAL_RULES`` is the only place that decides where anything lives: changing the
 sharding is an edit of this table.  A mesh axis that does not divide a dimension is dropped for that array (logged
 once), so small test models run on any mesh.
+
+Code inside the model that needs the rules (the expert-parallel MoE block shards its tokens like the batch) reads
+:func:`active_rules`: ``DEFAULT_RULES`` unless a caller traces it inside :func:`use_rules`, the counterpart of
+``jax.set_mesh`` for the rules (``make_train_step`` enters both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ring_jax.utils import is_variable, log_once
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -40,11 +49,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     # the stacked decoder layers' leading axis (parameters and KV cache): every device holds every layer's shard
     # (a pipeline axis would go here)
     "layers": None,
-    # activations, batches, KV cache
+    # batches, KV cache
     "batch": ("data", "fsdp", "expert"),
     "length": None,
-    "act_embed": None,
-    "act_vocab": "tensor",
     "cache_length": None,
 }
 
@@ -122,8 +129,8 @@ class ShardingRules:
                 if mesh is not None and shape is not None:
                     size = int(np.prod([mesh.shape[b] for b in keep + [a]]))
                     if shape[i] % size:
-                        _warn_once(f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
-                                   "replicating it along that axis")
+                        log_once(f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
+                                 "replicating it along that axis", logging.INFO)
                         continue
                 keep.append(a)
             out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
@@ -134,37 +141,43 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules()
-_warned: set[str] = set()
+_ACTIVE_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("ring_jax_rules", default=DEFAULT_RULES)
 
 
-def _warn_once(msg):
-    if msg not in _warned:
-        _warned.add(msg)
-        logging.info(msg)
+@contextlib.contextmanager
+def use_rules(rules: ShardingRules) -> Iterator[ShardingRules]:
+    """Inside the block, :func:`active_rules` returns ``rules``.  Model code reads them when it is traced, so a jitted
+    function must be traced (first called) inside the block whose rules it should use."""
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
+def active_rules() -> ShardingRules:
+    """The rules of the innermost :func:`use_rules` block, else ``DEFAULT_RULES``."""
+    return _ACTIVE_RULES.get()
 
 
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """NamedSharding for every Variable of an nnx State (parameters carry ``logical_axes``; anything without
     it, e.g. optimizer step counters, is replicated).  Works on abstract states too."""
     def one(v):
-        axes = v.get_metadata().get("logical_axes") if _is_var(v) else None
-        shape = v.get_value().shape if _is_var(v) else np.shape(v)
+        axes = v.get_metadata().get("logical_axes") if is_variable(v) else None
+        shape = v.get_value().shape if is_variable(v) else np.shape(v)
         if axes is None:
             return NamedSharding(mesh, P())
         return rules.sharding(mesh, axes, shape)
 
-    return jax.tree.map(one, state, is_leaf=_is_var)
+    return jax.tree.map(one, state, is_leaf=is_variable)
 
 
 def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """Place every parameter of ``model`` according to the rules (in place; returns the model)."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
-    placed = jax.tree.map(lambda v, s: jax.device_put(v.get_value(), s), state, shardings, is_leaf=_is_var)
+    placed = jax.tree.map(lambda v, s: jax.device_put(v.get_value(), s), state, shardings, is_leaf=is_variable)
     nnx.update(model, placed)
     return model
 

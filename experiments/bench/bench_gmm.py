@@ -18,13 +18,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+# ring_kernels from this checkout's kernels/ folder, installed or not
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "kernels")))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.gmm import GmmTiling, gmm  # noqa: E402
+from ring_kernels.gmm import GmmTiling, gmm  # noqa: E402
 
 
 def _time(fn, *args, iters: int):

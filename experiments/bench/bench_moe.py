@@ -4,7 +4,8 @@
 
 Cost should scale with routed work, not with the number of experts: the dispatch path at 64 experts should stay
 within 1.3x of its time at 8 experts, and beat the dense (every expert on every token) path by >= 20x at 64.
-``dispatch_gather`` is the earlier dispatch variant (padded tiles + per-tile weight gather), kept for comparison.
+``dispatch_gather`` is the earlier dispatch variant (padded tiles + per-tile weight gather), kept for comparison in
+moe_gather.py beside this script.
 Prints a markdown table; all paths are timed in the same process, interleaved, median of repeats (wall clock; the
 min over repeats is printed too, as the machine may be shared).  Each timed call is preceded by ``--gap`` seconds of
 sleep: the dense / ragged paths at 64 experts free GB-sized buffers, and for ~0.1-0.3 s after they return the next
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ring_jax.model.moe import moe_dense, moe_dispatch, moe_dispatch_gather, moe_ragged, route
+from moe_gather import moe_dispatch_gather  # this folder (the script's own, first on sys.path)
+from ring_jax.model.moe import moe_dense, moe_dispatch, moe_ragged, route
 
 PATHS = {"dispatch": moe_dispatch, "dispatch_gather": moe_dispatch_gather, "ragged": moe_ragged, "dense": moe_dense}
 

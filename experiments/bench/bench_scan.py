@@ -19,7 +19,7 @@ from ring_jax.config import get_preset
 from ring_jax.model import build_model
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import SamplingParams
-from ring_jax.train.step import bench_adapter
+from train_adapter import bench_adapter  # this folder (the script's own, first on sys.path)
 
 
 def main():

@@ -22,8 +22,9 @@ machine), MFU = tokens/s * flops_per_token / peak with the peak from ring_jax.tr
 over transformers as the median over rounds of the paired (same-round) time ratios.
 
 ring_jax's step (``--step``): ``auto`` (default) uses the project's step, ``ring_jax.train.step.make_train_step``
-through its ``bench_adapter`` (same loss and AdamW, plus its non-finite guard and metrics), when importable, else
-the self-contained minimal step below (nnx.split + jax.jit + optax.adamw, params and optimizer state donated);
+through ``train_adapter.bench_adapter`` beside this script (same loss and AdamW, plus its non-finite guard and
+metrics), when importable, else the self-contained minimal step below (nnx.split + jax.jit + optax.adamw, params
+and optimizer state donated);
 ``both`` adds the minimal step for the first impl.  ``--impls`` picks the MoE compute paths (cfg.moe_impl).
 ``--profile`` prints where the minimal step's time goes (XLA CPU thunk events of a jax.profiler trace attributed
 to jax source lines); ``--breakdown`` times pieces (one MoE block, one attention, head + CE, forward only).
@@ -122,9 +123,9 @@ def minimal_step(cfg: ModelConfig, seed: int = 0):
 
 
 def real_step(cfg: ModelConfig, seed: int = 0):
-    """The project's train step (ring_jax.train.step.make_train_step via its ``bench_adapter``: same loss, AdamW
-    b2 0.95 / wd 0.1 on matrices only, no clipping, no aux loss, plus its non-finite guard and metrics)."""
-    from ring_jax.train.step import bench_adapter
+    """The project's train step (ring_jax.train.step.make_train_step via ``train_adapter.bench_adapter``: same loss,
+    AdamW b2 0.95 / wd 0.1 on matrices only, no clipping, no aux loss, plus its non-finite guard and metrics)."""
+    from train_adapter import bench_adapter  # this folder (the script's own, first on sys.path)
 
     return bench_adapter(cfg, seed)
 

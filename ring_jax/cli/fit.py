@@ -65,10 +65,12 @@ def define_flags():
 
 
 def _target_devices():
+    """(devices or None for the fake CPU ones, a description, ModelConfig overrides for the expert-parallel path the
+    target would take)."""
     import jax
 
     if FLAGS.target == "cpu":
-        return None, f"{FLAGS.devices} fake CPU devices"
+        return None, f"{FLAGS.devices} fake CPU devices", {}
     from jax.experimental import topologies
 
     try:
@@ -76,15 +78,12 @@ def _target_devices():
     except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology: say which
         raise app.UsageError(f"--target={FLAGS.target}: no TPU topology ({type(e).__name__}: {e}); a deviceless TPU "
                              "compile needs libtpu (pip install 'jax[tpu]') and a name such as v5p:4x4x4") from None
-    from ring_jax.model import moe_ep
-
-    moe_ep.TARGET_PLATFORM = "tpu"  # the expert-parallel path a TPU would take (ragged all_to_all when dropless)
     devs = list(topo.devices)
-    if "lite" in getattr(devs[0], "device_kind", "").lower():
-        # v5e / v6e: the TPU compiler rejects ragged all-to-all there ("not supported in limited ICI routing
-        # settings"), so measure the capacity all_to_all path (dropless unless --moe_capacity_factor)
-        moe_ep.AUTO_RAGGED = False
-    return devs, f"TPU {FLAGS.target} ({len(devs)} x {getattr(devs[0], 'device_kind', 'TPU')}, deviceless compile)"
+    # the expert-parallel path a TPU would take (ragged all_to_all when dropless), except on v5e / v6e: the TPU
+    # compiler rejects ragged all-to-all there ("not supported in limited ICI routing settings"), so measure the
+    # capacity all_to_all path (dropless unless --moe_capacity_factor)
+    ep = dict(ep_platform="tpu", ep_auto_ragged="lite" not in getattr(devs[0], "device_kind", "").lower())
+    return devs, f"TPU {FLAGS.target} ({len(devs)} x {getattr(devs[0], 'device_kind', 'TPU')}, deviceless compile)", ep
 
 
 def _hbm():
@@ -151,10 +150,10 @@ def main(argv):
     from ring_jax.sharding import ShardingError, make_mesh
 
     quiet_library_logs()
-    devices, where = _target_devices()
+    devices, where, ep = _target_devices()
     over = dict(remat=FLAGS.remat, remat_policy=FLAGS.remat_policy, scan_layers=FLAGS.scan_layers,
                 attn_chunk=FLAGS.attn_chunk, moe_chunk=FLAGS.moe_chunk,
-                moe_capacity_factor=FLAGS.moe_capacity_factor)
+                moe_capacity_factor=FLAGS.moe_capacity_factor, **ep)
     if FLAGS.num_layers:
         over["num_hidden_layers"] = FLAGS.num_layers
     cfg = get_preset(FLAGS.preset, **over)

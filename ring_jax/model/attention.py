@@ -406,7 +406,7 @@ class Attention(nnx.Module):
         if mode == "auto":
             mode = "pallas" if jax.default_backend() == "gpu" else "blocked"
         if mode == "pallas" and t == 1:
-            from kernels.decode_attention import decode_attention
+            from ring_kernels.decode_attention import decode_attention
 
             out = decode_attention(q[:, 0], cache.k, cache.v, layer, segment_ids[:, 0], positions[:, 0], k_seg, k_pos,
                                    view.write_idx + 1, block=min(self.cache_block, s))

@@ -1,7 +1,8 @@
 """Dropless grouped SwiGLU experts in plain XLA, built for CPU: loops over each expert's rows, gathers not scatters.
 
-Layout.  The M = N*k (token, slot) assignments are sorted by expert (``order``: sorted row -> assignment n*k+j;
-``inv``: its inverse, assignment -> sorted row), so expert e owns the contiguous rows [start_e, start_e + size_e).
+Layout.  The M = N*k (token, slot) assignments are sorted by expert (``grouping.group_metadata``; ``order``: sorted
+row -> assignment n*k+j; ``inv``: its inverse, assignment -> sorted row), so expert e owns the contiguous rows
+[start_e, start_e + size_e).
 Nothing is padded and no weight is copied per tile: a loop over the experts takes w[e] once, and an inner loop runs
 the expert's rows through it in tiles:
 
@@ -33,27 +34,12 @@ initial value is never read get distinct fill values; ``lax.switch`` over the ti
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-class GroupMeta(NamedTuple):
-    order: jax.Array  # [M] sorted row -> assignment index n*k + j
-    inv: jax.Array  # [M] assignment index -> sorted row
-    starts: jax.Array  # [E] first sorted row of each expert
-    sizes: jax.Array  # [E] assignments per expert
-
-
-def group_metadata(ids, num_experts: int) -> GroupMeta:
-    flat = ids.reshape(-1).astype(jnp.int32)
-    m = flat.shape[0]
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    inv = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32), unique_indices=True)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return GroupMeta(order, inv, jnp.cumsum(sizes) - sizes, sizes)
+from ring_jax.model.grouping import group_metadata
 
 
 DEFAULT_TILE = 128  # the smallest automatic full tile: one core's matmuls run near their peak from ~64-128 rows on

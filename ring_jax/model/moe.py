@@ -5,18 +5,20 @@ renormalise the k weights to sum 1 only when k > 1 and ``norm_topk_prob``; no ca
 
 Compute paths (``ModelConfig.moe_impl``):
 - ``dense``: every expert on every token, combined with the routing weights.  The test oracle; cost grows with E.
-- ``dispatch`` (default): sort the (token, slot) assignments by expert, then loop over the experts and run each
-  expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of ``moe_tile`` rows,
-  default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes the weight
-  gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work plus a
-  small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py).
-  ``moe_dispatch_gather`` keeps the earlier variant (pad each group to a tile multiple, gather the weights of every
-  tile, one batched matmul) for comparison: its per-tile weight gather grows with E.
+- ``dispatch`` (default): sort the (token, slot) assignments by expert (``grouping.py``), then loop over the experts
+  and run each expert's contiguous rows through its weights in row tiles (``grouped_xla.py``: a full tile of
+  ``moe_tile`` rows, default 128, plus one tail tile from a ladder of sizes), with a custom_vjp whose backward writes
+  the weight gradients in place; permute / un-permute are gathers both ways.  Dropless and exact; cost = routed work
+  plus a small fixed cost per expert, nearly flat in E at fixed top-k (experiments/bench/bench_moe.py, which also
+  times the earlier variant kept in experiments/bench/moe_gather.py: groups padded to tile multiples, the weights of
+  every tile gathered, one batched matmul; its per-tile weight gather grows with E).
 - ``ragged``: the same sort, with ``jax.lax.ragged_dot`` for the grouped matmuls (fast on GPU/TPU; on CPU it costs
   about as much as the dense path).
 - ``capacity``: the sort again, then every expert's rows gathered into a fixed [E, C, H] block for three batched
   matmuls (:func:`moe_capacity`), falling back to dense / dispatch when a group outgrows C: the decode path on CPU.
-- ``pallas``: the Pallas kernels in ``kernels/`` (interpret mode on CPU).
+- ``pallas``: the Pallas kernels of ``ring_kernels`` (folder ``kernels/``; interpret mode on CPU).
+
+``MOE_PATHS`` maps each name to its function; :func:`moe_path` rejects an unknown name with the known ones.
 
 The block also returns router statistics for the load-balance loss (``E * sum_i P_i F_i``) and the router z-loss
 (mean over tokens of logsumexp(logits)^2), computed over real tokens only (``token_mask``).
@@ -24,16 +26,19 @@ The block also returns router statistics for the load-balance loss (``E * sum_i 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.grouped_xla import group_metadata, moe_grouped
+from ring_jax.model.grouped_xla import moe_grouped
+from ring_jax.model.grouping import group_metadata
 from ring_jax.model.layers import SwiGLU, dtype_of, param
+from ring_jax.sharding import active_rules
 
 
 class RouterStats(NamedTuple):
@@ -82,33 +87,12 @@ def moe_dense(x, weights, ids, wg, wu, wd):
     return jnp.einsum("ne,enh->nh", comb, y.astype(jnp.float32))
 
 
-class _Sorted(NamedTuple):
-    order: jax.Array  # [M] assignment index (n*k + j) at each sorted position
-    sizes: jax.Array  # [E] assignments per expert
-
-
-def _sort(ids, num_experts):
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return _Sorted(order, sizes)
-
-
-def _combine(y_sorted, srt: _Sorted, weights):
-    """y_sorted [M,H] in sorted order -> [N,H] float32 weighted sum over each token's k experts."""
+def combine_sorted(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """y_sorted [M,H] in expert-sorted order (``order``: sorted row -> assignment, ``GroupMeta.order``) -> [N,H]
+    float32 weighted sum over each token's k experts: scattered back to assignment order, then combined."""
     n, k = weights.shape
-    y = jnp.zeros_like(y_sorted).at[srt.order].set(y_sorted).reshape(n, k, -1)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
-
-
-def auto_tile(num_assignments: int, num_experts: int) -> int:
-    """Token tile for ``moe_dispatch_gather``: about a quarter of the mean group size, a power of two in [8, 128], so
-    padding (< one tile per expert) stays small next to the routed work."""
-    mean = max(1, num_assignments // max(1, num_experts))
-    t = 8
-    while t * 2 <= min(128, max(8, mean // 4)):
-        t *= 2
-    return t
 
 
 def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
@@ -117,38 +101,14 @@ def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
     return moe_grouped(x, weights, ids, wg, wu, wd, tile)
 
 
-def moe_dispatch_gather(x, weights, ids, wg, wu, wd, tile: int = 0):
-    """The earlier dispatch path, kept for comparison: groups padded to tile multiples, per-tile weight gather."""
-    n, h = x.shape
-    e, k = wg.shape[0], ids.shape[1]
-    m = n * k
-    tile = tile or auto_tile(m, e)
-    srt = _sort(ids, e)
-    padded = (srt.sizes + tile - 1) // tile * tile
-    pstart = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(srt.sizes) - srt.sizes
-    e_sorted = ids.reshape(-1)[srt.order]
-    dest = pstart[e_sorted] + jnp.arange(m, dtype=jnp.int32) - start[e_sorted]  # padded row of each sorted row
-    num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded length / tile
-    xs = jnp.zeros((num_tiles * tile, h), x.dtype).at[dest].set(x[srt.order // k])
-    tile_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right")
-    tile_expert = jnp.minimum(tile_expert, e - 1)  # tiles past the end hold zeros; any expert will do
-    xt = xs.reshape(num_tiles, tile, h)
-    g = jnp.einsum("nth,nhf->ntf", xt, wg[tile_expert])
-    u = jnp.einsum("nth,nhf->ntf", xt, wu[tile_expert])
-    yt = jnp.einsum("ntf,nfh->nth", jax.nn.silu(g) * u, wd[tile_expert])
-    y_sorted = yt.reshape(num_tiles * tile, h)[dest]
-    return _combine(y_sorted, srt, weights)
-
-
 def moe_ragged(x, weights, ids, wg, wu, wd):
     e, k = wg.shape[0], ids.shape[1]
-    srt = _sort(ids, e)
-    xs = x[srt.order // k]
-    g = jax.lax.ragged_dot(xs, wg, srt.sizes)
-    u = jax.lax.ragged_dot(xs, wu, srt.sizes)
-    y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, srt.sizes)
-    return _combine(y_sorted, srt, weights)
+    meta = group_metadata(ids, e)
+    xs = x[meta.order // k]
+    g = jax.lax.ragged_dot(xs, wg, meta.sizes)
+    u = jax.lax.ragged_dot(xs, wu, meta.sizes)
+    y_sorted = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, meta.sizes)
+    return combine_sorted(y_sorted, meta.order, weights)
 
 
 CAPACITY_FACTOR = 1.5  # rows per expert of the capacity path, as a multiple of the mean group size
@@ -198,9 +158,23 @@ def moe_capacity(x, weights, ids, wg, wu, wd, capacity: int = 0):
 
 
 def moe_pallas(x, weights, ids, wg, wu, wd):
-    from kernels.ops import moe_ffn  # kernels/ sits below model/ in the import order
+    from ring_kernels.ops import moe_ffn  # ring_kernels sits below model/ in the import order
 
     return moe_ffn(x, ids, weights, wg, wu, wd).astype(jnp.float32)
+
+
+# ModelConfig.moe_impl -> the routed experts ``fn(x [N,H], weights [N,k], ids [N,k], wg, wu, wd) -> [N,H] float32``
+# (the dispatch path also takes the block's ``tile``); the names are config.MOE_IMPLS
+MOE_PATHS: dict[str, Callable[..., jax.Array]] = {
+    "dispatch": moe_dispatch, "ragged": moe_ragged, "dense": moe_dense, "capacity": moe_capacity, "pallas": moe_pallas}
+
+
+def moe_path(impl: str) -> Callable[..., jax.Array]:
+    """The routed-expert function of ``impl`` (a ``ModelConfig.moe_impl``); a ValueError naming the known ones for
+    any other name."""
+    if impl not in MOE_PATHS:
+        raise ValueError(f"unknown moe_impl {impl!r}: one of {', '.join(MOE_PATHS)}")
+    return MOE_PATHS[impl]
 
 
 # ------------------------------------------------------------------------------------------------- the block
@@ -214,9 +188,11 @@ class MoEBlock(nnx.Module):
         # None = no shared MLP; 0 = a zero-width one that adds nothing (reference semantics).
         ns = cfg.num_shared_experts
         self.shared = SwiGLU(cfg, f * ns, rngs, axis="mlp") if ns else None
+        moe_path(cfg.moe_impl)  # an unknown name fails here, not at the first call
         self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
         self.num_experts = e
         self.capacity_factor = cfg.moe_capacity_factor
+        self.ep_platform, self.ep_auto_ragged = cfg.ep_platform, cfg.ep_auto_ragged
         self.moe_chunk = cfg.moe_chunk
         self.dtype = dtype_of(cfg.dtype)
 
@@ -226,10 +202,13 @@ class MoEBlock(nnx.Module):
         from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
 
         if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
-            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor)
-        paths = {"dense": moe_dense, "dispatch": lambda *a: moe_dispatch(*a, self.tile), "ragged": moe_ragged,
-                 "capacity": moe_capacity, "pallas": moe_pallas}
-        return paths[self.impl](flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
+            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor,
+                                              rules=active_rules(), platform=self.ep_platform,
+                                              auto_ragged=self.ep_auto_ragged)
+        fn = moe_path(self.impl)
+        if self.impl == "dispatch":
+            fn = functools.partial(fn, tile=self.tile)
+        return fn(flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
 
     def __call__(self, x, token_mask):
         b, t, h = x.shape

@@ -5,8 +5,8 @@ Used by ``MoEBlock`` when the active mesh (``jax.set_mesh``) has an ``expert`` a
 matmul, softmax, top-k, statistics) happens outside, on the globally sharded arrays; only the routed SwiGLU is done
 here, inside one ``jax.shard_map`` over the whole mesh:
 
-- tokens ``x [N, H]``, their ``weights/ids [N, k]``: sharded over the batch axes (``LOGICAL_RULES['batch']``, i.e.
-  data, fsdp, expert); replicated over ``tensor``.
+- tokens ``x [N, H]``, their ``weights/ids [N, k]``: sharded over the batch axes (the rules' ``batch`` entry, by
+  default data, fsdp, expert); replicated over ``tensor``.
 - expert weights: ``E`` over ``expert``, the expert width ``F`` over ``tensor`` (when it divides), the embed dim whole:
   the in_specs leave it unsharded, so shard_map all-gathers the fsdp-sharded storage (and reduce-scatters its grads).
 - with ``F`` sharded the down projection gives partial sums; the combined float32 output is ``psum``-ed over tensor.
@@ -26,7 +26,9 @@ no renormalisation) and counted.  ``C = ceil(capacity_factor * n_local * k / E)`
 routed rows with ``jax.lax.ragged_all_to_all``, group them by local expert, ``jax.lax.ragged_dot``, send them back.
 UNTESTED on real hardware (no multi-device GPU/TPU here).  Its offset bookkeeping, values and gradients are tested on
 CPU with :func:`ragged_all_to_all_emulated` standing in for the collective.  ``impl='auto'`` picks it on gpu/tpu
-when no capacity factor is set (``AUTO_RAGGED=False`` turns that off), else the capacity path.
+when no capacity factor is set (``auto_ragged=False`` turns that off; ``platform`` names the backend to decide for,
+e.g. a TPU compiled for from a CPU host), else the capacity path.  The MoE block passes its config's ``ep_platform``
+and ``ep_auto_ragged`` and the rules of :func:`ring_jax.sharding.active_rules`.
 """
 
 from __future__ import annotations
@@ -36,26 +38,15 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from ring_jax.sharding import LOGICAL_RULES
+from ring_jax.model.grouping import group_metadata
+from ring_jax.sharding import DEFAULT_RULES, ShardingRules
+from ring_jax.utils import log_once
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
-# Whether impl='auto' may choose the (untested) ragged_all_to_all path on GPU/TPU.
-AUTO_RAGGED = True
-# Platform that impl='auto' decides for (None: jax.default_backend()).  ring-jax-fit sets it when it compiles for a
-# TPU topology from a CPU host, so the program it measures is the one the TPU would run.
-TARGET_PLATFORM: str | None = None
-
-_warned: set[str] = set()
-
-
-def _warn_once(msg):
-    if msg not in _warned:
-        _warned.add(msg)
-        logging.warning(msg)
+RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")  # where impl='auto' may pick the ragged_all_to_all path
 
 
 # ------------------------------------------------------------------------------------------------- mesh helpers
@@ -79,15 +70,17 @@ def expert_parallel_mesh(num_experts: int | None, mesh=None):
     if x <= 1:
         return None
     if num_experts % x:
-        _warn_once(f"num_experts={num_experts} is not divisible by the expert mesh axis ({x}); "
-                   "the MoE block runs without expert parallelism")
+        log_once(f"num_experts={num_experts} is not divisible by the expert mesh axis ({x}); "
+                 "the MoE block runs without expert parallelism")
         return None
     return mesh
 
 
-def token_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes the tokens are sharded over inside the EP block: the 'batch' rule's axes (always incl. expert)."""
-    rule = LOGICAL_RULES.get("batch")
+def token_axes(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+               rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
+    """Mesh axes the tokens are sharded over inside the EP block: the axes of ``rules``' 'batch' entry that the mesh
+    has, always incl. expert."""
+    rule = rules.rules.get("batch")
     axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
     axes = tuple(a for a in axes if a in mesh.axis_names)
     return axes if EXPERT_AXIS in axes else axes + (EXPERT_AXIS,)
@@ -124,16 +117,12 @@ def _capacity_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, cap, ten
     e, c = num_experts, cap
     xs = jax.lax.axis_size(EXPERT_AXIS)
     e_loc = e // xs
-    m = n * k
     # slot-major assignment a = j * n + i  (token i, slot j): first choices get the slots first
     ids_sm = ids.T.reshape(-1)
     valid_sm = jnp.tile(valid, k)
-    key = jnp.where(valid_sm, ids_sm, e)
-    order = jnp.argsort(key, stable=True)
-    skey = key[order]
-    counts = jnp.bincount(key, length=e + 1)
-    start = jnp.cumsum(counts) - counts
-    pos = jnp.zeros((m,), jnp.int32).at[order].set((jnp.arange(m) - start[skey]).astype(jnp.int32))
+    key = jnp.where(valid_sm, ids_sm, e)  # group e: the invalid (padding) assignments
+    meta = group_metadata(key, e + 1)
+    pos = meta.inv - meta.starts[key]  # rank of each assignment within its (device, expert) bucket
     kept = valid_sm & (pos < c)
     dest = jnp.where(kept, ids_sm * c + pos, e * c)  # e*c: out of range, dropped by the scatter
     tok = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)
@@ -180,9 +169,10 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     m = n * k
     me = jax.lax.axis_index(EXPERT_AXIS)
     key = jnp.where(jnp.repeat(valid, k), ids.reshape(-1), e)
-    order = jnp.argsort(key, stable=True)
+    meta = group_metadata(key, e + 1)
+    order = meta.order
     x_sorted = x[order // k]  # rows grouped by destination shard, then local expert; invalid rows last
-    counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+    counts = meta.sizes[:e]
     send_sizes = counts.reshape(xs, e_loc).sum(1)
     input_offsets = jnp.cumsum(send_sizes) - send_sizes
     recv_counts = jax.lax.all_to_all(counts.reshape(xs, e_loc), EXPERT_AXIS, 0, 0, tiled=True)  # [src, E_loc]
@@ -201,7 +191,7 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     within = r - recv_off[src_c]
     lexp = jnp.sum(within[:, None] >= jnp.cumsum(recv_counts, axis=1)[src_c], axis=1)
     lkey = jnp.where(src < xs, lexp, e_loc)
-    order2 = jnp.argsort(lkey, stable=True)
+    order2 = group_metadata(lkey, e_loc + 1).order
     group_sizes = recv_counts.sum(0)
     xr = recv[order2]
     g = jax.lax.ragged_dot(xr, wg, group_sizes)
@@ -220,10 +210,14 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
 
 
 # ------------------------------------------------------------------------------------------------- entry point
-def choose_impl(impl: str, capacity_factor: float | None) -> str:
+def choose_impl(impl: str, capacity_factor: float | None, platform: str | None = None,
+                auto_ragged: bool = True) -> str:
+    """The dispatch path to run: ``impl`` checked, or for ``impl='auto'`` the ragged path when ``auto_ragged``, no
+    capacity factor and ``platform`` (None: ``jax.default_backend()``) is one of ``RAGGED_PLATFORMS``, else
+    capacity."""
     if impl == "auto":
-        platform = TARGET_PLATFORM or jax.default_backend()
-        ok = AUTO_RAGGED and capacity_factor is None and platform in ("gpu", "cuda", "rocm", "tpu")
+        platform = platform or jax.default_backend()
+        ok = auto_ragged and capacity_factor is None and platform in RAGGED_PLATFORMS
         return "ragged" if ok else "capacity"
     if impl not in ("capacity", "ragged"):
         raise ValueError(f"expert-parallel impl {impl!r}: one of auto, capacity, ragged")
@@ -233,12 +227,15 @@ def choose_impl(impl: str, capacity_factor: float | None) -> str:
 
 
 def moe_expert_parallel(x, weights, ids, wg, wu, wd, *, mesh=None, capacity_factor: float | None = None,
-                        impl: str = "auto", ragged_a2a: Callable | None = None):
+                        impl: str = "auto", ragged_a2a: Callable | None = None, rules: ShardingRules = DEFAULT_RULES,
+                        platform: str | None = None, auto_ragged: bool = True) -> tuple[jax.Array, jax.Array]:
     """Routed-expert output ``[N, H]`` float32 and the number of dropped (token, slot) assignments (int32, over the
     whole mesh), with experts sharded over the mesh's ``expert`` axis.
 
     x [N, H]; weights [N, k] float; ids [N, k] int; wg/wu [E, H, F], wd [E, F, H] (global arrays).  ``mesh``
-    defaults to the active one (``jax.set_mesh``).  ``ragged_a2a`` replaces ``jax.lax.ragged_all_to_all`` (tests)."""
+    defaults to the active one (``jax.set_mesh``).  ``ragged_a2a`` replaces ``jax.lax.ragged_all_to_all`` (tests).
+    ``rules``: the tokens are sharded over the mesh axes of its 'batch' entry (:func:`token_axes`).  ``platform``,
+    ``auto_ragged``: what ``impl='auto'`` decides for (:func:`choose_impl`)."""
     mesh = mesh if mesh is not None else active_mesh()
     if mesh is None or _size(mesh, EXPERT_AXIS) <= 1:
         raise ValueError("moe_expert_parallel needs a mesh with an 'expert' axis of size > 1 (jax.set_mesh)")
@@ -247,8 +244,8 @@ def moe_expert_parallel(x, weights, ids, wg, wu, wd, *, mesh=None, capacity_fact
     xsz = _size(mesh, EXPERT_AXIS)
     if e % xsz:
         raise ValueError(f"num_experts={e} is not divisible by the expert mesh axis ({xsz})")
-    impl = choose_impl(impl, capacity_factor)
-    t_axes = token_axes(mesh)
+    impl = choose_impl(impl, capacity_factor, platform, auto_ragged)
+    t_axes = token_axes(mesh, rules)
     d = int(math.prod(_size(mesh, a) for a in t_axes))
     pad = -n % d
     valid = jnp.ones((n,), jnp.bool_)
@@ -262,8 +259,8 @@ def moe_expert_parallel(x, weights, ids, wg, wu, wd, *, mesh=None, capacity_fact
     tensor_sharded = tsz > 1 and f % tsz == 0
     tf = TENSOR_AXIS if tensor_sharded else None
     if tsz > 1 and not tensor_sharded:
-        _warn_once(f"moe_intermediate_size={f} is not divisible by the tensor mesh axis ({tsz}); expert weights "
-                   "are replicated over it inside the expert-parallel block")
+        log_once(f"moe_intermediate_size={f} is not divisible by the tensor mesh axis ({tsz}); expert weights "
+                 "are replicated over it inside the expert-parallel block")
     tok = P(t_axes)
     specs_in = (P(t_axes, None), tok, tok, tok, P(EXPERT_AXIS, None, tf), P(EXPERT_AXIS, None, tf),
                 P(EXPERT_AXIS, tf, None))

@@ -18,6 +18,7 @@ from ring_jax.config import ModelConfig
 from ring_jax.model.attention import Attention, CacheView, LayerCache
 from ring_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_cos_sin
 from ring_jax.model.moe import MoEBlock, RouterStats
+from ring_jax.utils import is_variable
 
 
 class KVCache(NamedTuple):
@@ -83,7 +84,7 @@ def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
         v.set_metadata(logical_axes=("layers",) + tuple(v.get_metadata()["logical_axes"]))
         return v
 
-    return nnx.merge(graphdef, jax.tree.map(name_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return nnx.merge(graphdef, jax.tree.map(name_axis, stacked, is_leaf=is_variable))
 
 
 class BailingMoeForCausalLM(nnx.Module):

@@ -16,6 +16,8 @@ import jax
 import optax
 from flax import nnx
 
+from ring_jax.utils import is_variable
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -60,10 +62,6 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), optax.constant_schedule(cfg.lr)], [w])
 
 
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
-
-
 def decay_mask(param_state) -> dict:
     """Pure tree of bools: True where weight decay applies.  Off for parameters whose logical axes include 'norm'
     and for every 1-D parameter (norm weights, biases), counted per layer: the leading ``layers`` axis of the
@@ -73,7 +71,7 @@ def decay_mask(param_state) -> dict:
         axes = v.get_metadata().get("logical_axes") or ()
         return not ("norm" in axes or len(v.get_value().shape) - ("layers" in axes) <= 1)
 
-    return nnx.to_pure_dict(jax.tree.map(one, param_state, is_leaf=_is_var))
+    return nnx.to_pure_dict(jax.tree.map(one, param_state, is_leaf=is_variable))
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, mask=None) -> tuple[optax.GradientTransformation,

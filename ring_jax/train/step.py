@@ -31,7 +31,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings
+from ring_jax.sharding import (DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings,
+                               use_rules)
 
 SUM_AUX_KEYS = ("expert_load", "ce_tokens")  # aux entries summed over micro-batches (the rest are averaged)
 MAX_AUX_KEYS = ()  # aux entries maximised over micro-batches (non-negative statistics such as a largest ratio)
@@ -46,10 +47,6 @@ class TrainState(NamedTuple):
 
     def key(self):
         return jax.random.wrap_key_data(self.rng)
-
-
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
 
 
 def split_model(model) -> tuple[nnx.GraphDef, Any, Any]:
@@ -147,6 +144,8 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
       schedule: learning-rate schedule, only to report ``lr`` (evaluated at the optimizer's update count,
         ``state.step - state.skipped``).
       normalizer_fn: ``batch -> scalar`` used when ``step`` is called without ``normalizer``.
+      rules: the logical-axis rules of the batch; the step traces the model inside ``use_rules(rules)``, so the
+        expert-parallel MoE block shards its tokens by them too.
       donate: donate the input state's buffers to the output state.
 
     Metrics (replicated device arrays): loss (the objective), token_loss (sum / normaliser), normalizer,
@@ -244,8 +243,9 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         return compiled[key]
 
     def step(state: TrainState, batch, normalizer=None):
-        # under the mesh: the MoE block takes its expert-parallel path when the mesh has an expert axis > 1
-        with jax.set_mesh(mesh):
+        # under the mesh and the rules: the MoE block takes its expert-parallel path when the mesh has an expert axis
+        # > 1, with its tokens sharded like the batch
+        with jax.set_mesh(mesh), use_rules(rules):
             if normalizer is None:
                 return jitted(batch, False)(state, batch)
             return jitted(batch, True)(state, batch, jnp.asarray(normalizer, jnp.float32))
@@ -253,7 +253,7 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
     def lower(state, batch, normalizer=None):
         """The step lowered for (possibly abstract, ``jax.ShapeDtypeStruct``) inputs, under the mesh: compile it to
         read XLA's memory analysis without running it (ring-jax-fit)."""
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), use_rules(rules):
             if normalizer is None:
                 return jitted(batch, False).lower(state, batch)
             return jitted(batch, True).lower(state, batch, normalizer)
@@ -281,37 +281,6 @@ def global_batch(local_batch, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     return jax.tree.map(one, local_batch)
 
 
-def bench_adapter(cfg, seed: int = 0, lr: float = 1e-4):
-    """``run(tokens) -> loss`` for experiments/bench/bench_train.py: this module's step on one device, next-token
-    cross-entropy over ``tokens`` [B, T] (position t predicts t + 1; the last position carries no loss), AdamW
-    (b2 0.95, weight decay 0.1, constant lr, no clipping), no MoE aux loss, one micro-batch."""
-    from ring_jax.model.transformer import build_model
-    from ring_jax.sharding import make_mesh
-    from ring_jax.train.losses import LossConfig, sft_loss_fn
-    from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-
-    graphdef, pvars, params = split_model(build_model(cfg, seed))
-    optimizer, schedule = make_optimizer(OptimConfig(lr=lr, schedule="constant", warmup_steps=0, clip_norm=0.0),
-                                         1, decay_mask(pvars))
-    mesh = make_mesh("data:1", devices=jax.devices()[:1])
-    shardings = train_state_shardings(pvars, abstract_train_state(params, optimizer, seed), mesh)
-    box = [create_train_state(params, optimizer, shardings, seed)]
-    step = make_train_step(graphdef, sft_loss_fn(LossConfig(alpha_bal=0.0, alpha_z=0.0)), optimizer, mesh,
-                           shardings, 1, schedule=schedule)
-
-    def run(tokens):
-        tokens = jnp.asarray(tokens, jnp.int32)
-        b, t = tokens.shape
-        batch = {"tokens": tokens, "targets": jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1),
-                 "loss_mask": jnp.broadcast_to((jnp.arange(t) < t - 1).astype(jnp.int32), (b, t)),
-                 "segment_ids": jnp.ones((b, t), jnp.int32),
-                 "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
-        box[0], metrics = step(box[0], batch)
-        return metrics["loss"]
-
-    return run
-
-
-__all__ = ["MAX_AUX_KEYS", "SUM_AUX_KEYS", "TrainState", "abstract_train_state", "bench_adapter", "create_train_state",
+__all__ = ["MAX_AUX_KEYS", "SUM_AUX_KEYS", "TrainState", "abstract_train_state", "create_train_state",
            "data_parallel_size", "global_batch", "init_train_state", "loss_token_count", "make_train_step",
            "split_micro", "split_model", "train_state_shardings"]

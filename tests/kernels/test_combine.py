@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
-from kernels.routing import expert_metadata_ref
+from ring_kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
+from ring_kernels.routing import expert_metadata_ref
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):

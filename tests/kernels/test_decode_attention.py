@@ -1,4 +1,4 @@
-"""The decode-attention kernel (kernels/decode_attention.py) against its plain-jnp reference (softmax over every
+"""The decode-attention kernel (ring_kernels.decode_attention) against its plain-jnp reference (softmax over every
 cache slot), in interpret mode: rows of different live lengths (one block, several, the whole cache), an older
 segment inside a row, a traced layer index; and its Pallas -> Triton lowering from this host."""
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels._common import lowering_target
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from ring_kernels._common import lowering_target
+from ring_kernels.decode_attention import decode_attention, decode_attention_ref
 
 
 def _case(rng, L=2, B=4, KVH=2, G=3, D=8, S=512, lens=(1, 130, 512, 77)):

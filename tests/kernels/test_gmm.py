@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.gmm import GmmTiling, gmm, gmm_ref, make_schedule, tgmm, tgmm_ref
+from ring_kernels.gmm import GmmTiling, gmm, gmm_ref, make_schedule, tgmm, tgmm_ref
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):

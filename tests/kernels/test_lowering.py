@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels._common import lowering_target
-from kernels.ops import moe_ffn
-from kernels.routing import topk_route
+from ring_kernels._common import lowering_target
+from ring_kernels.ops import moe_ffn
+from ring_kernels.routing import topk_route
 
 
 @pytest.mark.parametrize(

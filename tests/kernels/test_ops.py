@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.gmm import GmmTiling
-from kernels.ops import moe_ffn, moe_ffn_ref
+from ring_kernels.gmm import GmmTiling
+from ring_kernels.ops import moe_ffn, moe_ffn_ref
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6, err_msg=""):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
+from ring_kernels.routing import expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):

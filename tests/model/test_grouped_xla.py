@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_full_tile, combine,
-                                       group_metadata, permute, tile_levels)
-from ring_jax.model.moe import moe_dense, moe_dispatch, moe_dispatch_gather, route
+from experiments.bench.moe_gather import moe_dispatch_gather
+from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_full_tile, combine, permute,
+                                       tile_levels)
+from ring_jax.model.grouping import group_metadata
+from ring_jax.model.moe import moe_dense, moe_dispatch, route
 
 
 def _case(seed, n, h, f, e, k, routing):

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from ring_jax.config import ConfigError, ModelConfig, get_preset
 from ring_jax.hf import CheckpointError, load_pretrained, save_pretrained
 from ring_jax.model import abstract_model
-from ring_jax.model.moe import moe_capacity, moe_dense, moe_dispatch, moe_ragged, route
+from ring_jax.model.moe import MOE_PATHS, moe_capacity, moe_dense, moe_dispatch, moe_path, moe_ragged, route
 from tests.helpers import logits, randomize_np
 
 
@@ -61,6 +61,16 @@ def test_moe_paths_agree_values_and_grads(k, e):
         np.testing.assert_allclose(v, ref_v, rtol=1e-5)
         for a, b in zip(g, ref_g):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_moe_impl_is_named_with_the_known_ones():
+    from ring_jax.config import MOE_IMPLS
+
+    assert sorted(MOE_PATHS) == sorted(MOE_IMPLS) and moe_path("ragged") is moe_ragged
+    with pytest.raises(ValueError, match="unknown moe_impl 'triton': one of dispatch, ragged, dense, capacity, pallas"):
+        moe_path("triton")
+    with pytest.raises(ConfigError, match="moe_impl"):
+        get_preset("tiny", moe_impl="triton")
 
 
 def test_router_renormalisation_rule():

@@ -14,7 +14,7 @@ from ring_jax.config import get_preset
 from ring_jax.model import abstract_model
 from ring_jax.model import moe_ep
 from ring_jax.model.moe import MoEBlock, moe_dense, route
-from ring_jax.sharding import batch_sharding, make_mesh, shard_model
+from ring_jax.sharding import LOGICAL_RULES, ShardingRules, batch_sharding, make_mesh, shard_model, use_rules
 from tests.helpers import randomize_np
 
 MESHES = ["data:2,expert:4", "fsdp:2,expert:2,tensor:2"]
@@ -80,6 +80,39 @@ def test_config_capacity_factor_reaches_the_block():
     assert drops == [int(want)] and drops[0] > 0
     with pytest.raises(ValueError, match="moe_capacity_factor"):
         get_preset("tiny", moe_capacity_factor=0.0)
+
+
+def test_config_platform_and_active_rules_reach_the_block(monkeypatch):
+    """The block hands ``moe_expert_parallel`` its config's ``ep_platform`` / ``ep_auto_ragged`` and the rules of the
+    enclosing ``use_rules`` (the default rules outside one)."""
+    seen = []
+
+    def spy(x, *args, **kw):
+        seen.append(kw)
+        return jnp.zeros(x.shape, jnp.float32), jnp.zeros((), jnp.int32)
+
+    monkeypatch.setattr(moe_ep, "moe_expert_parallel", spy)
+    rules = ShardingRules({**LOGICAL_RULES, "batch": ("data", "expert")})
+    cfg = get_preset("tiny", num_experts=8)
+    x = jnp.ones((8, 4, cfg.hidden_size), jnp.float32)
+    mask = jnp.ones((8, 4), bool)
+    with jax.set_mesh(make_mesh("data:2,expert:4")):
+        MoEBlock(cfg, nnx.Rngs(params=0))(x, mask)
+        with use_rules(rules):
+            MoEBlock(cfg.replace(ep_platform="tpu", ep_auto_ragged=False), nnx.Rngs(params=0))(x, mask)
+    assert [(kw["platform"], kw["auto_ragged"], kw["rules"].rules["batch"]) for kw in seen] == [
+        (None, True, ("data", "fsdp", "expert")), ("tpu", False, ("data", "expert"))]
+    assert moe_ep.token_axes(make_mesh("data:2,expert:4"), rules) == ("data", "expert")
+
+
+def test_choose_impl_decides_for_the_given_platform():
+    assert moe_ep.choose_impl("auto", None, "tpu") == "ragged"
+    assert moe_ep.choose_impl("auto", None, "tpu", auto_ragged=False) == "capacity"
+    assert moe_ep.choose_impl("auto", 1.0, "tpu") == "capacity"
+    assert moe_ep.choose_impl("auto", None, "cpu") == "capacity"
+    assert moe_ep.choose_impl("auto", None) == "capacity"  # this host's backend: cpu
+    with pytest.raises(ValueError, match="one of auto, capacity, ragged"):
+        moe_ep.choose_impl("nonsense", None)
 
 
 # ------------------------------------------------------------------------------------------------- capacity

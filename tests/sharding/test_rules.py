@@ -35,7 +35,7 @@ def test_make_mesh_sizes_and_axis_types():
 def test_collision_rejected():
     with pytest.raises(ShardingError, match="both map to mesh axis 'fsdp'"):
         DEFAULT_RULES.spec(("embed", "embed_moe"))
-    rules = ShardingRules({**LOGICAL_RULES, "act_embed": "tensor"})
+    rules = ShardingRules({**LOGICAL_RULES, "act_vocab": "tensor", "act_embed": "tensor"})
     with pytest.raises(ShardingError, match="'tensor'"):
         rules.spec(("act_vocab", "act_embed"))
     with pytest.raises(ShardingError, match="unknown mesh axis 'pipe'"):

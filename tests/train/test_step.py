@@ -12,7 +12,7 @@ from flax import nnx
 
 from ring_jax.config import get_preset
 from ring_jax.model import build_model
-from ring_jax.sharding import make_mesh
+from ring_jax.sharding import LOGICAL_RULES, ShardingRules, active_rules, make_mesh
 from ring_jax.train.loop import LoopConfig, NonFiniteError, train_loop
 from ring_jax.train.losses import LossConfig, chunked_cross_entropy, sft_loss_fn, token_cross_entropy
 from ring_jax.train.optim import OptimConfig, cosine_closed_form, decay_mask, make_optimizer, make_schedule
@@ -220,3 +220,23 @@ def test_nonfinite_guard_skips_and_loop_stops(tiny):
         train_loop(step, state, batches, start_step=0, cfg=LoopConfig(total_steps=20, max_nonfinite=3),
                    to_device=lambda b: global_batch(b, mesh), on_metrics=lambda s, m: seen.append(m["skipped"]))
     assert seen == [0, 1, 1, 0, 1, 1, 1]
+
+
+def test_step_traces_the_loss_inside_its_rules(tiny):
+    """``make_train_step(rules=...)`` traces the loss (and so the model's expert-parallel block) with those rules
+    active (lowered only: nothing compiles)."""
+    cfg, graphdef, pvars, params = tiny
+    rules = ShardingRules(dict(LOGICAL_RULES))
+    seen = []
+
+    def loss_fn(model, mb):
+        seen.append(active_rules())
+        return jnp.sum(mb["loss_mask"]).astype(jnp.float32), {}
+
+    opt, _ = make_optimizer(OptimConfig(), 1)
+    mesh = one_device_mesh()
+    abstract = abstract_train_state(params, opt)
+    step = make_train_step(graphdef, loss_fn, opt, mesh, train_state_shardings(pvars, abstract, mesh), 1, rules=rules)
+    step.lower(abstract, {"loss_mask": np.ones((2, 4), np.int32)})
+    assert seen and all(r is rules for r in seen)
+    assert active_rules() is not rules

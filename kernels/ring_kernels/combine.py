@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import (
+from ring_kernels._common import (
     backend,
     compiler_params,
     fit_tile,
@@ -34,7 +34,7 @@ from kernels._common import (
     round_up,
     scalar_spec,
 )
-from kernels.routing import RoutingMeta
+from ring_kernels.routing import RoutingMeta
 
 DEFAULT_ROWS = 16  # rows per program
 DEFAULT_COLS = 512  # hidden columns per program

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import (
+from ring_kernels._common import (
     backend,
     cdiv,
     compiler_params,

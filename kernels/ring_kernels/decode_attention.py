@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import cdiv, compiler_params, next_pow2, pad_to, resolve_interpret, scalar_spec
+from ring_kernels._common import cdiv, compiler_params, next_pow2, pad_to, resolve_interpret, scalar_spec
 
 _MASKED = -1e30  # the model's additive mask value (ring_jax.model.attention._MASKED)
 DEFAULT_BLOCK = 128  # cache slots per block

@@ -6,10 +6,10 @@ combine.py  permute, unpermute_combine (custom_vjps) (+ *_ref)
 ops.py      moe_ffn (+ moe_ffn_ref)
 """
 
-from kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
-from kernels.gmm import GmmTiling, gmm, gmm_ref, make_schedule, tgmm, tgmm_ref
-from kernels.ops import moe_ffn, moe_ffn_ref
-from kernels.routing import RoutingMeta, expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
+from ring_kernels.combine import permute, permute_ref, unpermute_combine, unpermute_combine_ref
+from ring_kernels.gmm import GmmTiling, gmm, gmm_ref, make_schedule, tgmm, tgmm_ref
+from ring_kernels.ops import moe_ffn, moe_ffn_ref
+from ring_kernels.routing import RoutingMeta, expert_metadata, expert_metadata_ref, topk_route, topk_route_ref
 
 __all__ = [
     "GmmTiling",

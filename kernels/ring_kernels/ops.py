@@ -2,7 +2,7 @@
 
 moe_ffn: expert_metadata -> permute -> gmm(gate), gmm(up) -> silu(gate) * up -> gmm(down) -> unpermute_combine.
 Every step is differentiable w.r.t. x, the routing weights and the three expert weight stacks (custom_vjps in
-kernels/gmm.py and kernels/combine.py); ids are integers and carry no gradient.
+gmm.py and combine.py); ids are integers and carry no gradient.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.combine import permute, unpermute_combine
-from kernels.gmm import GmmTiling, gmm
-from kernels.routing import expert_metadata
+from ring_kernels.combine import permute, unpermute_combine
+from ring_kernels.gmm import GmmTiling, gmm
+from ring_kernels.routing import expert_metadata
 
 
 def moe_ffn(x, ids, weights, w_gate, w_up, w_down, *, tiling=None, interpret=None):
