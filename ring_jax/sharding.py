@@ -104,6 +104,9 @@ def _as_tuple(axes) -> tuple[str, ...]:
 class ShardingRules:
     rules: Mapping[str, tuple[str, ...] | str | None] = dataclasses.field(default_factory=lambda: dict(LOGICAL_RULES))
 
+    def __hash__(self) -> int:  # a static argument of jax.jit (the sampling engine's device functions) is hashed
+        return hash(tuple(sorted((k, _as_tuple(v)) for k, v in self.rules.items())))
+
     def __post_init__(self):
         for name, axes in self.rules.items():
             for a in _as_tuple(axes):

@@ -39,7 +39,7 @@ replicated, so every process of a multi-host mesh can read them.
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -289,63 +289,37 @@ def decode_body(graphdef, state, ds: DecodeState, min_active, *, chunk: int, fil
 
 
 # ------------------------------------------------------------------------------------------------ jitted
-class _StaticRules:
-    """A ShardingRules as a static argument of jax.jit, which hashes its static arguments (ShardingRules holds a
-    dict: not hashable).  Equal rules are equal static arguments, so engines with equal rules share compilations;
-    the hash is a constant (correct for equal objects; a process holds one or two rules tables)."""
-
-    __slots__ = ("rules",)
-
-    def __init__(self, rules: ShardingRules):
-        self.rules = rules
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _StaticRules) and self.rules == other.rules
-
-    def __hash__(self) -> int:
-        return 0
-
-
-def _rules_unwrapped(body: Callable) -> Callable:
-    """``body`` called with ``rules=`` a :class:`_StaticRules`, which it receives unwrapped."""
-    @functools.wraps(body)
-    def fn(*args, rules: _StaticRules, **kw):
-        return body(*args, rules=rules.rules, **kw)
-
-    return fn
-
-
-_PREFILL = jax.jit(_rules_unwrapped(prefill_body), static_argnums=(0,),
+_PREFILL = jax.jit(prefill_body, static_argnums=(0,),
                    static_argnames=("cache_len", "chunk", "rules"))
-_INSERT = jax.jit(_rules_unwrapped(insert_body), static_argnames=("rules",), donate_argnums=(0,))
-_DECODE = jax.jit(_rules_unwrapped(decode_body), static_argnums=(0,), static_argnames=("chunk", "filtered", "rules"),
+_INSERT = jax.jit(insert_body, static_argnames=("rules",), donate_argnums=(0,))
+_DECODE = jax.jit(decode_body, static_argnums=(0,), static_argnames=("chunk", "filtered", "rules"),
                   donate_argnums=(2,))
-_EMPTY = jax.jit(_rules_unwrapped(empty_state_body), static_argnums=(0, 1, 2, 3), static_argnames=("rules",))
+_EMPTY = jax.jit(empty_state_body, static_argnums=(0, 1, 2, 3), static_argnames=("rules",))
 
 
 def prefill(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0,
             rules: ShardingRules = DEFAULT_RULES) -> tuple[KVCache, jax.Array]:
     """Jitted :func:`prefill_body` (one compilation per graphdef, prompt and cache bucket, chunk and rules)."""
-    return _PREFILL(graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=_StaticRules(rules))
+    return _PREFILL(graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=rules)
 
 
 def insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
            temperature, top_p, top_k, stop_ids, *, rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
     """Jitted :func:`insert_body`; ``ds`` is donated (do not use it afterwards)."""
     return _INSERT(ds, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
-                   temperature, top_p, top_k, stop_ids, rules=_StaticRules(rules))
+                   temperature, top_p, top_k, stop_ids, rules=rules)
 
 
 def decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool,
            rules: ShardingRules = DEFAULT_RULES) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Jitted :func:`decode_body`; ``ds`` is donated (do not use it afterwards)."""
-    return _DECODE(graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=_StaticRules(rules))
+    return _DECODE(graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=rules)
 
 
 def empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int, *,
                 rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
     """Jitted :func:`empty_state_body`."""
-    return _EMPTY(cfg, num_slots, cache_len, num_stop, rules=_StaticRules(rules))
+    return _EMPTY(cfg, num_slots, cache_len, num_stop, rules=rules)
 
 
 def compile_counts() -> dict[str, int]:

@@ -24,7 +24,7 @@ from ring_jax.config import ModelConfig
 from ring_jax.sampling import device
 from ring_jax.sampling.types import (FINISH_LENGTH, FINISH_STOP, Completion, DecodeState, SamplingError,
                                      SamplingParams, pow2_bucket)
-from ring_jax.sharding import DEFAULT_RULES, ShardingRules
+from ring_jax.sharding import DEFAULT_RULES, ShardingRules, use_rules
 
 
 def to_numpy(x) -> np.ndarray | tuple | list | dict:
@@ -151,7 +151,8 @@ class SamplingEngine:
         mode: "continuous" (refill a slot as soon as its sequence ends) or "static" (fill all slots, run until every
           row ends, repeat).
         on_tokens: optional callback ``(prompt_index, sample_index, new_token_ids, finished)`` after each chunk."""
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        # the model's MoE block reads the rules when traced (sharding.active_rules): the engine's table, as placement
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext(), use_rules(self.rules):
             return self._run(prompts, params, key=key, state=self.state if state is None else state, mode=mode,
                              on_tokens=on_tokens)
 
