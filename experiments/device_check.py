@@ -78,8 +78,9 @@ def kernels_check(interpret: bool, small: bool):
     kpos = jnp.asarray(np.broadcast_to(np.arange(s), (b, s)).astype(np.int32))
     q = jnp.asarray(rng.standard_normal((b, kvh * gq, d)), jnp.bfloat16)
     qs, qp = jnp.ones((b,), jnp.int32), jnp.asarray(lens - 1, jnp.int32)
-    da = jax.jit(lambda *a: decode_attention(*a, interpret=interpret))(q, kc, vc, jnp.int32(1), qs, qp, kseg, kpos,
-                                                                       jnp.asarray(lens, jnp.int32))
+    da = jax.jit(lambda *a: decode_attention(*a, interpret=interpret))(
+        q, kc, vc, jnp.int32(1), qs, qp, kseg, kpos, jnp.asarray(lens, jnp.int32)
+    )
     da0 = decode_attention_ref(q, kc, vc, 1, qs, qp, kseg, kpos)
     row("decode attention (bf16 cache, per-row lengths)", f"max err {err(da, da0):.1e}", err(da, da0) < 3e-2)
 
@@ -87,6 +88,7 @@ def kernels_check(interpret: bool, small: bool):
 def train_check(peak_tflops: float, small: bool):
     from ring_jax.config import get_preset
     from ring_jax.train.metrics import flops_per_token, measure_matmul_peak
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
     from train_adapter import bench_adapter  # experiments/bench/train_adapter.py
 
@@ -107,8 +109,11 @@ def train_check(peak_tflops: float, small: bool):
     fpt = flops_per_token(cfg, t)
     measured = measure_matmul_peak("bfloat16", n=1024 if small else 4096)
     row("SFT step small bf16/f32", f"{b}x{t}: {1e3 * step:.1f} ms, {tps:,.0f} tok/s, compile {compile_s:.0f} s")
-    row("SFT step MFU", f"{100 * tps * fpt / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s, "
-        f"{100 * tps * fpt / measured:.1f}% of the measured bf16 matmul ({measured / 1e12:.0f} TFLOP/s)")
+    row(
+        "SFT step MFU",
+        f"{100 * tps * fpt / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s, "
+        f"{100 * tps * fpt / measured:.1f}% of the measured bf16 matmul ({measured / 1e12:.0f} TFLOP/s)",
+    )
 
 
 def engine_check(small: bool):
@@ -120,7 +125,7 @@ def engine_check(small: bool):
     from ring_jax.sampling.types import SamplingParams
 
     new = 32 if small else 256
-    for slots in ((8,) if small else (64, 256)):
+    for slots in (8,) if small else (64, 256):
         for mode in ("blocked", "pallas"):
             cfg = get_preset("small", dtype="bfloat16", cache_attn=mode)
             model = build_model(cfg, 0)
@@ -145,11 +150,17 @@ def main():
     platform = jax.devices()[0].platform
     interpret = platform == "cpu"
     small = a.smoke or interpret
-    print(f"device check: jax {jax.__version__}, {jax.devices()[0].device_kind} ({platform}), "
-          f"{'interpret mode, small shapes' if interpret else 'compiled'}", flush=True)
+    print(
+        f"device check: jax {jax.__version__}, {jax.devices()[0].device_kind} ({platform}), "
+        f"{'interpret mode, small shapes' if interpret else 'compiled'}",
+        flush=True,
+    )
     t0 = time.time()
-    for name, fn in (("kernels", lambda: kernels_check(interpret, small)), ("train", lambda: train_check(
-            a.peak_tflops, small)), ("engine", lambda: engine_check(small))):
+    for name, fn in (
+        ("kernels", lambda: kernels_check(interpret, small)),
+        ("train", lambda: train_check(a.peak_tflops, small)),
+        ("engine", lambda: engine_check(small)),
+    ):
         if name in a.only.split(","):
             try:
                 fn()

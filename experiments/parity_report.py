@@ -42,8 +42,19 @@ def main():
             up = "-"
             if a.upstream_dir:
                 np.savez(os.path.join(tmp, "in.npz"), ids=ids, mask=np.ones_like(ids), generate=0)
-                subprocess.run([a.upstream_python, runner, "logits", a.upstream_dir, hf, os.path.join(tmp, "in.npz"),
-                                os.path.join(tmp, "out.npz")], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        a.upstream_python,
+                        runner,
+                        "logits",
+                        a.upstream_dir,
+                        hf,
+                        os.path.join(tmp, "in.npz"),
+                        os.path.join(tmp, "out.npz"),
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 up_logits = np.load(os.path.join(tmp, "out.npz"))["logits"]
                 up = f"{np.max(np.abs(np.asarray(load_pretrained(hf)[0](ids).logits) - up_logits)):.2e}"
             print(f"| {name} | {d1:.2e} | {d2:.2e} | {up} |")

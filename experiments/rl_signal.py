@@ -9,8 +9,8 @@ grows with B says how many prompts a step needs.  Also prints, per configuration
 prompts whose group has any signal (rewards not all equal) and the gradient norm.  For scale, the same cosine between
 two SFT batches of ``--sft_rows`` rows from ``--sft_jsonl`` (optional).
 
-    python experiments/rl_signal.py --init_ckpt=runs/pipeline/sft/ckpt --prompts_jsonl=runs/pipeline/data/rl_prompts.jsonl \\
-        --configs=16x8,64x8,16x16 --batches=4
+    python experiments/rl_signal.py --init_ckpt=runs/pipeline/sft/ckpt \\
+        --prompts_jsonl=runs/pipeline/data/rl_prompts.jsonl --configs=16x8,64x8,16x16 --batches=4
 
 A script, not a test: it prints a markdown table (BUILD_NOTES.md, issue 16, quotes it).
 """
@@ -50,7 +50,9 @@ def _flat(tree):
 def _cos_stats(gs):
     import numpy as np
 
-    cs = [float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)) for a, b in itertools.combinations(gs, 2)]
+    cs = [
+        float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)) for a, b in itertools.combinations(gs, 2)
+    ]
     return float(np.mean(cs)), float(np.std(cs)), len(cs)
 
 
@@ -80,15 +82,20 @@ def main(argv):
     graphdef, pvars, abstract = init_params(cfg, mesh, 0, materialize=False)
     with Checkpointer(ckpt_dir, read_only=True) as c:
         params = c.restore_params(abstract, jax.tree.map(lambda x: x.sharding, abstract), step).params
-    tok_dir = FLAGS.tokenizer or next(p for p in (os.path.join(run_dir, "tokenizer"),
-                                                  os.path.join(os.path.dirname(run_dir), "tokenizer"))
-                                      if os.path.exists(p))
+    tok_dir = FLAGS.tokenizer or next(
+        p
+        for p in (os.path.join(run_dir, "tokenizer"), os.path.join(os.path.dirname(run_dir), "tokenizer"))
+        if os.path.exists(p)
+    )
     tok = load_tokenizer(tok_dir)
     renderer = ChatRenderer(tok)
     recs, _ = load_prompt_records(FLAGS.prompts_jsonl, tokenizer=tok)
     random.Random(FLAGS.seed).shuffle(recs)
-    print(f"{len(recs)} prompts; checkpoint {ckpt_dir} (step {step or 'latest'}); {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_experts} experts", flush=True)
+    print(
+        f"{len(recs)} prompts; checkpoint {ckpt_dir} (step {step or 'latest'}); {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_experts} experts",
+        flush=True,
+    )
 
     grad_fns = {}
 
@@ -107,20 +114,38 @@ def main(argv):
     used = 0
     for conf in FLAGS.configs:
         P, S = (int(x) for x in conf.lower().split("x"))
-        rl = RLConfig(samples_per_prompt=S, aggregation="c3po", budget=P * FLAGS.budget_per_prompt,
-                      selection_order="informative_first", max_new_tokens=FLAGS.max_new_tokens, temperature=1.0,
-                      top_p=1.0, num_slots=min(256, P * S), policy=PolicyLossConfig(beta=FLAGS.beta), tis_cap=0.0,
-                      alpha_bal=0.0, alpha_z=0.0)  # the policy gradient alone (the MoE terms pay no reward)
+        rl = RLConfig(
+            samples_per_prompt=S,
+            aggregation="c3po",
+            budget=P * FLAGS.budget_per_prompt,
+            selection_order="informative_first",
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            num_slots=min(256, P * S),
+            policy=PolicyLossConfig(beta=FLAGS.beta),
+            tis_cap=0.0,
+            alpha_bal=0.0,
+            alpha_z=0.0,
+        )  # the policy gradient alone (the MoE terms pay no reward)
         grads, stats = [], []
         t0 = time.time()
         for b in range(FLAGS.batches):
-            batch_recs = recs[used:used + P]
+            batch_recs = recs[used : used + P]
             used += P
             if len(batch_recs) < P:
                 sys.exit(f"out of prompts: {len(recs)} < needed")
             # RLStep for its rollout, scoring and row building only: no optimiser step is taken here
-            step_obj = RLStep(graphdef, None, rl, encode_prompt=lambda r: r["prompt_ids"], decode=tok.decode,
-                              stop_ids=renderer.stop_ids, ref_params=params, seed=FLAGS.seed * 7919 + b + 100 * P)
+            step_obj = RLStep(
+                graphdef,
+                None,
+                rl,
+                encode_prompt=lambda r: r["prompt_ids"],
+                decode=tok.decode,
+                stop_ids=renderer.stop_ids,
+                ref_params=params,
+                seed=FLAGS.seed * 7919 + b + 100 * P,
+            )
             prompts = [r["prompt_ids"] for r in batch_recs]
             comps = step_obj.rollout(params, prompts, key=FLAGS.seed * 7919 + b + 100 * P + 1000 * S)
             texts = [tok.decode([t for t in c.token_ids.tolist() if t not in renderer.stop_ids]) for c in comps]
@@ -133,15 +158,31 @@ def main(argv):
             g = grad_of(rl, batch, normaliser)
             grads.append(g)
             by_prompt = np.array(reward).reshape(P, S)
-            stats.append((float(np.mean(reward)), float(np.mean(by_prompt.max(1) != by_prompt.min(1))),
-                          float(np.linalg.norm(g))))
+            stats.append(
+                (float(np.mean(reward)), float(np.mean(by_prompt.max(1) != by_prompt.min(1))), float(np.linalg.norm(g)))
+            )
         m, sd, npairs = _cos_stats(grads)
         mean_g = np.mean(grads, axis=0)
         st = np.array(stats)
-        rows.append((conf, P * FLAGS.budget_per_prompt, m, sd, npairs, st[:, 0].mean(), st[:, 1].mean(),
-                     st[:, 2].mean(), float(np.linalg.norm(mean_g)), time.time() - t0))
-        print(f"{conf}: cos {m:+.4f} +- {sd:.4f} over {npairs} pairs; pass rate {st[:, 0].mean():.3f}; groups with "
-              f"signal {st[:, 1].mean():.3f}; |g| {st[:, 2].mean():.4f}; ({time.time() - t0:.0f}s)", flush=True)
+        rows.append(
+            (
+                conf,
+                P * FLAGS.budget_per_prompt,
+                m,
+                sd,
+                npairs,
+                st[:, 0].mean(),
+                st[:, 1].mean(),
+                st[:, 2].mean(),
+                float(np.linalg.norm(mean_g)),
+                time.time() - t0,
+            )
+        )
+        print(
+            f"{conf}: cos {m:+.4f} +- {sd:.4f} over {npairs} pairs; pass rate {st[:, 0].mean():.3f}; groups with "
+            f"signal {st[:, 1].mean():.3f}; |g| {st[:, 2].mean():.4f}; ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
 
     sft_line = None
     if FLAGS.sft_jsonl:
@@ -154,20 +195,32 @@ def main(argv):
         for _ in range(FLAGS.batches):
             b = {k: jnp.asarray(v) for k, v in next(it).items()}
             n = jnp.maximum(jnp.sum(b["loss_mask"]), 1)
-            gs.append(np.asarray(jax.jit(lambda p, b=b, n=n: _flat(jax.grad(
-                lambda q: loss(nnx.merge(graphdef, q), b)[0] / n)(p)))(params)))
+            gs.append(
+                np.asarray(
+                    jax.jit(lambda p, b=b, n=n: _flat(jax.grad(lambda q: loss(nnx.merge(graphdef, q), b)[0] / n)(p)))(
+                        params
+                    )
+                )
+            )
         sm, ssd, snp = _cos_stats(gs)
         sft_line = (sm, ssd, snp)
         print(f"SFT {FLAGS.sft_rows} rows: cos {sm:+.4f} +- {ssd:.4f}", flush=True)
 
-    print("\n| prompts x samples | Phi | cos(g_i, g_j) mean +- sd (pairs) | rollout pass rate | groups with signal | "
-          "mean abs g | abs(mean g) | s |")
+    print(
+        "\n| prompts x samples | Phi | cos(g_i, g_j) mean +- sd (pairs) | rollout pass rate | groups with signal | "
+        "mean abs g | abs(mean g) | s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for conf, phi, m, sd, npairs, pr, sig, gn, mg, s in rows:
-        print(f"| {conf} | {phi} | {m:+.4f} +- {sd:.4f} ({npairs}) | {pr:.3f} | {sig:.3f} | {gn:.4f} | {mg:.4f} | {s:.0f} |")
+        print(
+            f"| {conf} | {phi} | {m:+.4f} +- {sd:.4f} ({npairs}) | {pr:.3f} | {sig:.3f} | {gn:.4f} | {mg:.4f} "
+            f"| {s:.0f} |"
+        )
     if sft_line:
-        print(f"| SFT batch of {FLAGS.sft_rows} x 256-token rows | - | {sft_line[0]:+.4f} +- {sft_line[1]:.4f} "
-              f"({sft_line[2]}) | - | - | - | - | - |")
+        print(
+            f"| SFT batch of {FLAGS.sft_rows} x 256-token rows | - | {sft_line[0]:+.4f} +- {sft_line[1]:.4f} "
+            f"({sft_line[2]}) | - | - | - | - | - |"
+        )
     print("RESULTS " + json.dumps({"rows": rows, "sft": sft_line}))
 
 

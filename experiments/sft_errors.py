@@ -67,8 +67,10 @@ def main(argv):
     def decode(c):
         return tok.decode([t for t in c.token_ids.tolist() if t not in stop])
 
-    print(f"SFT checkpoint {run}/sft/ckpt step {step}; {FLAGS.prompts} prompts per family and side, greedy and "
-          f"{FLAGS.n} samples at T = 1 / top-p 0.95\n")
+    print(
+        f"SFT checkpoint {run}/sft/ckpt step {step}; {FLAGS.prompts} prompts per family and side, greedy and "
+        f"{FLAGS.n} samples at T = 1 / top-p 0.95\n"
+    )
     print("| side | family | greedy | pass@1 | pass@n | chain sums: terms | greedy | first step right |")
     print("|---|---|---|---|---|---|---|---|")
     for side, name in (("held-out", "eval.jsonl"), ("train-side", "rl_prompts.jsonl")):
@@ -79,10 +81,14 @@ def main(argv):
         for fam, rs in sorted(by_fam.items()):
             pick = [rs[i] for i in sorted(rng.choice(len(rs), size=min(FLAGS.prompts, len(rs)), replace=False))]
             prompts = [r["prompt_ids"] for r in pick]
-            g = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64, stop_token_ids=tuple(stop)),
-                                key=FLAGS.seed)
-            s = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=64, n=FLAGS.n,
-                                                        stop_token_ids=tuple(stop)), key=FLAGS.seed + 1)
+            g = engine.generate(
+                prompts, SamplingParams(temperature=0.0, max_new_tokens=64, stop_token_ids=tuple(stop)), key=FLAGS.seed
+            )
+            s = engine.generate(
+                prompts,
+                SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=64, n=FLAGS.n, stop_token_ids=tuple(stop)),
+                key=FLAGS.seed + 1,
+            )
             gtext = [decode(c) for c in g]
             gres, _ = rewards.score_batch(pick, gtext, timeout_s=30)
             sres, _ = rewards.score_batch([pick[c.prompt_index] for c in s], [decode(c) for c in s], timeout_s=30)

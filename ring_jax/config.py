@@ -17,22 +17,65 @@ from typing import Any
 
 # Fields of config.json that ring_jax interprets.  Order = the order they are written.
 HF_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "use_qkv_bias", "use_bias", "rms_norm_eps", "norm_head",
-    "tie_word_embeddings", "max_position_embeddings", "rope_theta", "rope_scaling", "num_experts",
-    "num_shared_experts", "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size", "first_k_dense_replace",
-    "pad_token_id", "eos_token_id", "bos_token_id", "initializer_range", "use_sliding_window",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "use_qkv_bias",
+    "use_bias",
+    "rms_norm_eps",
+    "norm_head",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "num_experts",
+    "num_shared_experts",
+    "num_experts_per_tok",
+    "norm_topk_prob",
+    "moe_intermediate_size",
+    "first_k_dense_replace",
+    "pad_token_id",
+    "eos_token_id",
+    "bos_token_id",
+    "initializer_range",
+    "use_sliding_window",
 )
 
 # Defaults of the upstream ``BailingMoeConfig.__init__`` (configuration_bailing_moe.py): what transformers uses for
 # a field a config.json leaves out.  They differ from the published Ling-lite-1.5 values below.
 UPSTREAM_CLASS_DEFAULTS = dict(
-    vocab_size=30592, hidden_size=1024, intermediate_size=None, num_hidden_layers=24, num_attention_heads=16,
-    num_key_value_heads=0, head_dim=None, hidden_act="silu", use_qkv_bias=False, use_bias=True, rms_norm_eps=1e-5,
-    norm_head=False, tie_word_embeddings=False, max_position_embeddings=16384, rope_theta=10000.0,
-    rope_scaling=None, num_experts=16, num_shared_experts=0, num_experts_per_tok=2, norm_topk_prob=True,
-    moe_intermediate_size=None, first_k_dense_replace=0, pad_token_id=126081, eos_token_id=None, bos_token_id=None,
-    initializer_range=0.02, use_sliding_window=False,
+    vocab_size=30592,
+    hidden_size=1024,
+    intermediate_size=None,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=0,
+    head_dim=None,
+    hidden_act="silu",
+    use_qkv_bias=False,
+    use_bias=True,
+    rms_norm_eps=1e-5,
+    norm_head=False,
+    tie_word_embeddings=False,
+    max_position_embeddings=16384,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    num_experts=16,
+    num_shared_experts=0,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    moe_intermediate_size=None,
+    first_k_dense_replace=0,
+    pad_token_id=126081,
+    eos_token_id=None,
+    bos_token_id=None,
+    initializer_range=0.02,
+    use_sliding_window=False,
 )
 
 MOE_IMPLS = ("dispatch", "ragged", "dense", "capacity", "pallas")
@@ -43,9 +86,22 @@ REMAT_POLICIES = ("nothing", "dots", "dots_no_batch")
 # (ring_kernels.decode_attention for one-token decode: each row's own live blocks; GPU), full (every cache slot), auto
 # (pallas on GPU, else blocked)
 CACHE_ATTN = ("auto", "blocked", "pallas", "full")
-RUNTIME_FIELDS = ("moe_impl", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers", "moe_tile",
-                  "moe_capacity_factor", "attn_chunk", "moe_chunk", "cache_attn", "cache_block", "ep_platform",
-                  "ep_auto_ragged")
+RUNTIME_FIELDS = (
+    "moe_impl",
+    "dtype",
+    "param_dtype",
+    "remat",
+    "remat_policy",
+    "scan_layers",
+    "moe_tile",
+    "moe_capacity_factor",
+    "attn_chunk",
+    "moe_chunk",
+    "cache_attn",
+    "cache_block",
+    "ep_platform",
+    "ep_auto_ragged",
+)
 
 
 class ConfigError(ValueError):
@@ -85,7 +141,9 @@ class ModelConfig:
     # --- config.json fields ring_jax carries but does not interpret (dropouts, torch_dtype, ...) ---
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
     # --- ring_jax run-time knobs (never written to config.json) ---
-    moe_impl: str = "dispatch"  # dispatch (sort + tiled grouped matmul), ragged (lax.ragged_dot), dense (oracle), pallas
+    moe_impl: str = (
+        "dispatch"  # dispatch (sort + tiled grouped matmul), ragged (lax.ragged_dot), dense (oracle), pallas
+    )
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
@@ -117,8 +175,13 @@ class ModelConfig:
         self.validate()
 
     def __hash__(self):  # rope_scaling is a dict: hash a canonical JSON form (jit needs hashable static config)
-        return hash(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.hash is not False},
-                               sort_keys=True, default=str))
+        return hash(
+            json.dumps(
+                {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.hash is not False},
+                sort_keys=True,
+                default=str,
+            )
+        )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -157,8 +220,10 @@ class ModelConfig:
         if self.use_sliding_window:
             bad("use_sliding_window", "sliding-window attention is not implemented (the upstream code ignores it too)")
         if not self.num_key_value_heads or self.num_key_value_heads < 1:
-            bad("num_key_value_heads", "must be >= 1 (the upstream code divides by it; MHA sets it to "
-                "num_attention_heads)")
+            bad(
+                "num_key_value_heads",
+                "must be >= 1 (the upstream code divides by it; MHA sets it to num_attention_heads)",
+            )
         if self.num_attention_heads % self.kv_heads:
             bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -198,7 +263,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **runtime) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModelConfig:
         """Build from a parsed config.json.  Missing fields take the upstream class defaults, as transformers does."""
         mt = d.get("model_type", "bailing_moe")
         if mt != "bailing_moe":
@@ -216,19 +281,22 @@ class ModelConfig:
             out[k] = getattr(self, k)
         out.setdefault("model_type", "bailing_moe")
         out.setdefault("architectures", ["BailingMoeForCausalLM"])
-        out.setdefault("auto_map", {
-            "AutoConfig": "configuration_bailing_moe.BailingMoeConfig",
-            "AutoModel": "modeling_bailing_moe.BailingMoeModel",
-            "AutoModelForCausalLM": "modeling_bailing_moe.BailingMoeForCausalLM",
-        })
+        out.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": "configuration_bailing_moe.BailingMoeConfig",
+                "AutoModel": "modeling_bailing_moe.BailingMoeModel",
+                "AutoModelForCausalLM": "modeling_bailing_moe.BailingMoeForCausalLM",
+            },
+        )
         return out
 
     @classmethod
-    def from_json_file(cls, path, **runtime) -> "ModelConfig":
+    def from_json_file(cls, path, **runtime) -> ModelConfig:
         with open(path) as f:
             return cls.from_hf_dict(json.load(f), **runtime)
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ parameter counting
@@ -237,7 +305,8 @@ class ModelConfig:
         embeddings and head), from the shapes alone."""
         h, hd = self.hidden_size, self.head_size
         qkv = h * (self.num_attention_heads + 2 * self.kv_heads) * hd + (
-            (self.num_attention_heads + 2 * self.kv_heads) * hd if self.use_qkv_bias else 0)
+            (self.num_attention_heads + 2 * self.kv_heads) * hd if self.use_qkv_bias else 0
+        )
         dense_out = self.num_attention_heads * hd * h + (h if self.use_bias else 0)
         attn = qkv + dense_out + 2 * h  # + the two RMSNorm weights
         total = active = 0
@@ -264,16 +333,44 @@ PRESETS: dict[str, ModelConfig] = {
     "ling-lite-1.5": ModelConfig(dtype="bfloat16", param_dtype="float32"),
     # Test-sized: every code path (GQA, a dense first layer, shared expert) with a few thousand parameters.
     "tiny": ModelConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rope_theta=10000.0, num_experts=4,
-        num_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
-        pad_token_id=0, eos_token_id=1, initializer_range=0.02),
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        num_experts=4,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.02,
+    ),
     # ~22M total / ~5M active: learns procedural tasks on 2 CPU cores in minutes.
     "small": ModelConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, rope_theta=10000.0, num_experts=16,
-        num_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=256, first_k_dense_replace=0,
-        pad_token_id=0, eos_token_id=1, initializer_range=0.02),
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        num_experts=16,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        first_k_dense_replace=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.02,
+    ),
 }
 
 

@@ -3,12 +3,12 @@ C3PO RL step (+ the reference log-probabilities) for a model on a mesh, from XLA
 compiled against abstract arrays (``jax.ShapeDtypeStruct``: nothing is allocated, no accelerator is needed).
 
 Each program is the library's own (``make_train_step`` with the SFT or RL loss, the sampling engine's
-``device.prefill_body`` and ``device.decode_body``), jitted with explicit shardings from the rules table and
-compiled under ``jax.set_mesh`` so the MoE block takes its expert-parallel path.  ``inputs`` are the per-device bytes of the program's arguments by kind,
-exact from the shardings; ``resident`` are arrays that stay in device memory during the program without being its
-arguments (the optimizer state and the reference model during rollout, ...); ``temp`` is XLA's temporary
-allocation (activations, gradients, collective buffers).  ``peak = arguments + outputs - aliased + temporaries +
-resident``.
+``device.prefill_body`` and ``device.decode_body``), jitted with explicit shardings from the rules table and compiled
+under ``jax.set_mesh`` so the MoE block takes its expert-parallel path.  ``inputs`` are the per-device bytes of the
+program's arguments by kind, exact from the shardings; ``resident`` are arrays that stay in device memory during the
+program without being its arguments (the optimizer state and the reference model during rollout, ...); ``temp`` is
+XLA's temporary allocation (activations, gradients, collective buffers).  ``peak = arguments + outputs - aliased +
+temporaries + resident``.
 
 The mesh may be fake CPU devices (``--xla_force_host_platform_device_count``; temporaries then reflect XLA:CPU's
 fusion and layout, e.g. bf16 matmuls done in f32) or a TPU topology compiled deviceless by libtpu
@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ring_jax.config import ModelConfig
 from ring_jax.model.transformer import build_model
@@ -35,10 +36,16 @@ from ring_jax.sampling import device
 from ring_jax.sharding import batch_sharding
 from ring_jax.train.losses import LossConfig, sft_loss_fn
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-from ring_jax.train.step import (TrainState, abstract_train_state, data_parallel_size, make_train_step, split_model,
-                                 train_state_shardings)
+from ring_jax.train.step import (
+    TrainState,
+    abstract_train_state,
+    data_parallel_size,
+    make_train_step,
+    split_model,
+    train_state_shardings,
+)
 
-GIB = 2 ** 30
+GIB = 2**30
 NUM_STOP = device.MIN_STOP_BUCKET  # stop-id columns of the decode state (the engine's minimum bucket)
 
 
@@ -57,6 +64,7 @@ def shard_bytes(tree, shardings) -> int:
 @dataclasses.dataclass
 class Report:
     """Per-device bytes of one compiled program (see the module doc)."""
+
     name: str
     inputs: dict[str, int]
     resident: dict[str, int]
@@ -77,7 +85,7 @@ class Report:
         for k, v in self.inputs.items():
             out.append(f"  {k + ':':<{w}}{fmt_bytes(v)}")
         other = self.argument - sum(self.inputs.values())
-        if abs(other) >= 2 ** 20:
+        if abs(other) >= 2**20:
             out.append(f"  {'other arguments:':<{w}}{fmt_bytes(other)}")
         for k, v in self.resident.items():
             out.append(f"  {k + ' (resident):':<{w}}{fmt_bytes(v)}")
@@ -85,8 +93,9 @@ class Report:
         out.append(f"  {'temporaries (XLA):':<{w}}{fmt_bytes(self.temp)}")
         fits = ""
         if hbm_gib:
-            fits = "   " + ", ".join(f"{'fits' if self.peak <= v * GIB else 'does NOT fit'} {k} ({v:g} GiB)"
-                                     for k, v in hbm_gib.items())
+            fits = "   " + ", ".join(
+                f"{'fits' if self.peak <= v * GIB else 'does NOT fit'} {k} ({v:g} GiB)" for k, v in hbm_gib.items()
+            )
         out.append(f"  {'peak:':<{w}}{fmt_bytes(self.peak)}{fits}")
         if self.compile_s:
             out.append(f"  {'compile (lower + compile):':<{w}}{self.compile_s:9.1f} s")
@@ -94,7 +103,7 @@ class Report:
 
 
 def fmt_bytes(x: int) -> str:
-    for unit, div in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, div in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(x) >= div / 10 or unit == "KiB":
             return f"{x / div:9.2f} {unit}"
     return f"{x} B"
@@ -109,12 +118,19 @@ def extrapolate(r1: Report, r2: Report, layers: int) -> Report:
     # a forward-only program's temporaries do not grow with layers; a slightly smaller 2-layer figure is the
     # compiler's noise, not a trend to extrapolate
     temp = lin(r1.temp, r2.temp) if r2.temp >= r1.temp else r1.temp
-    return Report(r1.name, {k: lin(r1.inputs[k], r2.inputs[k]) for k in r1.inputs},
-                  {k: lin(r1.resident[k], r2.resident[k]) for k in r1.resident},
-                  lin(r1.argument, r2.argument), lin(r1.output, r2.output), lin(r1.alias, r2.alias),
-                  temp, note=(r1.note + "; " if r1.note else "") +
-                  f"extrapolated from 1 and 2 layers: temporaries {fmt_bytes(r1.temp).strip()}, "
-                  f"{fmt_bytes(r2.temp).strip()}", compile_s=r1.compile_s + r2.compile_s)
+    return Report(
+        r1.name,
+        {k: lin(r1.inputs[k], r2.inputs[k]) for k in r1.inputs},
+        {k: lin(r1.resident[k], r2.resident[k]) for k in r1.resident},
+        lin(r1.argument, r2.argument),
+        lin(r1.output, r2.output),
+        lin(r1.alias, r2.alias),
+        temp,
+        note=(r1.note + "; " if r1.note else "")
+        + f"extrapolated from 1 and 2 layers: temporaries {fmt_bytes(r1.temp).strip()}, "
+        f"{fmt_bytes(r2.temp).strip()}",
+        compile_s=r1.compile_s + r2.compile_s,
+    )
 
 
 def _compile(jitted, *args):
@@ -127,8 +143,17 @@ def _compile(jitted, *args):
 def _report(name, compiled, inputs, resident=None, note="") -> Report:
     compiled, seconds = compiled
     ma = compiled.memory_analysis()
-    return Report(name, inputs, resident or {}, int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                  int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes), note, seconds)
+    return Report(
+        name,
+        inputs,
+        resident or {},
+        int(ma.argument_size_in_bytes),
+        int(ma.output_size_in_bytes),
+        int(ma.alias_size_in_bytes),
+        int(ma.temp_size_in_bytes),
+        note,
+        seconds,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -171,55 +196,83 @@ def _batch_bytes(setup: Setup, batch) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ programs
-def sft_step(setup: Setup, seq_len: int, global_batch: int, micro_batches: int = 1,
-             loss: LossConfig = LossConfig()) -> Report:
+def sft_step(
+    setup: Setup, seq_len: int, global_batch: int, micro_batches: int = 1, loss: LossConfig = LossConfig()
+) -> Report:
     """The SFT train step (``make_train_step`` + ``sft_loss_fn``) on a [global_batch, seq_len] batch."""
-    step = make_train_step(setup.graphdef, sft_loss_fn(loss), setup.optimizer, setup.mesh, setup.shardings,
-                           micro_batches, schedule=setup.schedule)
-    batch = {k: setup.rows((global_batch, seq_len)) for k in
-             ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+    step = make_train_step(
+        setup.graphdef,
+        sft_loss_fn(loss),
+        setup.optimizer,
+        setup.mesh,
+        setup.shardings,
+        micro_batches,
+        schedule=setup.schedule,
+    )
+    batch = {
+        k: setup.rows((global_batch, seq_len)) for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    }
     compiled = _compile(step, setup.state, batch)
-    return _report(f"SFT train step: {global_batch} x {seq_len} tokens, {micro_batches} micro-batch(es)", compiled,
-                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
-                    "batch": _batch_bytes(setup, batch)})
+    return _report(
+        f"SFT train step: {global_batch} x {seq_len} tokens, {micro_batches} micro-batch(es)",
+        compiled,
+        {"params": setup.params_bytes, "optimizer state": setup.opt_bytes, "batch": _batch_bytes(setup, batch)},
+    )
 
 
 def rl_step(setup: Setup, rl: RLConfig, rows: int, seq_len: int, micro_batches: int = 1) -> Report:
     """The RL train step (``make_rl_train_step``) on [rows, seq_len] packed rows; the frozen
     reference parameters are resident when ``rl.policy.beta`` > 0."""
-    step = make_rl_train_step(setup.graphdef, rl, setup.optimizer, setup.mesh, setup.shardings,
-                              schedule=setup.schedule, num_micro=micro_batches)
+    step = make_rl_train_step(
+        setup.graphdef,
+        rl,
+        setup.optimizer,
+        setup.mesh,
+        setup.shardings,
+        schedule=setup.schedule,
+        num_micro=micro_batches,
+    )
     batch = {k: setup.rows((rows, seq_len)) for k in ("tokens", "targets", "positions", "segment_ids")}
     keys = ("weights", "old_logp", "advantages", "tis") + (("ref_logp",) if rl.policy.beta else ())
     batch.update({k: setup.rows((rows, seq_len), jnp.float32) for k in keys})
     compiled = _compile(step, setup.state, batch, jax.ShapeDtypeStruct((), jnp.float32))
     resident = {"reference params": setup.params_bytes} if rl.policy.beta else {}
-    return _report(f"RL train step: {rows} x {seq_len} packed rows, {micro_batches} micro-batch(es)", compiled,
-                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes,
-                    "batch": _batch_bytes(setup, batch)}, resident)
+    return _report(
+        f"RL train step: {rows} x {seq_len} packed rows, {micro_batches} micro-batch(es)",
+        compiled,
+        {"params": setup.params_bytes, "optimizer state": setup.opt_bytes, "batch": _batch_bytes(setup, batch)},
+        resident,
+    )
 
 
 def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Report:
     """log pi_ref(targets) of the packed rows under the frozen reference (the KL term's input)."""
+
     def fn(params, tokens, positions, segment_ids, targets):
-        return policy_logprobs(nnx.merge(setup.graphdef, params), tokens, positions, segment_ids, targets,
-                               logit_chunk)[0]
+        return policy_logprobs(nnx.merge(setup.graphdef, params), tokens, positions, segment_ids, targets, logit_chunk)[
+            0
+        ]
 
     rsh = setup.row_sharding(2)
     args = [setup.rows((rows, seq_len)) for _ in range(4)]
     with jax.set_mesh(setup.mesh):
-        compiled = _compile(jax.jit(fn, in_shardings=(setup.shardings.params, *[rsh] * 4), out_shardings=rsh),
-                            setup.state.params, *args)
-    return _report(f"reference log-probs: {rows} x {seq_len}", compiled,
-                   {"reference params": setup.params_bytes, "rows": 4 * _batch_bytes(setup, args[0])},
-                   {"params": setup.params_bytes, "optimizer state": setup.opt_bytes})
+        compiled = _compile(
+            jax.jit(fn, in_shardings=(setup.shardings.params, *[rsh] * 4), out_shardings=rsh), setup.state.params, *args
+        )
+    return _report(
+        f"reference log-probs: {rows} x {seq_len}",
+        compiled,
+        {"reference params": setup.params_bytes, "rows": 4 * _batch_bytes(setup, args[0])},
+        {"params": setup.params_bytes, "optimizer state": setup.opt_bytes},
+    )
 
 
 def decode_state_shardings(ds, mesh):
     """NamedShardings of a DecodeState / KVCache as the sampling engine places it (``device.decode_state_specs``:
     cache and logits over the slots, per-slot scalars replicated)."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), device.decode_state_specs(ds, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), device.decode_state_specs(ds, mesh), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype=None) -> int:
@@ -242,8 +295,15 @@ def decode_state_bytes(setup: Setup, num_slots: int, cache_len: int) -> tuple[in
     return shard_bytes(ds.cache, ds_sh.cache), shard_bytes(ds, ds_sh)
 
 
-def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, prefill_batch: int = 0,
-            chunk: int = 32, resident_ref: bool = True) -> tuple[Report, Report]:
+def rollout(
+    setup: Setup,
+    num_slots: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    prefill_batch: int = 0,
+    chunk: int = 32,
+    resident_ref: bool = True,
+) -> tuple[Report, Report]:
     """(prefill, decode) of the sampling engine with ``num_slots`` sequences generated concurrently (the decode
     batch) and a cache of S = the engine's bucket of prompt_len + max_new_tokens slots each.  Prefill takes
     ``prefill_batch`` prompts (default num_slots) and writes a fresh [prefill_batch, P] cache (P: the prompt bucket)
@@ -262,24 +322,45 @@ def rollout(setup: Setup, num_slots: int, prompt_len: int, max_new_tokens: int, 
     rsh1, rsh2 = setup.row_sharding(1), setup.row_sharding(2)
     with jax.set_mesh(mesh):
         prefill = functools.partial(device.prefill_body, setup.graphdef, cache_len=pb, chunk=device.PREFILL_CHUNK)
-        cache_abs, logits_abs = jax.eval_shape(prefill,
-                                               setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
+        cache_abs, logits_abs = jax.eval_shape(prefill, setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
         cache_sh = decode_state_shardings(cache_abs, mesh)
-        pre = _compile(jax.jit(prefill,
-                               in_shardings=(p_sh, rsh2, rsh1), out_shardings=(cache_sh, rsh2)),
-                       setup.state.params, setup.rows((k, pb)), setup.rows((k,)))
-        dec = _compile(jax.jit(functools.partial(device.decode_body, setup.graphdef, chunk=chunk, filtered=True),
-                               in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
-                               out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4), donate_argnums=(1,)),
-                       setup.state.params, ds, jax.ShapeDtypeStruct((), jnp.int32))
+        pre = _compile(
+            jax.jit(prefill, in_shardings=(p_sh, rsh2, rsh1), out_shardings=(cache_sh, rsh2)),
+            setup.state.params,
+            setup.rows((k, pb)),
+            setup.rows((k,)),
+        )
+        dec = _compile(
+            jax.jit(
+                functools.partial(device.decode_body, setup.graphdef, chunk=chunk, filtered=True),
+                in_shardings=(p_sh, ds_sh, NamedSharding(mesh, P())),
+                out_shardings=(ds_sh, *[NamedSharding(mesh, P())] * 4),
+                donate_argnums=(1,),
+            ),
+            setup.state.params,
+            ds,
+            jax.ShapeDtypeStruct((), jnp.int32),
+        )
     cache_bytes, ds_bytes = decode_state_bytes(setup, num_slots, s)
-    pre_r = _report(f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {pb} cache", pre,
-                    {"params": setup.params_bytes, "prompts": 2 * _batch_bytes(setup, setup.rows((k,)))
-                     + _batch_bytes(setup, setup.rows((k, pb)))},
-                    {**resident, "decode state (KV cache of all slots)": ds_bytes})
-    dec_r = _report(f"rollout decode: {num_slots} slots x {s} cache positions, {chunk} steps per call", dec,
-                    {"params": setup.params_bytes, "KV cache": cache_bytes,
-                     "rest of the decode state (logits, ...)": ds_bytes - cache_bytes}, resident)
+    pre_r = _report(
+        f"rollout prefill: {k} prompts x {pb} tokens into a {k} x {pb} cache",
+        pre,
+        {
+            "params": setup.params_bytes,
+            "prompts": 2 * _batch_bytes(setup, setup.rows((k,))) + _batch_bytes(setup, setup.rows((k, pb))),
+        },
+        {**resident, "decode state (KV cache of all slots)": ds_bytes},
+    )
+    dec_r = _report(
+        f"rollout decode: {num_slots} slots x {s} cache positions, {chunk} steps per call",
+        dec,
+        {
+            "params": setup.params_bytes,
+            "KV cache": cache_bytes,
+            "rest of the decode state (logits, ...)": ds_bytes - cache_bytes,
+        },
+        resident,
+    )
     return pre_r, dec_r
 
 
@@ -287,5 +368,19 @@ def data_parallel(setup: Setup) -> int:
     return data_parallel_size(setup.mesh)
 
 
-__all__ = ["GIB", "Report", "Setup", "cache_len_for", "decode_state_bytes", "decode_state_shardings", "extrapolate", "kv_cache_bytes", "make_setup",
-           "ref_logp", "rl_step", "rollout", "sft_step", "shard_bytes"]
+__all__ = [
+    "GIB",
+    "Report",
+    "Setup",
+    "cache_len_for",
+    "decode_state_bytes",
+    "decode_state_shardings",
+    "extrapolate",
+    "kv_cache_bytes",
+    "make_setup",
+    "ref_logp",
+    "rl_step",
+    "rollout",
+    "sft_step",
+    "shard_bytes",
+]

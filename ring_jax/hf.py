@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +60,10 @@ def layer_to_hf(cfg: ModelConfig, i: int, layer) -> Iterator[tuple[str, np.ndarr
     qkv = [_np(w[...]).reshape(h, -1).T for w in (at.q_proj, at.k_proj, at.v_proj)]
     yield p + "attention.query_key_value.weight", np.concatenate(qkv, axis=0)
     if cfg.use_qkv_bias:
-        yield p + "attention.query_key_value.bias", np.concatenate(
-            [_np(b[...]).reshape(-1) for b in (at.q_bias, at.k_bias, at.v_bias)])
+        yield (
+            p + "attention.query_key_value.bias",
+            np.concatenate([_np(b[...]).reshape(-1) for b in (at.q_bias, at.k_bias, at.v_bias)]),
+        )
     yield p + "attention.dense.weight", _np(at.o_proj[...]).reshape(nh * d, h).T
     if cfg.use_bias:
         yield p + "attention.dense.bias", _np(at.o_bias[...])
@@ -146,15 +148,22 @@ def _parse_size(s) -> int:
     return int(s)
 
 
-def save_pretrained(model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, dtype: str = "bfloat16",
-                    max_shard_size="2GB") -> str:
+def save_pretrained(
+    model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, dtype: str = "bfloat16", max_shard_size="2GB"
+) -> str:
     """Write ``config.json``, safetensors shards and ``model.safetensors.index.json`` (and the tokenizer, if given:
     anything with ``save(dir)``).  Only JAX process 0 writes; the others return after the gathers."""
     return write_pretrained(model.config, model_to_hf(model), out_dir, tokenizer, dtype, max_shard_size)
 
 
-def write_pretrained(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], out_dir: str, tokenizer=None,
-                     dtype: str = "bfloat16", max_shard_size="2GB") -> str:
+def write_pretrained(
+    cfg: ModelConfig,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    out_dir: str,
+    tokenizer=None,
+    dtype: str = "bfloat16",
+    max_shard_size="2GB",
+) -> str:
     """:func:`save_pretrained` from ``(HF name, array)`` pairs in :func:`model_to_hf`'s order (consumed one shard at
     a time, so a caller may produce them lazily: ``ring_jax.hf_stream``)."""
     if dtype not in _NP_DTYPES:
@@ -330,7 +339,7 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable):
+def fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable) -> None:
     """Read decoder layer ``i``'s tensors with ``read(hf_name, shape)`` and hand each to ``put(variable, array)``
     in ring_jax's layout (``layer`` is a DecoderLayer, abstract or concrete, whose Variables name the targets)."""
     p = f"model.layers.{i}."
@@ -382,8 +391,9 @@ def load_config(hf_dir: str, **runtime) -> ModelConfig:
     return ModelConfig.from_hf_dict(_read_json(path), **runtime)
 
 
-def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | None = None,
-                    shardings=None, **runtime) -> tuple[BailingMoeForCausalLM, ModelConfig]:
+def load_pretrained(
+    hf_dir: str, dtype: str | None = None, param_dtype: str | None = None, shardings=None, **runtime
+) -> tuple[BailingMoeForCausalLM, ModelConfig]:
     """Model and config from an HF directory written by ``save_pretrained`` or by the upstream code.
 
     ``dtype``/``param_dtype`` choose compute and storage dtypes (default float32 both).  ``shardings``, when given,
@@ -433,10 +443,24 @@ def load_pretrained(hf_dir: str, dtype: str | None = None, param_dtype: str | No
         put(model.lm_head, read("lm_head.weight", shapes["lm_head.weight"]).T)
     extra = [n for n in read.unexpected() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if extra:
-        raise CheckpointError(f"unexpected tensors not used by the model: {extra[:8]}"
-                              + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        raise CheckpointError(
+            f"unexpected tensors not used by the model: {extra[:8]}"
+            + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+        )
     return model, cfg
 
 
-__all__ = ["CheckpointError", "ConfigError", "expected_shapes", "load_config", "load_pretrained", "model_to_hf",
-           "SafetensorsReader", "as_dtype", "fill_layer", "module_variables", "save_pretrained", "write_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "expected_shapes",
+    "load_config",
+    "load_pretrained",
+    "model_to_hf",
+    "SafetensorsReader",
+    "as_dtype",
+    "fill_layer",
+    "module_variables",
+    "save_pretrained",
+    "write_pretrained",
+]

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_dtypes
@@ -37,8 +37,16 @@ from flax import nnx
 
 from ring_jax.config import ModelConfig
 from ring_jax.hf import CheckpointError as HFError
-from ring_jax.hf import (SafetensorsReader, as_dtype, expected_shapes, fill_layer, layer_to_hf, load_config,
-                         module_variables, write_pretrained)
+from ring_jax.hf import (
+    SafetensorsReader,
+    as_dtype,
+    expected_shapes,
+    fill_layer,
+    layer_to_hf,
+    load_config,
+    module_variables,
+    write_pretrained,
+)
 from ring_jax.model.transformer import DecoderLayer, build_model
 from ring_jax.train.checkpoint import PARAM_LAYOUT, CheckpointError
 
@@ -52,7 +60,8 @@ _BLOCK = 1 << 24  # checksum words per numpy pass (64 MiB of uint32)
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One parameter array as the checkpoint holds it."""
-    keys: tuple            # path in the pure parameter dict, e.g. ("layers", "mlp", "experts_gate")
+
+    keys: tuple  # path in the pure parameter dict, e.g. ("layers", "mlp", "experts_gate")
     shape: tuple
     dtype: np.dtype
     sharding: jax.sharding.Sharding
@@ -89,8 +98,7 @@ def leaves(cfg: ModelConfig, mesh=None) -> list[Leaf]:
         shardings = jax.tree.map(lambda _: one, abstract)
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return [Leaf(tuple(k.key for k in path), tuple(a.shape), np.dtype(a.dtype), s)
-            for (path, a), s in zip(flat, sh)]
+    return [Leaf(tuple(k.key for k in path), tuple(a.shape), np.dtype(a.dtype), s) for (path, a), s in zip(flat, sh)]
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -105,7 +113,7 @@ class Checksum:
         """Add ``part``, a C-contiguous block that starts at flat index ``offset`` of the whole array."""
         w = _words(part)
         for start in range(0, w.size, _BLOCK):
-            blk = w[start:start + _BLOCK]
+            blk = w[start : start + _BLOCK]
             idx = np.arange(blk.size, dtype=np.uint32) + np.uint32((offset + start) & _MASK)  # wraps like jax's iota
             weight = idx * np.uint32(2654435761) + np.uint32(1)
             self.s1 = (self.s1 + int(np.sum(blk * weight, dtype=np.uint32))) & _MASK
@@ -136,9 +144,17 @@ def _spec(params_dir: str, leaf: Leaf, metadata: dict | None = None) -> dict:
 
 
 def _zarr_metadata(leaf: Leaf) -> dict:
-    return {"chunks": list(leaf.chunk_shape), "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
-            "dtype": "bfloat16" if leaf.dtype == ml_dtypes.bfloat16 else leaf.dtype.str, "fill_value": None,
-            "filters": None, "order": "C", "shape": list(leaf.shape), "zarr_format": 2}
+    return {
+        "chunks": list(leaf.chunk_shape),
+        "compressor": {"id": "zstd", "level": 1},
+        "dimension_separator": ".",
+        "dtype": "bfloat16" if leaf.dtype == ml_dtypes.bfloat16 else leaf.dtype.str,
+        "fill_value": None,
+        "filters": None,
+        "order": "C",
+        "shape": list(leaf.shape),
+        "zarr_format": 2,
+    }
 
 
 def _sharding_json(s: jax.sharding.Sharding) -> str:
@@ -146,11 +162,16 @@ def _sharding_json(s: jax.sharding.Sharding) -> str:
         mesh = s.mesh
         ids = np.vectorize(lambda d: d.id, otypes=[object])(mesh.devices).tolist()
         ids = _map_nested(ids, lambda i: {"id": int(i)})
-        return json.dumps({"sharding_type": "NamedSharding", "shape": list(mesh.devices.shape),
-                           "axis_names": list(mesh.axis_names),
-                           "axis_types": [str(t) for t in mesh.axis_types],
-                           "partition_spec": [_spec_entry(p) for p in s.spec],
-                           "device_mesh": {"mesh": ids}})
+        return json.dumps(
+            {
+                "sharding_type": "NamedSharding",
+                "shape": list(mesh.devices.shape),
+                "axis_names": list(mesh.axis_names),
+                "axis_types": [str(t) for t in mesh.axis_types],
+                "partition_spec": [_spec_entry(p) for p in s.spec],
+                "device_mesh": {"mesh": ids},
+            }
+        )
     if isinstance(s, jax.sharding.SingleDeviceSharding):
         return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(next(iter(s.device_set)))})
     raise TypeError(f"unsupported sharding {s}")
@@ -177,27 +198,64 @@ def _commit_marker(path: str, shown: str) -> None:
 def _write_orbax_metadata(step_dir: str, final_dir: str, ls: list[Leaf], meta: dict, started_ns: int) -> None:
     """Every file orbax writes beside the arrays of a params-only step (``Checkpointer.save(params=...)``)."""
     params = os.path.join(step_dir, "params")
-    tree = {str(tuple(str(k) for k in leaf.keys)): {"key_metadata": [{"key": str(k), "key_type": 2} for k in leaf.keys],
-                             "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                                "write_shape": list(leaf.write_shape)}} for leaf in ls}
-    _write_json(os.path.join(params, "_METADATA"), {
-        "tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False, "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None})
-    _write_json(os.path.join(params, "_sharding"), {
-        base64.urlsafe_b64encode(leaf.name.encode()).decode(): _sharding_json(leaf.sharding) for leaf in ls})
+    tree = {
+        str(tuple(str(k) for k in leaf.keys)): {
+            "key_metadata": [{"key": str(k), "key_type": 2} for k in leaf.keys],
+            "value_metadata": {
+                "value_type": "jax.Array",
+                "skip_deserialize": False,
+                "write_shape": list(leaf.write_shape),
+            },
+        }
+        for leaf in ls
+    }
+    _write_json(
+        os.path.join(params, "_METADATA"),
+        {
+            "tree_metadata": tree,
+            "use_ocdbt": True,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        },
+    )
+    _write_json(
+        os.path.join(params, "_sharding"),
+        {base64.urlsafe_b64encode(leaf.name.encode()).decode(): _sharding_json(leaf.sharding) for leaf in ls},
+    )
     os.makedirs(os.path.join(params, "array_metadatas"), exist_ok=True)
-    _write_json(os.path.join(params, "array_metadatas", "process_0"), {"array_metadatas": [
-        {"array_metadata": {"param_name": leaf.name, "write_shape": list(leaf.write_shape),
-                            "chunk_shape": list(leaf.chunk_shape), "ext_metadata": None}} for leaf in ls]})
+    _write_json(
+        os.path.join(params, "array_metadatas", "process_0"),
+        {
+            "array_metadatas": [
+                {
+                    "array_metadata": {
+                        "param_name": leaf.name,
+                        "write_shape": list(leaf.write_shape),
+                        "chunk_shape": list(leaf.chunk_shape),
+                        "ext_metadata": None,
+                    }
+                }
+                for leaf in ls
+            ]
+        },
+    )
     for item, obj in (("meta", meta), ("data", {})):
         os.makedirs(os.path.join(step_dir, item), exist_ok=True)
         _write_json(os.path.join(step_dir, item, "metadata"), obj)
     for item in ("params", "meta", "data"):
         _commit_marker(os.path.join(step_dir, item), os.path.join(step_dir, item))
-    _write_json(os.path.join(step_dir, "_CHECKPOINT_METADATA"), {
-        "item_handlers": {"data": _JSON_HANDLER, "meta": _JSON_HANDLER, "params": _STD_HANDLER},
-        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
-        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
+    _write_json(
+        os.path.join(step_dir, "_CHECKPOINT_METADATA"),
+        {
+            "item_handlers": {"data": _JSON_HANDLER, "meta": _JSON_HANDLER, "params": _STD_HANDLER},
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": started_ns,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        },
+    )
     _commit_marker(step_dir, final_dir)
 
 
@@ -221,12 +279,13 @@ def _hf_parts(cfg: ModelConfig, read: Callable) -> Iterator[list[tuple[tuple, in
     shapes = expected_shapes(cfg)
     k = cfg.num_first_layers
     stack = _layer_module(cfg, k)  # every stacked layer has this one's shapes: built once, refilled per layer
-    yield [(("word_embeddings",), None, read("model.word_embeddings.weight",
-                                             shapes["model.word_embeddings.weight"]))]
+    yield [(("word_embeddings",), None, read("model.word_embeddings.weight", shapes["model.word_embeddings.weight"]))]
     for i in range(cfg.num_hidden_layers):
         layer = _read_layer(cfg, i, read, _layer_module(cfg, i) if i < k else stack)
-        yield [(("first_layers", i) + tuple(path), None, arr) if i < k else (("layers",) + tuple(path), i - k, arr)
-               for path, arr in layer.items()]
+        yield [
+            (("first_layers", i) + tuple(path), None, arr) if i < k else (("layers",) + tuple(path), i - k, arr)
+            for path, arr in layer.items()
+        ]
         del layer
     last = [(("norm", "weight"), None, read("model.norm.weight", shapes["model.norm.weight"]))]
     if not cfg.tie_word_embeddings:
@@ -246,12 +305,21 @@ def check_tensors(cfg: ModelConfig, read: SafetensorsReader) -> None:
             raise HFError(f"tensor {name!r} has shape {got}, expected {tuple(shape)}")
     extra = sorted(n for n in read.where if n not in want and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if extra:
-        raise HFError(f"unexpected tensors not used by the model: {extra[:8]}"
-                              + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        raise HFError(
+            f"unexpected tensors not used by the model: {extra[:8]}"
+            + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+        )
 
 
-def import_hf_streaming(hf_dir: str, ckpt_dir: str, step: int = 0, param_dtype: str = "bfloat16", mesh=None,
-                        meta: dict | None = None, log: Callable[[str], None] = print) -> str:
+def import_hf_streaming(
+    hf_dir: str,
+    ckpt_dir: str,
+    step: int = 0,
+    param_dtype: str = "bfloat16",
+    mesh=None,
+    meta: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
     """Write the parameters-only checkpoint ``<ckpt_dir>/<step>`` from an HF directory, one layer at a time (see
     the module docstring).  ``meta`` is stored like ``Checkpointer.save``'s; returns the step directory."""
     if jax.process_count() > 1:
@@ -281,8 +349,10 @@ def _write_params(cfg, read, ls, params_dir, tmp, final, meta, step, log) -> Non
     by_keys = {leaf.keys: leaf for leaf in ls}
     started = time.time_ns()
     context = ts.Context()
-    arrays = {leaf.keys: ts.open(_spec(params_dir, leaf, _zarr_metadata(leaf)), create=True,
-                                 context=context).result() for leaf in ls}
+    arrays = {
+        leaf.keys: ts.open(_spec(params_dir, leaf, _zarr_metadata(leaf)), create=True, context=context).result()
+        for leaf in ls
+    }
     sums = {leaf.keys: Checksum() for leaf in ls}
     t0 = time.time()
     for g, group in enumerate(_hf_parts(cfg, read)):
@@ -300,9 +370,13 @@ def _write_params(cfg, read, ls, params_dir, tmp, final, meta, step, log) -> Non
         if 1 <= g <= cfg.num_hidden_layers:
             log(f"  layer {g}/{cfg.num_hidden_layers} written ({time.time() - t0:.0f}s)")
     del arrays, context
-    meta = dict(meta or {}, step=int(step), has_state=False, checksums={"params": [sums[leaf.keys].value
-                                                                                     for leaf in ls]},
-                param_layout=PARAM_LAYOUT)
+    meta = dict(
+        meta or {},
+        step=int(step),
+        has_state=False,
+        checksums={"params": [sums[leaf.keys].value for leaf in ls]},
+        param_layout=PARAM_LAYOUT,
+    )
     _write_orbax_metadata(tmp, final, ls, meta, started)
 
 
@@ -322,8 +396,7 @@ def _open_params(step_dir: str, cfg: ModelConfig) -> dict[tuple, ts.TensorStore]
         except ValueError as e:
             raise CheckpointError(f"{step_dir}: parameter {leaf.name} unreadable ({str(e).splitlines()[0]})") from None
         if tuple(arr.shape) != leaf.shape:
-            raise CheckpointError(f"{step_dir}: {leaf.name} has shape {tuple(arr.shape)}, the config says "
-                                  f"{leaf.shape}")
+            raise CheckpointError(f"{step_dir}: {leaf.name} has shape {tuple(arr.shape)}, the config says {leaf.shape}")
         out[leaf.keys] = arr
     return out
 
@@ -331,6 +404,7 @@ def _open_params(step_dir: str, cfg: ModelConfig) -> dict[tuple, ts.TensorStore]
 def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tuple]:
     """model_to_hf's (name, array) pairs, read from the checkpoint one layer at a time, each array's
     checksum accumulated as it is read."""
+
     def get(keys, j=None):
         arr = arrays[keys]
         value = (arr if j is None else arr[j]).read().result()
@@ -347,9 +421,9 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
     stack = _layer_module(cfg, k)
     for i in range(cfg.num_hidden_layers):
         if i < k:
-            module = filled(_layer_module(cfg, i), lambda path: get(("first_layers", i) + path))
+            module = filled(_layer_module(cfg, i), lambda path: get(("first_layers", i) + path))  # noqa: B023 (called in this iteration)
         else:
-            module = filled(stack, lambda path: get(("layers",) + path, i - k))
+            module = filled(stack, lambda path: get(("layers",) + path, i - k))  # noqa: B023 (called in this iteration)
         yield from layer_to_hf(cfg, i, module)
         module = None
     yield "model.norm.weight", get(("norm", "weight"))
@@ -357,8 +431,9 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
         yield "lm_head.weight", get(("lm_head",)).T
 
 
-def export_streaming(ckpt_dir: str, step: int | None, out_dir: str, dtype: str = "bfloat16", tokenizer=None,
-                     max_shard_size="2GB") -> tuple[str, int]:
+def export_streaming(
+    ckpt_dir: str, step: int | None, out_dir: str, dtype: str = "bfloat16", tokenizer=None, max_shard_size="2GB"
+) -> tuple[str, int]:
     """The parameters of checkpoint ``step`` (newest when None) as an HF directory, one layer at a time, every
     array's checksum checked against the checkpoint's meta.  Returns (out_dir, step)."""
     from ring_jax.train.checkpoint import Checkpointer, model_config_from_meta
@@ -370,8 +445,10 @@ def export_streaming(ckpt_dir: str, step: int | None, out_dir: str, dtype: str =
                 raise CheckpointError(f"no checkpoint in {ckpt_dir}")
         meta = ckpt.read_meta(step)
     if meta.get("param_layout") != PARAM_LAYOUT:
-        raise CheckpointError("checkpoint written before the decoder layers were stacked: export it without "
-                              "--stream (that path converts it)")
+        raise CheckpointError(
+            "checkpoint written before the decoder layers were stacked: export it without "
+            "--stream (that path converts it)"
+        )
     cfg = model_config_from_meta(meta)
     step_dir = os.path.join(os.path.abspath(ckpt_dir), str(step))
     arrays = _open_params(step_dir, cfg)
@@ -383,8 +460,9 @@ def export_streaming(ckpt_dir: str, step: int | None, out_dir: str, dtype: str =
         bad = [leaf.name for leaf, w in zip(ls, want) if sums[leaf.keys].value != w]
         if bad or len(want) != len(ls):
             shutil.rmtree(out_dir, ignore_errors=True)
-            raise CheckpointError(f"{step_dir}: checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}; nothing "
-                                  "was exported")
+            raise CheckpointError(
+                f"{step_dir}: checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}; nothing was exported"
+            )
     return out_dir, step
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ring_jax.utils import is_variable, log_once
 
@@ -90,8 +91,9 @@ def make_mesh(spec: str | Mapping[str, int] = "", devices: Sequence | None = Non
     shape = tuple(sizes[a] for a in MESH_AXES)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(
+        np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    )
 
 
 def _as_tuple(axes) -> tuple[str, ...]:
@@ -113,8 +115,9 @@ class ShardingRules:
                 if a not in MESH_AXES:
                     raise ShardingError(f"rule {name!r} -> {axes!r}: unknown mesh axis {a!r}")
 
-    def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-             mesh: Mesh | None = None) -> P:
+    def spec(
+        self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+    ) -> P:
         """PartitionSpec for an array with these logical axes.  Two dimensions mapped to one mesh axis is an error;
         with ``shape`` and ``mesh`` given, mesh axes that do not divide their dimension are dropped."""
         used: dict[str, str] = {}
@@ -126,14 +129,19 @@ class ShardingRules:
             keep = []
             for a in axes:
                 if a in used:
-                    raise ShardingError(f"logical axes {used[a]!r} and {name!r} of one array both map to mesh "
-                                        f"axis {a!r} (axes {tuple(logical_axes)})")
+                    raise ShardingError(
+                        f"logical axes {used[a]!r} and {name!r} of one array both map to mesh "
+                        f"axis {a!r} (axes {tuple(logical_axes)})"
+                    )
                 used[a] = name
                 if mesh is not None and shape is not None:
                     size = int(np.prod([mesh.shape[b] for b in keep + [a]]))
                     if shape[i] % size:
-                        log_once(f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
-                                 "replicating it along that axis", logging.INFO)
+                        log_once(
+                            f"dimension {name!r} of size {shape[i]} is not divisible by mesh axis {a!r}; "
+                            "replicating it along that axis",
+                            logging.INFO,
+                        )
                         continue
                 keep.append(a)
             out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
@@ -166,6 +174,7 @@ def active_rules() -> ShardingRules:
 def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """NamedSharding for every Variable of an nnx State (parameters carry ``logical_axes``; anything without
     it, e.g. optimizer step counters, is replicated).  Works on abstract states too."""
+
     def one(v):
         axes = v.get_metadata().get("logical_axes") if is_variable(v) else None
         shape = v.get_value().shape if is_variable(v) else np.shape(v)

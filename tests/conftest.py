@@ -7,7 +7,8 @@ import tempfile
 from tests.flags import with_fast_compile
 
 os.environ["XLA_FLAGS"] = with_fast_compile(
-    (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+    (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per pytest run, shared by its xdist workers: a program that several test files
 # compile (the tiny preset's forward, train step, engine) is compiled once per run, not once per file and worker.

@@ -68,7 +68,7 @@ def forward(c, sd, input_ids, attention_mask=None):
         if c.get("use_qkv_bias"):
             qkv = qkv + sd[p + "attention.query_key_value.bias"]
         qkv = qkv.reshape(b, t, heads + 2 * kvh, d)
-        q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kvh], qkv[:, :, heads + kvh:]
+        q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kvh], qkv[:, :, heads + kvh :]
         q = q * cos[:, :, None] + _rot(q) * sin[:, :, None]
         k = k * cos[:, :, None] + _rot(k) * sin[:, :, None]
         out = np.zeros((b, t, heads, d))

@@ -55,8 +55,10 @@ RESULTS {"rows": [4, 8], "matmul_peak_gflops": 61.4, "read_gb_s": 6.88, "limit_m
 
 def _train_json(with_peer: bool) -> dict:
     mine = {"tokens_per_s": 569.0, "tokens_per_s_cpu_norm": 3464.0, "mfu_cpu_norm": 0.32}
-    res = {"ring_jax[dispatch]": mine, "ring_jax[dense]": {"tokens_per_s": 308.0, "tokens_per_s_cpu_norm": 1794.0,
-                                                           "mfu_cpu_norm": 0.17}}
+    res = {
+        "ring_jax[dispatch]": mine,
+        "ring_jax[dense]": {"tokens_per_s": 308.0, "tokens_per_s_cpu_norm": 1794.0, "mfu_cpu_norm": 0.17},
+    }
     if with_peer:
         mine.update(x_transformers=0.64, x_transformers_cpu=0.59)
         res["transformers"] = {"tokens_per_s": 987.0, "tokens_per_s_cpu_norm": 5878.0, "mfu_cpu_norm": 0.57}
@@ -108,8 +110,9 @@ def test_sampling_rows_with_and_without_the_peer():
 
 
 def test_decode_scaling_rows():
-    rows = run_all.parse_decode_scaling(DECODE_OUT, None, dict(CTX, peer="/some/python", tunix=None,
-                                                               tunix_missing=run_all.TUNIX_MISSING))
+    rows = run_all.parse_decode_scaling(
+        DECODE_OUT, None, dict(CTX, peer="/some/python", tunix=None, tunix_missing=run_all.TUNIX_MISSING)
+    )
     hf4 = _by(rows, "4 rows (prompt 32, 8 new): ring_jax vs HF")
     assert hf4.ratio == "1.83x" and hf4.met == "no" and "32% of the limit (4.8 ms)" in hf4.ring_jax
     hf8 = _by(rows, "8 rows (prompt 32, 8 new): ring_jax vs HF")
@@ -181,19 +184,25 @@ def test_tunix_rows_filled_failed_or_missing():
     row = _by(run_all.parse_train("", failed, CTX), "Tunix")
     assert "No module named 'tunix'" in row.peer and row.met == "not measured" and row.ratio == "-"
 
-    with_tunix = SAMPLING_OUT.replace('"continuous_over_static"', '"ring_jax_noshared_tokens_per_s": 120.0, '
-                                      '"tunix_tokens_per_s": 60.0, "continuous_over_static"')
+    with_tunix = SAMPLING_OUT.replace(
+        '"continuous_over_static"',
+        '"ring_jax_noshared_tokens_per_s": 120.0, "tunix_tokens_per_s": 60.0, "continuous_over_static"',
+    )
     row = _by(run_all.parse_sampling(with_tunix, None, CTX), "Tunix")
     assert row.ratio == "2.00x" and row.peer == "60 tok/s" and row.met == "no" and "120 tok/s" in row.ring_jax
-    cpu = with_tunix.replace('"tunix_tokens_per_s": 60.0', '"tunix_tokens_per_s": 60.0, "tunix_cpu_s": 3.0, '
-                             '"ring_jax_noshared_cpu_s": 2.0')
+    cpu = with_tunix.replace(
+        '"tunix_tokens_per_s": 60.0', '"tunix_tokens_per_s": 60.0, "tunix_cpu_s": 3.0, "ring_jax_noshared_cpu_s": 2.0'
+    )
     assert _by(run_all.parse_sampling(cpu, None, CTX), "Tunix").ratio == "2.00x (CPU 1.50x)"
     failed = SAMPLING_OUT.replace("RESULTS", "[tunix] failed (exit 1): ValueError: no\nRESULTS")
     assert "ValueError: no" in _by(run_all.parse_sampling(failed, None, CTX), "Tunix").peer
     assert _by(run_all.parse_sampling(SAMPLING_OUT, None, CTX), "Tunix").met == "not measured"
 
-    tunix_rl = RL_OUT.replace('"seq_mean":', '"tunix_grpo": {"step_s_median": 0.2, "step_s_mean": 0.25, '
-                              '"step_s": [9.0, 0.2, 0.3, 0.2], "rows_per_step": 8}, "seq_mean":')
+    tunix_rl = RL_OUT.replace(
+        '"seq_mean":',
+        '"tunix_grpo": {"step_s_median": 0.2, "step_s_mean": 0.25, '
+        '"step_s": [9.0, 0.2, 0.3, 0.2], "rows_per_step": 8}, "seq_mean":',
+    )
     row = _by(run_all.parse_rl(tunix_rl, None, CTX), "RL step")
     assert row.ratio == "4.42x faster" and row.met == "yes" and "0.20 s/step" in row.peer and "3 steps" in row.peer
     assert _by(run_all.parse_rl(RL_OUT, None, CTX), "RL step").met == "not measured"

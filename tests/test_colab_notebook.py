@@ -29,13 +29,14 @@ def executed(tmp_path_factory):
     env.pop("RING_JAX_SOURCE", None)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    )
     client.execute(env=env)  # a failing cell (e.g. one of the notebook's own asserts) raises CellExecutionError
     code = [c for c in nb.cells if c.cell_type == "code"]
     lines = [ln for ln in _stream_text(code[-1]).splitlines() if ln.startswith("SUMMARY ")]
     assert len(lines) == 1, _stream_text(code[-1])
-    return code, json.loads(lines[0][len("SUMMARY "):]), work
+    return code, json.loads(lines[0][len("SUMMARY ") :]), work
 
 
 def test_install_cell_is_a_no_op_when_ring_jax_is_importable(executed):

@@ -4,8 +4,8 @@ the reference model resident."""
 
 import pytest
 
-from ring_jax.config import get_preset
 from ring_jax import fit
+from ring_jax.config import get_preset
 from ring_jax.rl.losses import PolicyLossConfig
 from ring_jax.rl.step import RLConfig
 from ring_jax.sharding import make_mesh

@@ -81,7 +81,7 @@ def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((mb * 2 ** 20 // 4096, 1024), jnp.float32)
+    x = jnp.ones((mb * 2**20 // 4096, 1024), jnp.float32)
     f = jax.jit(lambda x: jnp.sum(x))
     f(x).block_until_ready()
     best = float("inf")
@@ -144,11 +144,17 @@ def ablated(part: str):
     from ring_jax.sampling import device, rules
 
     patches = {
-        "moe": (moe.MoEBlock, "_routed", lambda self, flat, *a: (jnp.zeros(flat.shape, jnp.float32),
-                                                                jnp.zeros((), jnp.int32))),
+        "moe": (
+            moe.MoEBlock,
+            "_routed",
+            lambda self, flat, *a: (jnp.zeros(flat.shape, jnp.float32), jnp.zeros((), jnp.int32)),
+        ),
         "attention": (attention, "dot_attention_heads_major", lambda q, kt, vt, mask: q),
-        "sampling": (rules, "sample_tokens", lambda logits, keys, *a, **k: (
-            jnp.zeros(logits.shape[:1], jnp.int32) + 3, logits[:, 0], logits[:, 1])),
+        "sampling": (
+            rules,
+            "sample_tokens",
+            lambda logits, keys, *a, **k: (jnp.zeros(logits.shape[:1], jnp.int32) + 3, logits[:, 0], logits[:, 1]),
+        ),
         "lm_head": (device, "project", lambda h, w: jnp.zeros((h.shape[0], w.shape[1]), jnp.float32) + h[:, :1]),
     }
 
@@ -192,9 +198,12 @@ def main():
     from ring_jax.train.metrics import measure_matmul_peak
 
     cache_len = args.prompt_len + args.new_tokens
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}); sizes {SIZES}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"cache {cache_len}, float32, rows {rows_list}", flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}); sizes {SIZES}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"cache {cache_len}, float32, rows {rows_list}",
+        flush=True,
+    )
     cfg = bench_config()
     model = build_model(cfg, seed=0)
     rng = np.random.default_rng(0)
@@ -207,8 +216,10 @@ def main():
         peak = measure_matmul_peak("float32", 2048, 5)
         bw = read_bandwidth()
         results.update(matmul_peak_gflops=peak / 1e9, read_gb_s=bw / 1e9)
-        print(f"\n[limits] matmul peak {peak / 1e9:.0f} GFLOP/s (f32 2048^3), read bandwidth {bw / 1e9:.1f} GB/s "
-              f"(sum over 256 MB)")
+        print(
+            f"\n[limits] matmul peak {peak / 1e9:.0f} GFLOP/s (f32 2048^3), read bandwidth {bw / 1e9:.1f} GB/s "
+            f"(sum over 256 MB)"
+        )
         print("| rows | weights MB | KV read MB | GFLOP | limit ms (weights, FLOPs) | limit ms incl. KV read |")
         print("|---|---|---|---|---|---|")
         for r in rows_list:
@@ -216,14 +227,18 @@ def main():
             lim = max(m["weight_bytes"] / bw, m["flops"] / peak)
             lim_kv = max((m["weight_bytes"] + m["kv_bytes"]) / bw, m["flops"] / peak)
             results[f"limit_ms_{r}"], results[f"limit_kv_ms_{r}"] = lim * 1e3, lim_kv * 1e3
-            print(f"| {r} | {m['weight_bytes'] / 1e6:.1f} | {m['kv_bytes'] / 1e6:.1f} | {m['flops'] / 1e9:.3f} | "
-                  f"{lim * 1e3:.2f} | {lim_kv * 1e3:.2f} |")
+            print(
+                f"| {r} | {m['weight_bytes'] / 1e6:.1f} | {m['kv_bytes'] / 1e6:.1f} | {m['flops'] / 1e9:.3f} | "
+                f"{lim * 1e3:.2f} | {lim_kv * 1e3:.2f} |"
+            )
 
     peer_rows: dict = {}
     if "engine" in sections or "torch" in sections or "tunix" in sections:
         print("\n[engine] greedy, side by side per batch size (ring_jax, then transformers, then Tunix)", flush=True)
-        print("| rows | ring_jax tok/s | ms/decode step | of limit | of limit incl. KV | transformers tok/s | "
-              "ring_jax / HF | ring_jax (no shared expert) tok/s | Tunix tok/s | ring_jax / Tunix |")
+        print(
+            "| rows | ring_jax tok/s | ms/decode step | of limit | of limit incl. KV | transformers tok/s | "
+            "ring_jax / HF | ring_jax (no shared expert) tok/s | Tunix tok/s | ring_jax / Tunix |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_list:
         if not sections & {"engine", "torch", "tunix"}:
@@ -237,18 +252,35 @@ def main():
             if f"limit_ms_{r}" in results:
                 line.update(frac=results[f"limit_ms_{r}"] / ms, frac_kv=results[f"limit_kv_ms_{r}"] / ms)
         if "torch" in sections and args.torch_python:
-            a = dict(SIZES, batch=r, prompt=args.prompt_len, new=args.new_tokens, repeats=max(1, args.repeats - 1),
-                     threads=args.threads)
-            p = subprocess.run([args.torch_python, "-c", TORCH_SCRIPT, json.dumps(a)], capture_output=True,
-                               text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+            a = dict(
+                SIZES,
+                batch=r,
+                prompt=args.prompt_len,
+                new=args.new_tokens,
+                repeats=max(1, args.repeats - 1),
+                threads=args.threads,
+            )
+            p = subprocess.run(
+                [args.torch_python, "-c", TORCH_SCRIPT, json.dumps(a)],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+            )
             got = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if got:
                 line["hf_tok_s"] = json.loads(got[0][7:])["tokens_per_s"]
             else:
                 line["hf_error"] = (p.stderr.strip().splitlines() or ["no output"])[-1]
         if "tunix" in sections and args.tunix_python:
-            t, st, _ = time_engine(build_model(bench_config(shared_experts=0), seed=0), r, prompts[r], greedy,
-                                   args.repeats, args.chunk, cache_len)
+            t, st, _ = time_engine(
+                build_model(bench_config(shared_experts=0), seed=0),
+                r,
+                prompts[r],
+                greedy,
+                args.repeats,
+                args.chunk,
+                cache_len,
+            )
             line["noshared_tok_s"] = ntok / t
             a = dict(SIZES, batch=r, prompt=args.prompt_len, new=args.new_tokens, repeats=max(1, args.repeats - 1))
             tr, why = run_peer(args.tunix_python, TUNIX_PEER, a)
@@ -259,14 +291,20 @@ def main():
         peer_rows[r] = line
 
         def f(key, fmt="{:,.0f}"):
-            return fmt.format(line[key]) if key in line else "-"
+            return fmt.format(line[key]) if key in line else "-"  # noqa: B023 (called in this iteration)
 
         hf_ratio = f"{line['tok_s'] / line['hf_tok_s']:.2f}x" if "tok_s" in line and "hf_tok_s" in line else "-"
-        tx_ratio = (f"{line['noshared_tok_s'] / line['tunix_tok_s']:.2f}x"
-                    if "noshared_tok_s" in line and "tunix_tok_s" in line else "-")
-        print(f"| {r} | {f('tok_s')} | {f('ms_step', '{:.2f}')} ({line.get('decode_moe', '-')}) | "
-              f"{f('frac', '{:.0%}')} | {f('frac_kv', '{:.0%}')} | {f('hf_tok_s')} | {hf_ratio} | "
-              f"{f('noshared_tok_s')} | {f('tunix_tok_s')} | {tx_ratio} |", flush=True)
+        tx_ratio = (
+            f"{line['noshared_tok_s'] / line['tunix_tok_s']:.2f}x"
+            if "noshared_tok_s" in line and "tunix_tok_s" in line
+            else "-"
+        )
+        print(
+            f"| {r} | {f('tok_s')} | {f('ms_step', '{:.2f}')} ({line.get('decode_moe', '-')}) | "
+            f"{f('frac', '{:.0%}')} | {f('frac_kv', '{:.0%}')} | {f('hf_tok_s')} | {hf_ratio} | "
+            f"{f('noshared_tok_s')} | {f('tunix_tok_s')} | {tx_ratio} |",
+            flush=True,
+        )
         for k in ("hf_error", "tunix_error"):
             if k in line:
                 print(f"  ({k}: {line[k]})")
@@ -277,14 +315,18 @@ def main():
         print(f"[engine] tok/s at {hi} rows / at {lo} rows = {results['scaling']:.2f}x")
 
     if "engine" in sections:
-        print("\n[engine] sampled rows: temperature 1 (RL rollouts), and temperature 1 with top-p 0.95 (Ring-lite's "
-              "evaluation)")
+        print(
+            "\n[engine] sampled rows: temperature 1 (RL rollouts), and temperature 1 with top-p 0.95 (Ring-lite's "
+            "evaluation)"
+        )
         print("| rows | T=1 tok/s | T=1 ms/step | T=1, top-p 0.95 tok/s | ms/step |")
         print("|---|---|---|---|---|")
         for r in rows_list:
             out = []
-            for sp in (SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True),
-                       SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True)):
+            for sp in (
+                SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True),
+                SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.new_tokens, ignore_eos=True),
+            ):
                 t, st, _ = time_engine(model, r, prompts[r], sp, args.repeats, args.chunk, cache_len)
                 out.append((r * args.new_tokens / t, st["decode_seconds"] / st["decode_steps"] * 1e3))
             results[f"t1_tok_s_{r}"], results[f"topp_tok_s_{r}"] = out[0][0], out[1][0]
@@ -295,8 +337,9 @@ def main():
         print("| rows | full step | " + " | ".join(PARTS) + " | rest |")
         print("|---|---|" + "---|" * (len(PARTS) + 1))
         for r in rows_list:
+
             def step_ms():
-                _, st, _ = time_engine(model, r, prompts[r], greedy, args.repeats, args.chunk, cache_len)
+                _, st, _ = time_engine(model, r, prompts[r], greedy, args.repeats, args.chunk, cache_len)  # noqa: B023 (called in this iteration)
                 return st["decode_seconds"] / st["decode_steps"] * 1e3
 
             full = step_ms()
@@ -306,8 +349,12 @@ def main():
                     parts[part] = full - step_ms()
             results[f"profile_{r}"] = dict(full=full, **parts)
             rest = full - sum(parts.values())
-            print(f"| {r} | {full:.2f} | " + " | ".join(f"{parts[p]:.2f} ({parts[p] / full:.0%})" for p in PARTS)
-                  + f" | {rest:.2f} |", flush=True)
+            print(
+                f"| {r} | {full:.2f} | "
+                + " | ".join(f"{parts[p]:.2f} ({parts[p] / full:.0%})" for p in PARTS)
+                + f" | {rest:.2f} |",
+                flush=True,
+            )
 
     if "baseline" in sections and args.baseline_root:
         print(f"\n[baseline] this engine vs {args.baseline_root}, greedy and T=1, interleaved (subprocesses)")
@@ -315,33 +362,59 @@ def main():
         print("|---|---|---|---|---|")
         for r in rows_list:
             for temp in (0.0, 1.0):
-                a = dict(rows=r, prompt=args.prompt_len, new=args.new_tokens, chunk=args.chunk,
-                         repeats=args.repeats, temperature=temp, top_p=1.0, shared=1)
+                a = dict(
+                    rows=r,
+                    prompt=args.prompt_len,
+                    new=args.new_tokens,
+                    chunk=args.chunk,
+                    repeats=args.repeats,
+                    temperature=temp,
+                    top_p=1.0,
+                    shared=1,
+                )
                 got = {}
                 for name, root in (("baseline", args.baseline_root), ("this", ROOT)):
-                    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, root, json.dumps(a)],
-                                       capture_output=True, text=True)
+                    p = subprocess.run(
+                        [sys.executable, "-c", ENGINE_SCRIPT, root, json.dumps(a)], capture_output=True, text=True
+                    )
                     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                     got[name] = json.loads(line[0][7:]) if line else None
                 if got["baseline"] and got["this"]:
                     tb = r * args.new_tokens / got["baseline"]["seconds"]
                     tt = r * args.new_tokens / got["this"]["seconds"]
                     results[f"baseline_speedup_{r}_{'greedy' if temp == 0 else 't1'}"] = tt / tb
-                    print(f"| {r} | {'greedy' if temp == 0 else 'T=1'} | {tb:,.0f} | {tt:,.0f} | {tt / tb:.2f}x |",
-                          flush=True)
+                    print(
+                        f"| {r} | {'greedy' if temp == 0 else 'T=1'} | {tb:,.0f} | {tt:,.0f} | {tt / tb:.2f}x |",
+                        flush=True,
+                    )
                 else:
                     print(f"| {r} | T={temp} | failed | | |")
 
     if "rl" in sections:
-        cmd = [sys.executable, os.path.join(HERE, "bench_rl.py"), "--aggregations", "c3po", "--prompts_per_step",
-               "16", "--samples_per_prompt", "8", "--max_new_tokens", "128", "--seq_len", "192", "--responses_per_step",
-               "64", "--steps", str(args.rl_steps)]
+        cmd = [
+            sys.executable,
+            os.path.join(HERE, "bench_rl.py"),
+            "--aggregations",
+            "c3po",
+            "--prompts_per_step",
+            "16",
+            "--samples_per_prompt",
+            "8",
+            "--max_new_tokens",
+            "128",
+            "--seq_len",
+            "192",
+            "--responses_per_step",
+            "64",
+            "--steps",
+            str(args.rl_steps),
+        ]
         print(f"\n[rl] main job's shape: {' '.join(cmd[1:])}", flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True)
         tail = [x for x in p.stdout.splitlines() if x.startswith("|") or x.startswith("RESULTS")]
         print("\n".join(tail[:-1]) if tail else f"[rl] failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         if tail and tail[-1].startswith("RESULTS"):
-            results["rl"] = json.loads(tail[-1][len("RESULTS "):]).get("c3po")
+            results["rl"] = json.loads(tail[-1][len("RESULTS ") :]).get("c3po")
 
     print("RESULTS " + json.dumps(results, default=float))
 

@@ -119,10 +119,31 @@ def main():
     rows, sizes = [], {}
     legs = [
         ("generate HF (bf16)", me + ["--leg=generate"]),
-        ("import --stream", [py, "-m", "ring_jax.cli.import_ckpt", f"--hf_dir={a.work}/hf", f"--out_dir={a.work}/run",
-                             "--param_dtype=bfloat16", "--stream", f"--mesh={a.mesh}"]),
-        ("export --stream", [py, "-m", "ring_jax.cli.export", f"--ckpt_dir={a.work}/run", f"--out_dir={a.work}/hf_out",
-                             "--dtype=bfloat16", "--stream"]),
+        (
+            "import --stream",
+            [
+                py,
+                "-m",
+                "ring_jax.cli.import_ckpt",
+                f"--hf_dir={a.work}/hf",
+                f"--out_dir={a.work}/run",
+                "--param_dtype=bfloat16",
+                "--stream",
+                f"--mesh={a.mesh}",
+            ],
+        ),
+        (
+            "export --stream",
+            [
+                py,
+                "-m",
+                "ring_jax.cli.export",
+                f"--ckpt_dir={a.work}/run",
+                f"--out_dir={a.work}/hf_out",
+                "--dtype=bfloat16",
+                "--stream",
+            ],
+        ),
         ("verify sha256", me + ["--leg=verify"]),
     ]
     try:
@@ -146,8 +167,10 @@ def main():
     from ring_jax.config import get_preset, human
 
     cfg = get_preset(a.preset)
-    print(f"\n{a.preset}: {human(cfg.param_counts()['total'])} parameters, mesh {a.mesh} (fake CPU devices), "
-          f"host RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB")
+    print(
+        f"\n{a.preset}: {human(cfg.param_counts()['total'])} parameters, mesh {a.mesh} (fake CPU devices), "
+        f"host RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
+    )
     print("| leg | wall s | peak RSS GB | rc |\n|---|---|---|---|")
     for name, wall, rss, rc in rows:
         print(f"| {name} | {wall:.0f} | {rss:.2f} | {rc} |")

@@ -22,8 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from moe_gather import moe_dispatch_gather  # this folder (the script's own, first on sys.path)
+
 from ring_jax.model.moe import moe_dense, moe_dispatch, moe_ragged, route
 
 PATHS = {"dispatch": moe_dispatch, "dispatch_gather": moe_dispatch_gather, "ragged": moe_ragged, "dense": moe_dense}
@@ -57,8 +57,10 @@ def main():
     x = jnp.asarray(rng.normal(size=(a.tokens, a.hidden)), jnp.float32)
     rows = []
     for e in map(int, a.experts.split(",")):
-        ws = [jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32)
-              for s in ((e, a.hidden, a.width), (e, a.hidden, a.width), (e, a.width, a.hidden))]
+        ws = [
+            jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32)
+            for s in ((e, a.hidden, a.width), (e, a.hidden, a.width), (e, a.width, a.hidden))
+        ]
         logits = jnp.asarray(rng.normal(size=(a.tokens, e)), jnp.float32)
         fns = {p: make(PATHS[p], a.k) for p in a.paths.split(",")}
         for f in fns.values():
@@ -70,14 +72,20 @@ def main():
                 t0 = time.perf_counter()
                 jax.block_until_ready(f(x, logits, *ws))
                 times[p].append(time.perf_counter() - t0)
-        rows.append((e, {p: float(np.median(t)) for p, t in times.items()},
-                     {p: float(np.min(t)) for p, t in times.items()}))
+        rows.append(
+            (e, {p: float(np.median(t)) for p, t in times.items()}, {p: float(np.min(t)) for p, t in times.items()})
+        )
     paths = a.paths.split(",")
     flops = 3 * 2 * 3 * a.tokens * a.k * a.hidden * a.width  # fwd+bwd of the three routed matmuls
-    print(f"MoE layer fwd+bwd, {a.tokens} tokens, hidden {a.hidden}, expert width {a.width}, top-{a.k}, float32, "
-          f"{jax.device_count()} x {jax.devices()[0].platform}")
-    print("| experts | " + " | ".join(f"{p} ms" for p in paths)
-          + " | dense / dispatch | dispatch GFLOP/s | dispatch min ms |")
+    print(
+        f"MoE layer fwd+bwd, {a.tokens} tokens, hidden {a.hidden}, expert width {a.width}, top-{a.k}, float32, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}"
+    )
+    print(
+        "| experts | "
+        + " | ".join(f"{p} ms" for p in paths)
+        + " | dense / dispatch | dispatch GFLOP/s | dispatch min ms |"
+    )
     print("|---" * (len(paths) + 4) + "|")
     for e, t, tmin in rows:
         cells = " | ".join(f"{t[p] * 1e3:.1f}" for p in paths)
@@ -88,8 +96,10 @@ def main():
     for p in ("dispatch", "dispatch_gather"):
         if p in rows[0][1]:
             lo, hi = rows[0], rows[-1]
-            print(f"{p} time at {hi[0]} experts / at {lo[0]}: {hi[1][p] / lo[1][p]:.2f}x median, "
-                  f"{hi[2][p] / lo[2][p]:.2f}x min")
+            print(
+                f"{p} time at {hi[0]} experts / at {lo[0]}: {hi[1][p] / lo[1][p]:.2f}x median, "
+                f"{hi[2][p] / lo[2][p]:.2f}x min"
+            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ the cache blocks up to the longest live row) against the full one (every cache s
 before), side by side in one process, on the small preset (random weights, float32, max_position_embeddings raised
 to 32768 so that long caches are allowed).
 
-    python experiments/bench/bench_ragged_decode.py [--rows=16] [--repeats=3] [--sections=live,spread] [--spread_modes=blocked]
+    python experiments/bench/bench_ragged_decode.py [--rows=16] [--repeats=3] [--sections=live,spread] \
+        [--spread_modes=blocked]
 
 Sections:
   live    160 live tokens per row (32-token prompts + 128 greedy new tokens, every row to the end) in a cache of
@@ -60,14 +61,18 @@ def main():
     cfg = get_preset("small", max_position_embeddings=32768)
     model = build_model(cfg, 0)
     rng = np.random.default_rng(0)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.local_device_count()} device); small preset "
-          f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), float32, {a.rows} rows, cache block "
-          f"{a.block}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.local_device_count()} device); small preset "
+        f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), float32, {a.rows} rows, cache block "
+        f"{a.block}"
+    )
     if "live" in a.sections:
         prompts = [list(rng.integers(2, cfg.vocab_size, 32)) for _ in range(a.rows)]
         sp = SamplingParams(temperature=0.0, max_new_tokens=128, ignore_eos=True)
-        print("\n160 live tokens per row: decode tokens/s (best of repeats), ratio to the 256-slot cache; admit s: "
-              "prefill + insert of the 16 prompts (blocked run), outside the decode time")
+        print(
+            "\n160 live tokens per row: decode tokens/s (best of repeats), ratio to the 256-slot cache; admit s: "
+            "prefill + insert of the 16 prompts (blocked run), outside the decode time"
+        )
         print(f"{'cache slots':>12}{'blocked':>10}{'full':>10}{'blocked/256':>13}{'full/256':>10}{'admit s':>9}")
         base = {}
         for s in [int(x) for x in a.caches.split(",")]:
@@ -76,27 +81,34 @@ def main():
                 row[mode], st = timed(engine_for(model, mode, a.rows, s, a.block), prompts, sp, a.repeats)
                 base.setdefault(mode, row[mode])
                 admit = st.get("admit_seconds", float("nan")) if mode == "blocked" else admit
-            print(f"{s:>12}{row['blocked']:>10.0f}{row['full']:>10.0f}{base['blocked'] / row['blocked']:>12.2f}x"
-                  f"{base['full'] / row['full']:>9.2f}x{admit:>9.3f}")
+            print(
+                f"{s:>12}{row['blocked']:>10.0f}{row['full']:>10.0f}{base['blocked'] / row['blocked']:>12.2f}x"
+                f"{base['full'] / row['full']:>9.2f}x{admit:>9.3f}"
+            )
     if "spread" in a.sections:
         n = a.spread_requests
         lens = np.exp(rng.uniform(math.log(a.spread_min), math.log(a.spread_max), n)).astype(int)
         prompts = [list(rng.integers(2, cfg.vocab_size, 64)) for _ in range(n)]
         sps = [SamplingParams(temperature=1.0, max_new_tokens=int(x), ignore_eos=True) for x in lens]
-        print(f"\nspread pool: {n} requests, new tokens {lens.min()}-{lens.max()} (median {int(np.median(lens))}, "
-              f"total {lens.sum()}), T = 1, continuous batching over {a.rows} rows")
+        print(
+            f"\nspread pool: {n} requests, new tokens {lens.min()}-{lens.max()} (median {int(np.median(lens))}, "
+            f"total {lens.sum()}), T = 1, continuous batching over {a.rows} rows"
+        )
         out = {}
         for mode in a.spread_modes.split(","):
             cache = min(2 ** math.ceil(math.log2(64 + a.spread_max)), cfg.max_position_embeddings)
             eng = engine_for(model, mode, a.rows, cache, a.block)
-            eng.generate(prompts[:a.rows], SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True),
-                         key=0)  # compiles prefill, insert and decode at this cache length
+            eng.generate(
+                prompts[: a.rows], SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True), key=0
+            )  # compiles prefill, insert and decode at this cache length
             eng.generate(prompts, sps, key=1)
             st = eng.last_stats
             out[mode] = st["generated_tokens"] / st["seconds"]
-            print(f"  {mode:8} {out[mode]:8.0f} generated tok/s over the call ({st['seconds']:.0f} s: decode "
-                  f"{st['decode_seconds']:.0f}, admit {st['admit_seconds']:.1f}; cache {st['cache_len']} slots, "
-                  f"{st['decode_steps']} decode steps)")
+            print(
+                f"  {mode:8} {out[mode]:8.0f} generated tok/s over the call ({st['seconds']:.0f} s: decode "
+                f"{st['decode_seconds']:.0f}, admit {st['admit_seconds']:.1f}; cache {st['cache_len']} slots, "
+                f"{st['decode_steps']} decode steps)"
+            )
         if len(out) == 2:
             print(f"  blocked / full: {out['blocked'] / out['full']:.2f}x")
 

@@ -92,8 +92,13 @@ def main(argv=None):
     from ring_jax.rl.step import RLConfig, RLStep, make_rl_train_step
     from ring_jax.sharding import make_mesh
     from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-    from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, split_model,
-                                     train_state_shardings)
+    from ring_jax.train.step import (
+        abstract_train_state,
+        create_train_state,
+        global_batch,
+        split_model,
+        train_state_shardings,
+    )
 
     @register("bench_even_tokens", overwrite=True)
     def _even(record, response):  # dummy reward: fraction of even token ids
@@ -109,57 +114,85 @@ def main(argv=None):
     n_prompts = a.prompts_per_step * a.steps
     prompts = rng.integers(3, cfg.vocab_size, (n_prompts, a.prompt_len)).tolist()
     records = [{"task": "bench_even_tokens", "prompt_ids": p} for p in prompts]
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}); model {a.preset} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}); {a.prompts_per_step} "
-          f"prompts x {a.samples_per_prompt} samples x <= {a.max_new_tokens} new tokens; {a.stop_tokens} stop ids "
-          f"(expected response length {mean_len:.1f}); Phi = {budget}; baselines take {a.responses_per_step} "
-          f"responses; beta {a.beta}; {a.steps} steps each")
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}); model {a.preset} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}); {a.prompts_per_step} "
+        f"prompts x {a.samples_per_prompt} samples x <= {a.max_new_tokens} new tokens; {a.stop_tokens} stop ids "
+        f"(expected response length {mean_len:.1f}); Phi = {budget}; baselines take {a.responses_per_step} "
+        f"responses; beta {a.beta}; {a.steps} steps each"
+    )
 
     mesh = make_mesh("data:1", devices=jax.devices()[:1])
     graphdef, pvars, params0 = split_model(build_model(cfg, seed=a.seed))
     results = {"budget": budget, "expected_response_len": mean_len}
     rows = []
     for agg in a.aggregations.split(","):
-        rl = RLConfig(samples_per_prompt=a.samples_per_prompt, aggregation=agg, budget=budget,
-                      responses_per_step=a.responses_per_step, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len,
-                      policy=PolicyLossConfig(beta=a.beta),
-                      num_slots=a.num_slots or a.prompts_per_step * a.samples_per_prompt,
-                      binary_reward=False)  # the dummy reward is a fraction: keep it graded
-        opt, sched = make_optimizer(OptimConfig(lr=a.lr, schedule="constant", warmup_steps=0), a.steps,
-                                    decay_mask(pvars))
+        rl = RLConfig(
+            samples_per_prompt=a.samples_per_prompt,
+            aggregation=agg,
+            budget=budget,
+            responses_per_step=a.responses_per_step,
+            max_new_tokens=a.max_new_tokens,
+            seq_len=a.seq_len,
+            policy=PolicyLossConfig(beta=a.beta),
+            num_slots=a.num_slots or a.prompts_per_step * a.samples_per_prompt,
+            binary_reward=False,
+        )  # the dummy reward is a fraction: keep it graded
+        opt, sched = make_optimizer(
+            OptimConfig(lr=a.lr, schedule="constant", warmup_steps=0), a.steps, decay_mask(pvars)
+        )
         sh = train_state_shardings(pvars, abstract_train_state(params0, opt), mesh)
         state = create_train_state(params0, opt, sh)
         train_step = make_rl_train_step(graphdef, rl, opt, mesh, sh, schedule=sched)
         ref = jax.tree.map(lambda x: x.copy(), state.params) if a.beta else None
-        step = RLStep(graphdef, train_step, rl, encode_prompt=lambda r: r["prompt_ids"],
-                      decode=lambda ids: " ".join(map(str, ids)), stop_ids=stop_ids, ref_params=ref, seed=a.seed,
-                      to_device=lambda b: global_batch(b, mesh))
+        step = RLStep(
+            graphdef,
+            train_step,
+            rl,
+            encode_prompt=lambda r: r["prompt_ids"],
+            decode=lambda ids: " ".join(map(str, ids)),
+            stop_ids=stop_ids,
+            ref_params=ref,
+            seed=a.seed,
+            to_device=lambda b: global_batch(b, mesh),
+        )
         tokens, wall, split, n_rows = [], [], {p: [] for p in PARTS}, []
         for i in range(a.steps):
             t0 = time.perf_counter()
-            state, m = step(state, records[i * a.prompts_per_step:(i + 1) * a.prompts_per_step])
+            state, m = step(state, records[i * a.prompts_per_step : (i + 1) * a.prompts_per_step])
             wall.append(time.perf_counter() - t0)
             tokens.append(float(m["tokens"]))
             n_rows.append(int(m["rows"]))
             for p in PARTS:
                 split[p].append(float(m[f"time/{p}_s"]))
         timed = slice(1, None) if a.steps > 1 else slice(None)  # the first step compiles
-        r = {"tokens_mean": statistics.fmean(tokens), "tokens_std": statistics.pstdev(tokens),
-             "tokens_min": min(tokens), "tokens_max": max(tokens), "tokens": tokens, "rows": n_rows,
-             "step_s": statistics.median(wall[timed]), "first_step_s": wall[0],
-             **{f"{p}_s": statistics.median(split[p][timed]) for p in PARTS}}
+        r = {
+            "tokens_mean": statistics.fmean(tokens),
+            "tokens_std": statistics.pstdev(tokens),
+            "tokens_min": min(tokens),
+            "tokens_max": max(tokens),
+            "tokens": tokens,
+            "rows": n_rows,
+            "step_s": statistics.median(wall[timed]),
+            "first_step_s": wall[0],
+            **{f"{p}_s": statistics.median(split[p][timed]) for p in PARTS},
+        }
         results[agg] = r
         rows.append((agg, r))
         print(f"[{agg}] tokens per step {tokens}, rows {n_rows}, step s {[round(w, 2) for w in wall]}", flush=True)
 
-    print("| aggregation | tokens/step mean | std | range | rows/step | step s | rollout s | reward s | reference s "
-          "| train s | first step s |")
+    print(
+        "| aggregation | tokens/step mean | std | range | rows/step | step s | rollout s | reward s | reference s "
+        "| train s | first step s |"
+    )
     print("|---" * 11 + "|")
     for agg, r in rows:
-        print(f"| {agg} | {r['tokens_mean']:.0f} | {r['tokens_std']:.1f} | {r['tokens_min']:.0f}-{r['tokens_max']:.0f}"
-              f" | {min(r['rows'])}-{max(r['rows'])} | {r['step_s']:.2f} | {r['rollout_s']:.2f} | {r['reward_s']:.2f} "
-              f"| {r['reference_s']:.2f} | {r['train_s']:.2f} | {r['first_step_s']:.1f} |")
+        print(
+            f"| {agg} | {r['tokens_mean']:.0f} | {r['tokens_std']:.1f} | {r['tokens_min']:.0f}-{r['tokens_max']:.0f}"
+            f" | {min(r['rows'])}-{max(r['rows'])} | {r['step_s']:.2f} | {r['rollout_s']:.2f} | {r['reward_s']:.2f} "
+            f"| {r['reference_s']:.2f} | {r['train_s']:.2f} | {r['first_step_s']:.1f} |"
+        )
     if a.tunix_python:
         results.update(run_tunix(a, cfg, stop_ids, results))
     print("RESULTS " + json.dumps(results))
@@ -168,25 +201,42 @@ def main(argv=None):
 def run_tunix(a, cfg, stop_ids, ours: dict) -> dict:
     """Tunix GRPOLearner steps on the same shapes (peers/tunix_grpo_step.py); {"tunix_grpo": {...}} or
     {"tunix_error": why}."""
-    peer = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
-                kv_heads=cfg.num_key_value_heads, experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
-                expert_width=cfg.moe_intermediate_size, vocab=cfg.vocab_size, steps=max(a.steps, 4),
-                prompts_per_step=a.prompts_per_step, samples_per_prompt=a.samples_per_prompt,
-                max_new_tokens=a.max_new_tokens, prompt_len=a.prompt_len, stop_ids=list(stop_ids), beta=a.beta,
-                lr=a.lr, seed=a.seed)
+    peer = dict(
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads,
+        experts=cfg.num_experts,
+        top_k=cfg.num_experts_per_tok,
+        expert_width=cfg.moe_intermediate_size,
+        vocab=cfg.vocab_size,
+        steps=max(a.steps, 4),
+        prompts_per_step=a.prompts_per_step,
+        samples_per_prompt=a.samples_per_prompt,
+        max_new_tokens=a.max_new_tokens,
+        prompt_len=a.prompt_len,
+        stop_ids=list(stop_ids),
+        beta=a.beta,
+        lr=a.lr,
+        seed=a.seed,
+    )
     print(f"[tunix] load average {os.getloadavg()[0]:.1f}; running {TUNIX_PEER} ({peer['steps']} steps)", flush=True)
     t, why = run_peer(a.tunix_python, TUNIX_PEER, peer)
     if t is None:
         print(f"[tunix] failed {why}")
         return {"tunix_error": why}
-    print(f"[tunix] Tunix {t['tunix']} GRPOLearner (jax {t['jax']}, flax {t['flax']}): step s "
-          f"{[round(s, 2) for s in t['step_s']]}; after the first: mean {t['step_s_mean']:.2f}, median "
-          f"{t['step_s_median']:.2f} s/step ({t['rows_per_step']} responses/step, mean length "
-          f"{t['mean_response_len']:.1f})")
+    print(
+        f"[tunix] Tunix {t['tunix']} GRPOLearner (jax {t['jax']}, flax {t['flax']}): step s "
+        f"{[round(s, 2) for s in t['step_s']]}; after the first: mean {t['step_s_mean']:.2f}, median "
+        f"{t['step_s_median']:.2f} s/step ({t['rows_per_step']} responses/step, mean length "
+        f"{t['mean_response_len']:.1f})"
+    )
     for agg in ("c3po", "seq_mean", "token_mean"):
         if agg in ours:
-            print(f"[tunix] Tunix GRPO / ring_jax {agg}: {t['step_s_median'] / ours[agg]['step_s']:.2f}x step time "
-                  f"(medians)")
+            print(
+                f"[tunix] Tunix GRPO / ring_jax {agg}: {t['step_s_median'] / ours[agg]['step_s']:.2f}x step time "
+                f"(medians)"
+            )
     return {"tunix_grpo": t}
 
 

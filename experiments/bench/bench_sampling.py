@@ -77,20 +77,33 @@ def run_peer(python, script, args: dict):
     if r.returncode or not line:
         why = next((x[6:] for x in r.stdout.splitlines() if x.startswith("ERROR ")), None)
         return None, f"(exit {r.returncode}): " + (why or (r.stderr.strip().splitlines() or ["no output"])[-1])
-    return json.loads(line[0][len("RESULT "):]), None
+    return json.loads(line[0][len("RESULT ") :]), None
 
 
 def bench_config(moe_impl="dispatch", shared_experts=1):
     from ring_jax.config import ModelConfig
 
     s = SIZES
-    return ModelConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=3 * s["hidden"],
-                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                       head_dim=s["hidden"] // s["heads"], max_position_embeddings=1024, rope_theta=10000.0,
-                       num_experts=s["experts"], num_shared_experts=shared_experts or None,
-                       num_experts_per_tok=s["top_k"],
-                       moe_intermediate_size=s["expert_width"], first_k_dense_replace=0, pad_token_id=0,
-                       eos_token_id=1, initializer_range=0.02, moe_impl=moe_impl)
+    return ModelConfig(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=3 * s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        head_dim=s["hidden"] // s["heads"],
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        num_experts=s["experts"],
+        num_shared_experts=shared_experts or None,
+        num_experts_per_tok=s["top_k"],
+        moe_intermediate_size=s["expert_width"],
+        first_k_dense_replace=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.02,
+        moe_impl=moe_impl,
+    )
 
 
 def timed(engine, prompts, params, repeats, **kw):
@@ -131,9 +144,11 @@ def main():
     from ring_jax.sampling import SamplingEngine, SamplingParams
     from ring_jax.sampling.device import cache_bucket, prompt_bucket
 
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}); sizes {SIZES}; batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, float32")
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}); sizes {SIZES}; batch {args.batch}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, float32"
+    )
     cfg = bench_config()
     model = build_model(cfg, seed=0)
     rng = np.random.default_rng(0)
@@ -154,18 +169,24 @@ def main():
         t, st, _ = timed(eng, prompts, greedy, args.repeats)
         results["ring_jax_tokens_per_s"] = ntok / t
         paths = f"MoE: prefill {eng.cfg.moe_impl}, decode {eng.decode_moe_impl}"
-        print(f"[main] ring_jax engine ({paths}, chunk {args.chunk}, cache {cache_len}): {t:.2f}s -> "
-              f"{ntok / t:.0f} tokens/s ({st['decode_calls']} decode calls, {st['cpu_s']:.2f} CPU-s)")
+        print(
+            f"[main] ring_jax engine ({paths}, chunk {args.chunk}, cache {cache_len}): {t:.2f}s -> "
+            f"{ntok / t:.0f} tokens/s ({st['decode_calls']} decode calls, {st['cpu_s']:.2f} CPU-s)"
+        )
         t, st, _ = timed(engine(cache_len=None), prompts, greedy, args.repeats)
         bucket = cache_bucket(prompt_bucket(args.prompt_len) + args.new_tokens)
-        print(f"[main] same with the default power-of-two cache bucket ({bucket}): {t:.2f}s -> {ntok / t:.0f} "
-              f"tokens/s ({st['cpu_s']:.2f} CPU-s)")
+        print(
+            f"[main] same with the default power-of-two cache bucket ({bucket}): {t:.2f}s -> {ntok / t:.0f} "
+            f"tokens/s ({st['cpu_s']:.2f} CPU-s)"
+        )
 
     if "loop" in sections:
         for c in map(int, args.chunks.split(",")):
             t, st, _ = timed(engine(chunk=c), prompts, greedy, args.repeats)
-            print(f"[loop] chunk {c:4d}: {t:.2f}s -> {ntok / t:.0f} tokens/s ({st['decode_calls']} jitted calls, "
-                  f"{st['cpu_s']:.2f} CPU-s)")
+            print(
+                f"[loop] chunk {c:4d}: {t:.2f}s -> {ntok / t:.0f} tokens/s ({st['decode_calls']} jitted calls, "
+                f"{st['cpu_s']:.2f} CPU-s)"
+            )
             results[f"chunk_{c}_tokens_per_s"] = ntok / t
 
     if "moe" in sections:
@@ -181,9 +202,16 @@ def main():
         n = args.requests
         reqs = rng.integers(3, cfg.vocab_size, (n, args.prompt_len)).tolist()
         stops = tuple(range(100, 164))
-        long_ids = set(np.random.default_rng(1).permutation(n)[:round(args.long_fraction * n)].tolist())
-        params = [SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True,
-                                 stop_token_ids=() if i in long_ids else stops) for i in range(n)]
+        long_ids = set(np.random.default_rng(1).permutation(n)[: round(args.long_fraction * n)].tolist())
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                max_new_tokens=args.new_tokens,
+                ignore_eos=True,
+                stop_token_ids=() if i in long_ids else stops,
+            )
+            for i in range(n)
+        ]
         eng = engine()
         best = {}
         for rep in range(args.repeats + 1):  # interleaved (the machine is shared); first round = compilation
@@ -197,19 +225,28 @@ def main():
         assert [c.token_ids.tolist() for c in oc] == [c.token_ids.tolist() for c in os_]
         gen = sc["generated_tokens"]
         lens = sorted(len(c.token_ids) for c in oc)
-        print(f"[batching] {n} requests, {args.batch} slots, {gen} tokens generated (lengths min {lens[0]}, "
-              f"median {lens[n // 2]}, max {lens[-1]}; {sum(c.finish_reason == 'stop' for c in oc)} stopped early)")
-        print(f"[batching] continuous: {tc:.2f}s -> {gen / tc:.0f} tokens/s ({sc['decode_steps']} steps, "
-              f"{sc['decode_calls']} calls, {sc['prefill_calls']} prefills, {sc['cpu_s']:.2f} CPU-s)")
-        print(f"[batching] static waves of {args.batch}: {ts:.2f}s -> {gen / ts:.0f} tokens/s "
-              f"({ss['decode_steps']} steps, {ss['cpu_s']:.2f} CPU-s); continuous / static = {ts / tc:.2f}x wall, "
-              f"{ss['cpu_s'] / sc['cpu_s']:.2f}x CPU")
+        print(
+            f"[batching] {n} requests, {args.batch} slots, {gen} tokens generated (lengths min {lens[0]}, "
+            f"median {lens[n // 2]}, max {lens[-1]}; {sum(c.finish_reason == 'stop' for c in oc)} stopped early)"
+        )
+        print(
+            f"[batching] continuous: {tc:.2f}s -> {gen / tc:.0f} tokens/s ({sc['decode_steps']} steps, "
+            f"{sc['decode_calls']} calls, {sc['prefill_calls']} prefills, {sc['cpu_s']:.2f} CPU-s)"
+        )
+        print(
+            f"[batching] static waves of {args.batch}: {ts:.2f}s -> {gen / ts:.0f} tokens/s "
+            f"({ss['decode_steps']} steps, {ss['cpu_s']:.2f} CPU-s); continuous / static = {ts / tc:.2f}x wall, "
+            f"{ss['cpu_s'] / sc['cpu_s']:.2f}x CPU"
+        )
         results["continuous_over_static"] = ts / tc
-        ta, sa, _ = timed(engine(num_slots=n, prefill_batch=args.batch), reqs, params, args.repeats, mode="static",
-                          key=1)
-        print(f"[batching] static, all {n} in one batch: {ta:.2f}s -> {gen / ta:.0f} tokens/s "
-              f"({sa['decode_steps']} steps, {sa['cpu_s']:.2f} CPU-s); continuous / all-in-one = {ta / tc:.2f}x wall, "
-              f"{sa['cpu_s'] / sc['cpu_s']:.2f}x CPU")
+        ta, sa, _ = timed(
+            engine(num_slots=n, prefill_batch=args.batch), reqs, params, args.repeats, mode="static", key=1
+        )
+        print(
+            f"[batching] static, all {n} in one batch: {ta:.2f}s -> {gen / ta:.0f} tokens/s "
+            f"({sa['decode_steps']} steps, {sa['cpu_s']:.2f} CPU-s); continuous / all-in-one = {ta / tc:.2f}x wall, "
+            f"{sa['cpu_s'] / sc['cpu_s']:.2f}x CPU"
+        )
         results["continuous_over_static_all"] = ta / tc
 
     if "torch" in sections:
@@ -218,33 +255,54 @@ def main():
         else:
             best = None
             for threads in map(int, args.threads.split(",")):
-                a = dict(SIZES, batch=args.batch, prompt=args.prompt_len, new=args.new_tokens,
-                         repeats=args.repeats, threads=threads)
-                r = subprocess.run([args.torch_python, "-c", TORCH_SCRIPT, json.dumps(a)], capture_output=True,
-                                   text=True)
+                a = dict(
+                    SIZES,
+                    batch=args.batch,
+                    prompt=args.prompt_len,
+                    new=args.new_tokens,
+                    repeats=args.repeats,
+                    threads=threads,
+                )
+                r = subprocess.run(
+                    [args.torch_python, "-c", TORCH_SCRIPT, json.dumps(a)], capture_output=True, text=True
+                )
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                 if r.returncode or not line:
                     print(f"[torch] failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
                     continue
                 tr = json.loads(line[0][7:])
-                print(f"[torch] transformers Qwen2-MoE generate (torch {tr['torch']}, {tr['attn']}, {threads} "
-                      f"threads): {tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s)")
+                print(
+                    f"[torch] transformers Qwen2-MoE generate (torch {tr['torch']}, {tr['attn']}, {threads} "
+                    f"threads): {tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s)"
+                )
                 if best is None or tr["tokens_per_s"] > best:
                     best = tr["tokens_per_s"]
             if best is not None:
                 results["hf_tokens_per_s"] = best
                 if "ring_jax_tokens_per_s" in results:
-                    print(f"[torch] ring_jax / transformers (its best thread count) = "
-                          f"{results['ring_jax_tokens_per_s'] / best:.2f}x wall")
+                    print(
+                        f"[torch] ring_jax / transformers (its best thread count) = "
+                        f"{results['ring_jax_tokens_per_s'] / best:.2f}x wall"
+                    )
     if "tunix" in sections and args.tunix_python:
         # ring_jax on Tunix's model shape (no shared expert), then Tunix: side by side, so the ratio is fair
-        t, st, _ = timed(SamplingEngine.from_model(build_model(bench_config(shared_experts=0), seed=0),
-                                                   num_slots=args.batch, chunk=args.chunk, cache_len=cache_len),
-                         prompts, greedy, args.repeats)
+        t, st, _ = timed(
+            SamplingEngine.from_model(
+                build_model(bench_config(shared_experts=0), seed=0),
+                num_slots=args.batch,
+                chunk=args.chunk,
+                cache_len=cache_len,
+            ),
+            prompts,
+            greedy,
+            args.repeats,
+        )
         results["ring_jax_noshared_tokens_per_s"] = ntok / t
         results["ring_jax_noshared_cpu_s"] = st["cpu_s"]
-        print(f"[tunix] ring_jax engine, same model without the shared expert: {t:.2f}s -> {ntok / t:.0f} tokens/s "
-              f"({st['cpu_s']:.2f} CPU-s; load average {os.getloadavg()[0]:.1f})")
+        print(
+            f"[tunix] ring_jax engine, same model without the shared expert: {t:.2f}s -> {ntok / t:.0f} tokens/s "
+            f"({st['cpu_s']:.2f} CPU-s; load average {os.getloadavg()[0]:.1f})"
+        )
         a = dict(SIZES, batch=args.batch, prompt=args.prompt_len, new=args.new_tokens, repeats=args.repeats)
         tr, why = run_peer(args.tunix_python, TUNIX_PEER, a)
         if tr is None:
@@ -252,14 +310,21 @@ def main():
         else:
             results["tunix_tokens_per_s"] = tr["tokens_per_s"]
             results["tunix_cpu_s"] = tr["cpu_s"]
-            print(f"[tunix] Tunix {tr['tunix']} vanilla Sampler, greedy (jax {tr['jax']}, flax {tr['flax']}): "
-                  f"{tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s; first call "
-                  f"{tr['first_call_s']:.1f}s)")
-            print(f"[tunix] ring_jax / Tunix = {results['ring_jax_noshared_tokens_per_s'] / tr['tokens_per_s']:.2f}x "
-                  f"wall, {tr['cpu_s'] / results['ring_jax_noshared_cpu_s']:.2f}x CPU on the same model"
-                  + (f"; with ring_jax's shared expert ([main]): "
-                     f"{results['ring_jax_tokens_per_s'] / tr['tokens_per_s']:.2f}x"
-                     if "ring_jax_tokens_per_s" in results else ""))
+            print(
+                f"[tunix] Tunix {tr['tunix']} vanilla Sampler, greedy (jax {tr['jax']}, flax {tr['flax']}): "
+                f"{tr['seconds']:.2f}s -> {tr['tokens_per_s']:.0f} tokens/s ({tr['cpu_s']:.2f} CPU-s; first call "
+                f"{tr['first_call_s']:.1f}s)"
+            )
+            print(
+                f"[tunix] ring_jax / Tunix = {results['ring_jax_noshared_tokens_per_s'] / tr['tokens_per_s']:.2f}x "
+                f"wall, {tr['cpu_s'] / results['ring_jax_noshared_cpu_s']:.2f}x CPU on the same model"
+                + (
+                    f"; with ring_jax's shared expert ([main]): "
+                    f"{results['ring_jax_tokens_per_s'] / tr['tokens_per_s']:.2f}x"
+                    if "ring_jax_tokens_per_s" in results
+                    else ""
+                )
+            )
     print("RESULTS " + json.dumps({k: round(v, 2) for k, v in results.items()}))
 
 

@@ -43,8 +43,11 @@ import time
 # XLA's CPU backend: one device, intra-op parallelism over all (2) cores (must be set before jax is imported);
 # --profile needs XLA's per-thunk trace events.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-                           + (" --xla_cpu_enable_xprof_traceme=true" if "--profile" in sys.argv else "")).strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_multi_thread_eigen=true"
+    + (" --xla_cpu_enable_xprof_traceme=true" if "--profile" in sys.argv else "")
+).strip()
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
@@ -65,12 +68,31 @@ TUNIX_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "
 
 def bench_config(a, impl: str) -> ModelConfig:
     return ModelConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.moe_ffn, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-        use_qkv_bias=True, use_bias=False, max_position_embeddings=max(1024, a.seq), rope_theta=10000.0,
-        num_experts=a.experts, num_shared_experts=None, num_experts_per_tok=a.topk, norm_topk_prob=True,
-        moe_intermediate_size=a.moe_ffn, first_k_dense_replace=0, pad_token_id=0, eos_token_id=1,
-        initializer_range=0.02, tie_word_embeddings=False, moe_impl=impl, dtype="float32", param_dtype="float32")
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.moe_ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+        use_qkv_bias=True,
+        use_bias=False,
+        max_position_embeddings=max(1024, a.seq),
+        rope_theta=10000.0,
+        num_experts=a.experts,
+        num_shared_experts=None,
+        num_experts_per_tok=a.topk,
+        norm_topk_prob=True,
+        moe_intermediate_size=a.moe_ffn,
+        first_k_dense_replace=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        moe_impl=impl,
+        dtype="float32",
+        param_dtype="float32",
+    )
 
 
 def matmul_peak_cpu_norm(n: int = 2048, reps: int = 5) -> float:
@@ -83,7 +105,7 @@ def matmul_peak_cpu_norm(n: int = 2048, reps: int = 5) -> float:
         c0 = time.process_time()
         jax.block_until_ready(f(a, a))
         best = min(best, time.process_time() - c0)
-    return 2.0 * n ** 3 / (best / len(os.sched_getaffinity(0)))
+    return 2.0 * n**3 / (best / len(os.sched_getaffinity(0)))
 
 
 def ce_loss(logits, tokens):
@@ -152,8 +174,9 @@ def _hlo_sources(hlo: str) -> dict[str, tuple[str, str]]:
     for k, v in tables.get("FileLocations", {}).items():
         m = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", v)
         locs[k] = (files.get(int(m.group(1)), "?"), funcs.get(int(m.group(2)), "?"), int(m.group(3)))
-    frames = {k: int(re.search(r"file_location_id=(\d+)", v).group(1))
-              for k, v in tables.get("StackFrames", {}).items()}
+    frames = {
+        k: int(re.search(r"file_location_id=(\d+)", v).group(1)) for k, v in tables.get("StackFrames", {}).items()
+    }
     out = {}
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*metadata=\{([^}]*)\}", line)
@@ -204,9 +227,26 @@ def profile_step(run, tokens, steps: int = 3, top: int = 25):
 
 class Torch:
     def __init__(self, python: str, a):
-        args = [python, PEER] + [f"--{k}={getattr(a, k)}" for k in
-                                 ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "topk", "moe_ffn",
-                                  "batch", "seq", "threads")] + ["--shared_ffn=0", f"--attn={a.torch_attn}"]
+        args = (
+            [python, PEER]
+            + [
+                f"--{k}={getattr(a, k)}"
+                for k in (
+                    "vocab",
+                    "hidden",
+                    "layers",
+                    "heads",
+                    "kv_heads",
+                    "experts",
+                    "topk",
+                    "moe_ffn",
+                    "batch",
+                    "seq",
+                    "threads",
+                )
+            ]
+            + ["--shared_ffn=0", f"--attn={a.torch_attn}"]
+        )
         env = dict(os.environ)
         if a.torch_omp_wait_policy:
             env["OMP_WAIT_POLICY"] = a.torch_omp_wait_policy
@@ -244,9 +284,10 @@ class Tunix(Torch):
     """The Tunix peer (``peers/tunix_qwen3moe_step.py`` run by ``--tunix_python``): the torch peer's protocol."""
 
     def __init__(self, python: str, a):
-        args = [python, TUNIX_PEER] + [f"--{k}={getattr(a, k)}" for k in
-                                       ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "topk",
-                                        "moe_ffn", "batch", "seq")]
+        args = [python, TUNIX_PEER] + [
+            f"--{k}={getattr(a, k)}"
+            for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "experts", "topk", "moe_ffn", "batch", "seq")
+        ]
         self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._recv()
         if "error" in self.info:
@@ -302,13 +343,15 @@ def breakdown(cfg: ModelConfig, tokens, reps: int = 5):
     f, p = grad_of(att, lambda m, x: m(x, cos, sin, seg, pos)[0])
     out["attention_fwd_bwd"] = timeit(f, p, x)
     w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size)) * 0.02
-    out["head_ce_fwd_bwd"] = timeit(jax.grad(lambda w, x: ce_loss(jnp.einsum("bth,hv->btv", x, w), tokens),
-                                             argnums=(0, 1)), w, x)
+    out["head_ce_fwd_bwd"] = timeit(
+        jax.grad(lambda w, x: ce_loss(jnp.einsum("bth,hv->btv", x, w), tokens), argnums=(0, 1)), w, x
+    )
     model = build_model(cfg)
     gd, params, rest = nnx.split(model, nnx.Param, ...)
     out["model_fwd"] = timeit(lambda p, tk: ce_loss(nnx.merge(gd, p, rest)(tk).logits, tk), params, tokens)
-    out["model_fwd_bwd"] = timeit(jax.grad(lambda p, tk: ce_loss(nnx.merge(gd, p, rest)(tk).logits, tk)),
-                                  params, tokens)
+    out["model_fwd_bwd"] = timeit(
+        jax.grad(lambda p, tk: ce_loss(nnx.merge(gd, p, rest)(tk).logits, tk)), params, tokens
+    )
     return out
 
 
@@ -316,22 +359,40 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--torch_python", default="", help="interpreter with torch + transformers ('' = skip the peer)")
     p.add_argument("--impls", default="dispatch,dense,ragged", help="ring_jax cfg.moe_impl values to time")
-    p.add_argument("--step", choices=("auto", "minimal", "real", "both"), default="auto",
-                   help="auto: the project's step (ring_jax.train.step) when importable, else the minimal one; "
-                        "both: the project's step for every impl plus the minimal step for the first impl")
+    p.add_argument(
+        "--step",
+        choices=("auto", "minimal", "real", "both"),
+        default="auto",
+        help="auto: the project's step (ring_jax.train.step) when importable, else the minimal one; "
+        "both: the project's step for every impl plus the minimal step for the first impl",
+    )
     p.add_argument("--profile", action="store_true", help="print where the minimal step's time goes (first impl)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per timed round")
     p.add_argument("--tunix_python", default="", help="interpreter with google-tunix ('' = skip the Tunix peer)")
     p.add_argument("--torch_attn", default="sdpa")
-    p.add_argument("--torch_omp_wait_policy", default="PASSIVE",
-                   help="OMP_WAIT_POLICY of the torch peer ('' = torch's default).  PASSIVE: on a shared, "
-                        "oversubscribed machine torch's spinning OpenMP threads otherwise lose 5-10x (measured); "
-                        "on an idle machine ACTIVE (the default) can be a little faster")
+    p.add_argument(
+        "--torch_omp_wait_policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the torch peer ('' = torch's default).  PASSIVE: on a shared, "
+        "oversubscribed machine torch's spinning OpenMP threads otherwise lose 5-10x (measured); "
+        "on an idle machine ACTIVE (the default) can be a little faster",
+    )
     p.add_argument("--breakdown", action="store_true")
     p.add_argument("--json_out", default="", help="also write the results here")
-    for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 2),
-                          ("experts", 8), ("topk", 2), ("moe_ffn", 256), ("batch", 8), ("seq", 256), ("threads", 2)):
+    for name, default in (
+        ("vocab", 1024),
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv_heads", 2),
+        ("experts", 8),
+        ("topk", 2),
+        ("moe_ffn", 256),
+        ("batch", 8),
+        ("seq", 256),
+        ("threads", 2),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args(argv)
     impls = [s for s in a.impls.split(",") if s]
@@ -340,26 +401,34 @@ def main(argv=None):
     cfg0 = bench_config(a, impls[0])
     fpt = flops_per_token(cfg0, a.seq)
     counts = cfg0.param_counts()
-    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
-          f"{jax.device_count()} device(s)")
-    print(f"workload: {a.batch} x {a.seq} tokens, float32; ring_jax params {human(counts['total'])} total / "
-          f"{human(counts['active'])} active; {fpt / 1e6:.2f} MFLOP/token (fwd+bwd)")
+    print(
+        f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
+        f"{jax.device_count()} device(s)"
+    )
+    print(
+        f"workload: {a.batch} x {a.seq} tokens, float32; ring_jax params {human(counts['total'])} total / "
+        f"{human(counts['active'])} active; {fpt / 1e6:.2f} MFLOP/token (fwd+bwd)"
+    )
     peak0 = measure_matmul_peak("float32", 2048, 5)
 
     torch = Torch(a.torch_python, a) if a.torch_python else None
     if torch is not None:
         i = torch.info
-        print(f"peer: transformers {i['transformers']} Qwen2-MoE, torch {i['torch']}, {i['threads']} threads, "
-              f"OMP_WAIT_POLICY={a.torch_omp_wait_policy or 'default'}, attn {i['attn']}, "
-              f"params {human(i['params'])} total / {human(i['active_params'])} active")
+        print(
+            f"peer: transformers {i['transformers']} Qwen2-MoE, torch {i['torch']}, {i['threads']} threads, "
+            f"OMP_WAIT_POLICY={a.torch_omp_wait_policy or 'default'}, attn {i['attn']}, "
+            f"params {human(i['params'])} total / {human(i['active_params'])} active"
+        )
 
     tunix, tunix_error = None, None
     if a.tunix_python:
         try:
             tunix = Tunix(a.tunix_python, a)
             i = tunix.info
-            print(f"peer: Tunix {i['tunix']} Qwen3-MoE, {i['step']}, jax {i['jax']}, flax {i['flax']}, "
-                  f"{i['moe_path']}, params {human(i['params'])} total / {human(i['active_params'])} active")
+            print(
+                f"peer: Tunix {i['tunix']} Qwen3-MoE, {i['step']}, jax {i['jax']}, flax {i['flax']}, "
+                f"{i['moe_path']}, params {human(i['params'])} total / {human(i['active_params'])} active"
+            )
         except (RuntimeError, OSError, json.JSONDecodeError) as e:
             tunix_error = f"{type(e).__name__}: {e}"
             print(f"Tunix peer failed to start: {tunix_error}")
@@ -385,15 +454,17 @@ def main(argv=None):
         run = real_step(cfg) if kind == "real" else minimal_step(cfg)[0]
         jax.block_until_ready(run(tokens))
         runners[name] = run
-        print(f"compiled {name} ({'ring_jax.train.step.make_train_step' if kind == 'real' else 'minimal step'})"
-              f" in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"compiled {name} ({'ring_jax.train.step.make_train_step' if kind == 'real' else 'minimal step'})"
+            f" in {time.perf_counter() - t0:.1f}s"
+        )
 
     names = list(runners) + (["transformers"] if torch else []) + (["tunix"] if tunix else [])
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
     load0 = os.getloadavg()[0]
     for r in range(a.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             peer = {"transformers": torch, "tunix": tunix}.get(n)
             w, c = peer.time(a.steps) if peer is not None else time_jax(runners[n], tokens, a.steps)
@@ -407,24 +478,35 @@ def main(argv=None):
 
     ncores = len(os.sched_getaffinity(0))
     print(f"\nload average (1 min) before / after the timed rounds: {load0:.1f} / {load1:.1f} on {ncores} cores")
-    print(f"matmul peak (jax, f32 2048^3, best of 5): {peak0 / 1e9:.1f} / {peak1 / 1e9:.1f} GFLOP/s "
-          f"(start / end; MFU uses the larger, {peak / 1e9:.1f})"
-          + (f"; torch.mm peak {torch_peak / 1e9:.1f} GFLOP/s" if torch_peak else "")
-          + f"; cpu-normalised jax peak {peak_cpu / 1e9:.1f} GFLOP/s (for 'MFU cpu')")
-    print(f"{a.rounds} rounds x {a.steps} steps, rotating order.  tok/s: median round; best: fastest round; "
-          f"cpu-norm: tokens / (process CPU s / {ncores}), less sensitive to other load")
-    hdr = (f"{'implementation':<20}{'ms/step':>9}{'tok/s':>9}{'best':>9}{'cpu-norm':>10}{'MFU':>7}{'MFU best':>9}"
-           f"{'MFU cpu':>8}")
+    print(
+        f"matmul peak (jax, f32 2048^3, best of 5): {peak0 / 1e9:.1f} / {peak1 / 1e9:.1f} GFLOP/s "
+        f"(start / end; MFU uses the larger, {peak / 1e9:.1f})"
+        + (f"; torch.mm peak {torch_peak / 1e9:.1f} GFLOP/s" if torch_peak else "")
+        + f"; cpu-normalised jax peak {peak_cpu / 1e9:.1f} GFLOP/s (for 'MFU cpu')"
+    )
+    print(
+        f"{a.rounds} rounds x {a.steps} steps, rotating order.  tok/s: median round; best: fastest round; "
+        f"cpu-norm: tokens / (process CPU s / {ncores}), less sensitive to other load"
+    )
+    hdr = (
+        f"{'implementation':<20}{'ms/step':>9}{'tok/s':>9}{'best':>9}{'cpu-norm':>10}{'MFU':>7}{'MFU best':>9}"
+        f"{'MFU cpu':>8}"
+    )
     print(hdr + f"{'x HF (median of paired rounds)':>32}")
     res = {}
     for n in names:
         med, best, cmed = statistics.median(wall[n]), min(wall[n]), statistics.median(cpu[n])
-        res[n] = {"ms_per_step": 1e3 * med, "tokens_per_s": tokens_per_step / med,
-                  "tokens_per_s_best": tokens_per_step / best,
-                  "tokens_per_s_cpu_norm": tokens_per_step / (cmed / ncores),
-                  "mfu": tokens_per_step / med * fpt / peak, "mfu_best": tokens_per_step / best * fpt / peak,
-                  "mfu_cpu_norm": tokens_per_step / (cmed / ncores) * fpt / peak_cpu,
-                  "wall_s": wall[n], "cpu_s": cpu[n]}
+        res[n] = {
+            "ms_per_step": 1e3 * med,
+            "tokens_per_s": tokens_per_step / med,
+            "tokens_per_s_best": tokens_per_step / best,
+            "tokens_per_s_cpu_norm": tokens_per_step / (cmed / ncores),
+            "mfu": tokens_per_step / med * fpt / peak,
+            "mfu_best": tokens_per_step / best * fpt / peak,
+            "mfu_cpu_norm": tokens_per_step / (cmed / ncores) * fpt / peak_cpu,
+            "wall_s": wall[n],
+            "cpu_s": cpu[n],
+        }
         if torch is not None and n not in ("transformers", "tunix"):
             res[n]["x_transformers"] = statistics.median(t / j for t, j in zip(wall["transformers"], wall[n]))
             res[n]["x_transformers_cpu"] = statistics.median(t / j for t, j in zip(cpu["transformers"], cpu[n]))
@@ -433,21 +515,32 @@ def main(argv=None):
             res[n]["x_tunix_cpu"] = statistics.median(t / j for t, j in zip(cpu["tunix"], cpu[n]))
     for n, v in res.items():
         ratio = f"{v['x_transformers']:.2f}x (cpu {v['x_transformers_cpu']:.2f}x)" if "x_transformers" in v else "-"
-        print(f"{n:<20}{v['ms_per_step']:>9.0f}{v['tokens_per_s']:>9,.0f}{v['tokens_per_s_best']:>9,.0f}"
-              f"{v['tokens_per_s_cpu_norm']:>10,.0f}{100 * v['mfu']:>6.1f}%{100 * v['mfu_best']:>8.1f}%"
-              f"{100 * v['mfu_cpu_norm']:>7.1f}%{ratio:>32}")
+        print(
+            f"{n:<20}{v['ms_per_step']:>9.0f}{v['tokens_per_s']:>9,.0f}{v['tokens_per_s_best']:>9,.0f}"
+            f"{v['tokens_per_s_cpu_norm']:>10,.0f}{100 * v['mfu']:>6.1f}%{100 * v['mfu_best']:>8.1f}%"
+            f"{100 * v['mfu_cpu_norm']:>7.1f}%{ratio:>32}"
+        )
     for n, v in res.items():
         if "x_tunix" in v:
             print(f"{n} / Tunix (median of paired rounds): {v['x_tunix']:.2f}x wall, {v['x_tunix_cpu']:.2f}x CPU")
-    print("MFU: ring_jax's flops_per_token for every side (Qwen2-MoE's zero-width shared expert and 256x1 "
-          "shared-expert gate add no counted FLOPs; Tunix's CPU MoE computes all experts, counted as top-k).  "
-          + ("Tunix: compared (Qwen3-MoE, PeftTrainer step)." if tunix else
-             f"Tunix: failed ({tunix_error})." if tunix_error else "Tunix: not installed, not compared."))
+    print(
+        "MFU: ring_jax's flops_per_token for every side (Qwen2-MoE's zero-width shared expert and 256x1 "
+        "shared-expert gate add no counted FLOPs; Tunix's CPU MoE computes all experts, counted as top-k).  "
+        + (
+            "Tunix: compared (Qwen3-MoE, PeftTrainer step)."
+            if tunix
+            else f"Tunix: failed ({tunix_error})."
+            if tunix_error
+            else "Tunix: not installed, not compared."
+        )
+    )
     if a.profile:
         run, _ = minimal_step(bench_config(a, impls[0]))
         by_line, by_fn, total = profile_step(run, tokens)
-        print(f"\nprofile: minimal step, ring_jax[{impls[0]}]: {total:.0f} ms/step of XLA thunk time (summed over "
-              f"threads); by function:")
+        print(
+            f"\nprofile: minimal step, ring_jax[{impls[0]}]: {total:.0f} ms/step of XLA thunk time (summed over "
+            f"threads); by function:"
+        )
         for k, v in by_fn:
             if v >= 0.5:
                 print(f"  {v:8.1f} ms {100 * v / total:5.1f}%  {k}")
@@ -467,10 +560,21 @@ def main(argv=None):
         tunix.close()
     if a.json_out:
         with open(a.json_out, "w") as f:
-            json.dump({"args": vars(a), "peak_flops": peak, "torch_peak_flops": torch_peak, "results": res,
-                       "flops_per_token": fpt, "loadavg": [load0, load1],
-                       "peak_flops_cpu_norm": peak_cpu, "tunix_info": tunix.info if tunix else None,
-                       "tunix_error": tunix_error}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(a),
+                    "peak_flops": peak,
+                    "torch_peak_flops": torch_peak,
+                    "results": res,
+                    "flops_per_token": fpt,
+                    "loadavg": [load0, load1],
+                    "peak_flops_cpu_norm": peak_cpu,
+                    "tunix_info": tunix.info if tunix else None,
+                    "tunix_error": tunix_error,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

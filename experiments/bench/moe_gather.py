@@ -22,8 +22,9 @@ def auto_tile(num_assignments: int, num_experts: int) -> int:
     return t
 
 
-def moe_dispatch_gather(x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array,
-                        wd: jax.Array, tile: int = 0) -> jax.Array:
+def moe_dispatch_gather(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile: int = 0
+) -> jax.Array:
     """Routed SwiGLU experts [N,H] float32 with groups padded to tile multiples and a per-tile weight gather
     (``tile`` 0: :func:`auto_tile`)."""
     n, h = x.shape

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -102,14 +102,28 @@ def parse_moe(out: str, _json, ctx) -> list[Row]:
     e_lo, e_hi = int(lo["experts"]), int(hi["experts"])
     d_lo, d_hi = float(lo["dispatch ms"]), float(hi["dispatch ms"])
     scale = d_hi / d_lo
-    out_rows = [Row(f"MoE layer fwd+bwd ({shape}): dispatch time at {e_hi} experts / at {e_lo}",
-                    f"{d_hi:.1f} ms / {d_lo:.1f} ms", "-", f"{scale:.2f}x", "<= 1.3x (64 vs 8 experts)",
-                    _met(ctx, scale <= 1.3))]
+    out_rows = [
+        Row(
+            f"MoE layer fwd+bwd ({shape}): dispatch time at {e_hi} experts / at {e_lo}",
+            f"{d_hi:.1f} ms / {d_lo:.1f} ms",
+            "-",
+            f"{scale:.2f}x",
+            "<= 1.3x (64 vs 8 experts)",
+            _met(ctx, scale <= 1.3),
+        )
+    ]
     if "dense ms" in head:
         dense = float(hi["dense ms"])
-        out_rows.append(Row(f"MoE layer fwd+bwd at {e_hi} experts: dispatch vs dense all-experts path",
-                            f"dispatch {d_hi:.1f} ms", f"dense {dense:.1f} ms", f"{dense / d_hi:.1f}x faster",
-                            ">= 20x", _met(ctx, dense / d_hi >= 20)))
+        out_rows.append(
+            Row(
+                f"MoE layer fwd+bwd at {e_hi} experts: dispatch vs dense all-experts path",
+                f"dispatch {d_hi:.1f} ms",
+                f"dense {dense:.1f} ms",
+                f"{dense / d_hi:.1f}x faster",
+                ">= 20x",
+                _met(ctx, dense / d_hi >= 20),
+            )
+        )
     return out_rows
 
 
@@ -120,14 +134,19 @@ def parse_train(out: str, js, ctx) -> list[Row]:
         raise ParseError("no --json_out results")
     res, args = js["results"], js.get("args", {})
     name = next((n for n in res if n.startswith("ring_jax[dispatch]")), None) or next(
-        (n for n in res if n.startswith("ring_jax[")), None)
+        (n for n in res if n.startswith("ring_jax[")), None
+    )
     if name is None:
         raise ParseError(f"no ring_jax result among {sorted(res)}")
     r = res[name]
-    label = (f"train step fwd+bwd+AdamW, {args.get('batch', '?')} x {args.get('seq', '?')} tokens f32, "
-             f"{name} vs HF transformers Qwen2-MoE")
-    mine = (f"{_f(r['tokens_per_s'])} tok/s (CPU-normalised {_f(r['tokens_per_s_cpu_norm'])}; MFU "
-            f"{100 * r['mfu_cpu_norm']:.0f}% of the measured matmul peak)")
+    label = (
+        f"train step fwd+bwd+AdamW, {args.get('batch', '?')} x {args.get('seq', '?')} tokens f32, "
+        f"{name} vs HF transformers Qwen2-MoE"
+    )
+    mine = (
+        f"{_f(r['tokens_per_s'])} tok/s (CPU-normalised {_f(r['tokens_per_s_cpu_norm'])}; MFU "
+        f"{100 * r['mfu_cpu_norm']:.0f}% of the measured matmul peak)"
+    )
     rows = []
     # met only when the wall AND the CPU-normalised ratio reach the target: the torch peer runs with passive OpenMP
     # waiting (spinning threads would steal the cores from the interleaved JAX rounds), which costs it wall time on an
@@ -135,24 +154,44 @@ def parse_train(out: str, js, ctx) -> list[Row]:
     if "transformers" in res:
         t = res["transformers"]
         ratio = r["x_transformers"]
-        rows.append(Row(label, mine, f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised "
-                                     f"{_f(t['tokens_per_s_cpu_norm'])})",
-                        f"{ratio:.2f}x (CPU-normalised {r['x_transformers_cpu']:.2f}x)", ">= 1.2x",
-                        _met(ctx, min(ratio, r["x_transformers_cpu"]) >= 1.2)))
+        rows.append(
+            Row(
+                label,
+                mine,
+                f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised {_f(t['tokens_per_s_cpu_norm'])})",
+                f"{ratio:.2f}x (CPU-normalised {r['x_transformers_cpu']:.2f}x)",
+                ">= 1.2x",
+                _met(ctx, min(ratio, r["x_transformers_cpu"]) >= 1.2),
+            )
+        )
     else:
         rows.append(Row(label, mine, ctx["peer_missing"], "-", ">= 1.2x", "not measured"))
     for other in res:
         if other != name and other.startswith(("ring_jax[", "minimal[")):
             o = res[other]
-            rows.append(Row(f"train step: {other} vs {name}", f"{_f(o['tokens_per_s'])} tok/s",
-                            f"{name} {_f(r['tokens_per_s'])} tok/s", f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x",
-                            "-", "-"))
+            rows.append(
+                Row(
+                    f"train step: {other} vs {name}",
+                    f"{_f(o['tokens_per_s'])} tok/s",
+                    f"{name} {_f(r['tokens_per_s'])} tok/s",
+                    f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}x",
+                    "-",
+                    "-",
+                )
+            )
     label = f"train step vs Tunix (Qwen3 MoE of the same sizes, PeftTrainer step), {name}"
     if "tunix" in res and "x_tunix" in r:
         t = res["tunix"]
-        rows.append(Row(label, mine, f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised {_f(t['tokens_per_s_cpu_norm'])})",
-                        f"{r['x_tunix']:.2f}x (CPU-normalised {r['x_tunix_cpu']:.2f}x)", ">= 3x",
-                        _met(ctx, min(r["x_tunix"], r["x_tunix_cpu"]) >= 3)))
+        rows.append(
+            Row(
+                label,
+                mine,
+                f"{_f(t['tokens_per_s'])} tok/s (CPU-normalised {_f(t['tokens_per_s_cpu_norm'])})",
+                f"{r['x_tunix']:.2f}x (CPU-normalised {r['x_tunix_cpu']:.2f}x)",
+                ">= 3x",
+                _met(ctx, min(r["x_tunix"], r["x_tunix_cpu"]) >= 3),
+            )
+        )
     else:
         rows.append(Row(label, mine, _tunix_missing(ctx, js.get("tunix_error")), "-", ">= 3x", "not measured"))
     return rows
@@ -170,7 +209,7 @@ def _results_line(out: str) -> dict:
     if not lines:
         raise ParseError("no 'RESULTS {json}' line")
     try:
-        return json.loads(lines[-1][len("RESULTS "):])
+        return json.loads(lines[-1][len("RESULTS ") :])
     except json.JSONDecodeError as e:
         raise ParseError(f"bad RESULTS json: {e}") from None
 
@@ -188,27 +227,54 @@ def parse_sampling(out: str, _json, ctx) -> list[Row]:
     label = f"sampling, greedy, {shape}: ring_jax engine vs HF transformers generate"
     if "hf_tokens_per_s" in r:
         ratio = r["ring_jax_tokens_per_s"] / r["hf_tokens_per_s"]
-        rows.append(Row(label, mine, f"{_f(r['hf_tokens_per_s'])} tok/s", f"{ratio:.2f}x", ">= 5x",
-                        _met(ctx, ratio >= 5)))
+        rows.append(
+            Row(label, mine, f"{_f(r['hf_tokens_per_s'])} tok/s", f"{ratio:.2f}x", ">= 5x", _met(ctx, ratio >= 5))
+        )
     else:
-        rows.append(Row(label, mine, ctx["peer_missing"] if not ctx["peer"] else "peer run failed (see details)",
-                        "-", ">= 5x", "not measured"))
+        rows.append(
+            Row(
+                label,
+                mine,
+                ctx["peer_missing"] if not ctx["peer"] else "peer run failed (see details)",
+                "-",
+                ">= 5x",
+                "not measured",
+            )
+        )
     if "continuous_over_static" in r:
-        rows.append(Row("sampling, length-skewed requests: continuous vs static batching (waves of the slot count)",
-                        f"continuous {r['continuous_over_static']:.2f}x faster", "static waves (ring_jax)",
-                        f"{r['continuous_over_static']:.2f}x", "-", "-"))
+        rows.append(
+            Row(
+                "sampling, length-skewed requests: continuous vs static batching (waves of the slot count)",
+                f"continuous {r['continuous_over_static']:.2f}x faster",
+                "static waves (ring_jax)",
+                f"{r['continuous_over_static']:.2f}x",
+                "-",
+                "-",
+            )
+        )
     label = "sampling vs Tunix vanilla Sampler (greedy, same shapes, Qwen3 MoE without the shared expert)"
     if "tunix_tokens_per_s" in r and "ring_jax_noshared_tokens_per_s" in r:
         ratio = r["ring_jax_noshared_tokens_per_s"] / r["tunix_tokens_per_s"]
-        cpu = (f" (CPU {r['tunix_cpu_s'] / r['ring_jax_noshared_cpu_s']:.2f}x)"
-               if r.get("ring_jax_noshared_cpu_s") and "tunix_cpu_s" in r else "")
-        rows.append(Row(label, f"{_f(r['ring_jax_noshared_tokens_per_s'])} tok/s on the same model ({mine} with "
-                               f"the shared expert)", f"{_f(r['tunix_tokens_per_s'])} tok/s", f"{ratio:.2f}x{cpu}",
-                        ">= 5x", _met(ctx, ratio >= 5)))
+        cpu = (
+            f" (CPU {r['tunix_cpu_s'] / r['ring_jax_noshared_cpu_s']:.2f}x)"
+            if r.get("ring_jax_noshared_cpu_s") and "tunix_cpu_s" in r
+            else ""
+        )
+        rows.append(
+            Row(
+                label,
+                f"{_f(r['ring_jax_noshared_tokens_per_s'])} tok/s on the same model ({mine} with the shared expert)",
+                f"{_f(r['tunix_tokens_per_s'])} tok/s",
+                f"{ratio:.2f}x{cpu}",
+                ">= 5x",
+                _met(ctx, ratio >= 5),
+            )
+        )
     else:
         fail = re.search(r"^\[tunix\] failed \(exit \S+\): (.*)$", out, flags=re.M)
-        rows.append(Row(label, mine, _tunix_missing(ctx, fail.group(1) if fail else None), "-", ">= 5x",
-                        "not measured"))
+        rows.append(
+            Row(label, mine, _tunix_missing(ctx, fail.group(1) if fail else None), "-", ">= 5x", "not measured")
+        )
     return rows
 
 
@@ -226,9 +292,16 @@ def parse_gmm(out: str, _json, ctx) -> list[Row]:
     peer = f"ragged_dot {ms['ragged_dot']:.3f} ms" if "ragged_dot" in ms else "ragged_dot failed"
     ratio = f"{ms['ragged_dot'] / ms['pallas_gmm']:.2f}x" if "ragged_dot" in ms else "-"
     met = "n/a (CPU: Pallas interpret mode)" if backend == "cpu" else ("n/a (--quick)" if ctx["quick"] else "-")
-    return [Row(f"grouped matmul ({backend}): Pallas gmm vs lax.ragged_dot",
-                f"pallas_gmm {ms['pallas_gmm']:.3f} ms" + (f" (max abs diff {err.group(1)})" if err else ""),
-                peer, ratio, "GPU/TPU figure (vs ragged_dot and the bf16 peak)", met)]
+    return [
+        Row(
+            f"grouped matmul ({backend}): Pallas gmm vs lax.ragged_dot",
+            f"pallas_gmm {ms['pallas_gmm']:.3f} ms" + (f" (max abs diff {err.group(1)})" if err else ""),
+            peer,
+            ratio,
+            "GPU/TPU figure (vs ragged_dot and the bf16 peak)",
+            met,
+        )
+    ]
 
 
 def parse_rl(out: str, _json, ctx) -> list[Row]:
@@ -243,10 +316,16 @@ def parse_rl(out: str, _json, ctx) -> list[Row]:
 
     base = next((k for k in ("seq_mean", "token_mean") if k in r), None)
     exact = c["tokens_std"] == 0 and c["tokens_min"] == c["tokens_max"] == phi
-    rows = [Row(f"RL tokens per optimiser step, Phi = {phi}: C3PO vs sample-level batching ({base or '-'})",
-                f"c3po {spread(c)}", f"{base} {spread(r[base])}" if base else "-",
-                f"std {c['tokens_std']:.1f} vs {r[base]['tokens_std']:.1f}" if base else "-",
-                "C3PO: exactly Phi every step (std 0)", _yes(exact))]
+    rows = [
+        Row(
+            f"RL tokens per optimiser step, Phi = {phi}: C3PO vs sample-level batching ({base or '-'})",
+            f"c3po {spread(c)}",
+            f"{base} {spread(r[base])}" if base else "-",
+            f"std {c['tokens_std']:.1f} vs {r[base]['tokens_std']:.1f}" if base else "-",
+            "C3PO: exactly Phi every step (std 0)",
+            _yes(exact),
+        )
+    ]
     m = re.search(r"(\d+) prompts x (\d+) samples x <= (\d+) new tokens", out)
     shape = f"{m.group(1)} prompts x {m.group(2)} samples x <= {m.group(3)} tokens" if m else "?"
     split = ", ".join(f"{p} {c[p + '_s']:.2f}" for p in ("rollout", "reward", "reference", "train"))
@@ -255,14 +334,28 @@ def parse_rl(out: str, _json, ctx) -> list[Row]:
     if "tunix_grpo" in r:
         t = r["tunix_grpo"]
         ratio = t["step_s_median"] / c["step_s"]
-        rows.append(Row(label + " vs Tunix GRPOLearner", f"{c['step_s']:.2f} s/step ({split})",
-                        f"Tunix GRPO {t['step_s_median']:.2f} s/step (median; mean {t['step_s_mean']:.2f}) over "
-                        f"{len(t['step_s']) - 1} steps, {t['rows_per_step']} responses trained/step",
-                        f"{ratio:.2f}x faster", target, _met(ctx, ratio >= 4)))
+        rows.append(
+            Row(
+                label + " vs Tunix GRPOLearner",
+                f"{c['step_s']:.2f} s/step ({split})",
+                f"Tunix GRPO {t['step_s_median']:.2f} s/step (median; mean {t['step_s_mean']:.2f}) over "
+                f"{len(t['step_s']) - 1} steps, {t['rows_per_step']} responses trained/step",
+                f"{ratio:.2f}x faster",
+                target,
+                _met(ctx, ratio >= 4),
+            )
+        )
     else:
-        rows.append(Row(label, f"{c['step_s']:.2f} s/step ({split})",
-                        _tunix_missing(ctx, r.get("tunix_error")).replace("Tunix", "Tunix GRPO", 1), "-", target,
-                        "not measured"))
+        rows.append(
+            Row(
+                label,
+                f"{c['step_s']:.2f} s/step ({split})",
+                _tunix_missing(ctx, r.get("tunix_error")).replace("Tunix", "Tunix GRPO", 1),
+                "-",
+                target,
+                "not measured",
+            )
+        )
     return rows
 
 
@@ -284,28 +377,65 @@ def parse_decode_scaling(out: str, _json, ctx) -> list[Row]:
         mine = f"{_f(e['tok_s'])} tok/s, {e['ms_step']:.1f} ms/step{frac}"
         hf = e.get("hf_tok_s")
         ok = hf is not None and e["tok_s"] >= 2 * hf and e.get("frac", 0) >= 0.5
-        rows.append(Row(f"decode, greedy, {n} rows ({shape}): ring_jax vs HF transformers generate", mine,
-                        f"{_f(hf)} tok/s" if hf else (ctx["peer_missing"] if not ctx["peer"] else "peer run failed"),
-                        f"{e['tok_s'] / hf:.2f}x" if hf else "-", ">= 2x HF and >= 50% of the limit",
-                        _met(ctx, ok) if hf else "not measured"))
+        rows.append(
+            Row(
+                f"decode, greedy, {n} rows ({shape}): ring_jax vs HF transformers generate",
+                mine,
+                f"{_f(hf)} tok/s" if hf else (ctx["peer_missing"] if not ctx["peer"] else "peer run failed"),
+                f"{e['tok_s'] / hf:.2f}x" if hf else "-",
+                ">= 2x HF and >= 50% of the limit",
+                _met(ctx, ok) if hf else "not measured",
+            )
+        )
         tx = e.get("tunix_tok_s")
         if tx and "noshared_tok_s" in e:
             ratio = e["noshared_tok_s"] / tx
-            rows.append(Row(f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler (same model, no shared expert)",
-                            f"{_f(e['noshared_tok_s'])} tok/s", f"{_f(tx)} tok/s", f"{ratio:.2f}x", ">= 2x",
-                            _met(ctx, ratio >= 2)))
+            rows.append(
+                Row(
+                    f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler (same model, no shared expert)",
+                    f"{_f(e['noshared_tok_s'])} tok/s",
+                    f"{_f(tx)} tok/s",
+                    f"{ratio:.2f}x",
+                    ">= 2x",
+                    _met(ctx, ratio >= 2),
+                )
+            )
         else:
-            rows.append(Row(f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler", mine,
-                            _tunix_missing(ctx, e.get("tunix_error")), "-", ">= 2x", "not measured"))
+            rows.append(
+                Row(
+                    f"decode, greedy, {n} rows: ring_jax vs Tunix Sampler",
+                    mine,
+                    _tunix_missing(ctx, e.get("tunix_error")),
+                    "-",
+                    ">= 2x",
+                    "not measured",
+                )
+            )
     if "scaling" in r:
         lo, hi = r["rows"][0], r["rows"][-1]
-        rows.append(Row(f"decode tok/s at {hi} rows / at {lo} rows", f"{r['scaling']:.2f}x", "-", "-", ">= 6x",
-                        _met(ctx, r["scaling"] >= 6)))
+        rows.append(
+            Row(
+                f"decode tok/s at {hi} rows / at {lo} rows",
+                f"{r['scaling']:.2f}x",
+                "-",
+                "-",
+                ">= 6x",
+                _met(ctx, r["scaling"] >= 6),
+            )
+        )
     if r.get("rl"):
         c = r["rl"]
         split = ", ".join(f"{p} {c[p + '_s']:.2f}" for p in ("rollout", "reward", "reference", "train"))
-        rows.append(Row("RL step at the main job's shape (16 prompts x 8 samples x <= 128 tokens), c3po",
-                        f"{c['step_s']:.2f} s/step ({split})", "-", "-", "-", "-"))
+        rows.append(
+            Row(
+                "RL step at the main job's shape (16 prompts x 8 samples x <= 128 tokens), c3po",
+                f"{c['step_s']:.2f} s/step ({split})",
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+        )
     return rows
 
 
@@ -315,25 +445,127 @@ def _met(ctx, ok: bool) -> str:
 
 # ------------------------------------------------------------------------------------------------ the benchmarks
 BENCHES = [
-    Bench("moe", "bench_moe.py", "MoE dispatch scaling (8-64 experts) and dispatch vs dense",
-          full=[], quick=["--tokens", "256", "--hidden", "64", "--width", "64", "--experts", "4,8",
-                          "--paths", "dispatch,dense", "--reps", "2", "--gap", "0"], parse=parse_moe),
-    Bench("train", "bench_train.py", "train step vs HF transformers", full=[],
-          quick=["--impls", "dispatch", "--rounds", "1", "--steps", "1", "--layers", "1", "--hidden", "64",
-                 "--heads", "4", "--kv_heads", "2", "--experts", "4", "--moe_ffn", "64", "--batch", "2",
-                 "--seq", "32", "--vocab", "256"], parse=parse_train, peer=True, json_out=True, tunix=True),
-    Bench("sampling", "bench_sampling.py", "sampling engine vs HF generate", full=[],
-          quick=["--sections", "main,batching,torch", "--batch", "4", "--prompt_len", "8", "--new_tokens", "16",
-                 "--repeats", "1", "--requests", "8", "--threads", "1"], parse=parse_sampling, peer=True,
-          tunix=True),
-    Bench("decode", "bench_decode_scaling.py", "decode throughput at 16-256 rows vs HF and Tunix; the limit",
-          full=["--sections", "limits,engine,torch,tunix,rl"], quick=["--sections", "limits,engine,torch,tunix", "--rows", "4,8", "--new_tokens", "8",
-                          "--repeats", "1"], parse=parse_decode_scaling, peer=True, tunix=True),
-    Bench("gmm", "bench_gmm.py", "Pallas grouped matmul vs ragged_dot", full=[], quick=["--iters", "1"],
-          parse=parse_gmm),
-    Bench("rl", "bench_rl.py", "C3PO vs sample-level batching; RL step time", full=[],
-          quick=["--preset", "tiny", "--steps", "3", "--max_new_tokens", "8", "--prompts_per_step", "2",
-                 "--responses_per_step", "4", "--stop_tokens", "8", "--seq_len", "64"], parse=parse_rl, tunix=True),
+    Bench(
+        "moe",
+        "bench_moe.py",
+        "MoE dispatch scaling (8-64 experts) and dispatch vs dense",
+        full=[],
+        quick=[
+            "--tokens",
+            "256",
+            "--hidden",
+            "64",
+            "--width",
+            "64",
+            "--experts",
+            "4,8",
+            "--paths",
+            "dispatch,dense",
+            "--reps",
+            "2",
+            "--gap",
+            "0",
+        ],
+        parse=parse_moe,
+    ),
+    Bench(
+        "train",
+        "bench_train.py",
+        "train step vs HF transformers",
+        full=[],
+        quick=[
+            "--impls",
+            "dispatch",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--layers",
+            "1",
+            "--hidden",
+            "64",
+            "--heads",
+            "4",
+            "--kv_heads",
+            "2",
+            "--experts",
+            "4",
+            "--moe_ffn",
+            "64",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--vocab",
+            "256",
+        ],
+        parse=parse_train,
+        peer=True,
+        json_out=True,
+        tunix=True,
+    ),
+    Bench(
+        "sampling",
+        "bench_sampling.py",
+        "sampling engine vs HF generate",
+        full=[],
+        quick=[
+            "--sections",
+            "main,batching,torch",
+            "--batch",
+            "4",
+            "--prompt_len",
+            "8",
+            "--new_tokens",
+            "16",
+            "--repeats",
+            "1",
+            "--requests",
+            "8",
+            "--threads",
+            "1",
+        ],
+        parse=parse_sampling,
+        peer=True,
+        tunix=True,
+    ),
+    Bench(
+        "decode",
+        "bench_decode_scaling.py",
+        "decode throughput at 16-256 rows vs HF and Tunix; the limit",
+        full=["--sections", "limits,engine,torch,tunix,rl"],
+        quick=["--sections", "limits,engine,torch,tunix", "--rows", "4,8", "--new_tokens", "8", "--repeats", "1"],
+        parse=parse_decode_scaling,
+        peer=True,
+        tunix=True,
+    ),
+    Bench(
+        "gmm", "bench_gmm.py", "Pallas grouped matmul vs ragged_dot", full=[], quick=["--iters", "1"], parse=parse_gmm
+    ),
+    Bench(
+        "rl",
+        "bench_rl.py",
+        "C3PO vs sample-level batching; RL step time",
+        full=[],
+        quick=[
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--max_new_tokens",
+            "8",
+            "--prompts_per_step",
+            "2",
+            "--responses_per_step",
+            "4",
+            "--stop_tokens",
+            "8",
+            "--seq_len",
+            "64",
+        ],
+        parse=parse_rl,
+        tunix=True,
+    ),
 ]
 BY_NAME = {b.name: b for b in BENCHES}
 
@@ -377,8 +609,10 @@ def find_peer(torch_python: str) -> tuple[str | None, str]:
     return None, "; ".join(reasons) or "no interpreter given"
 
 
-TUNIX_PROBE = ("import json, importlib.metadata as m, tunix, jax, flax; "
-               "print(json.dumps([m.version('google-tunix'), jax.__version__, flax.__version__]))")
+TUNIX_PROBE = (
+    "import json, importlib.metadata as m, tunix, jax, flax; "
+    "print(json.dumps([m.version('google-tunix'), jax.__version__, flax.__version__]))"
+)
 
 
 def find_tunix(tunix_python: str) -> tuple[str | None, str]:
@@ -403,10 +637,12 @@ def machine_line(peer_info: str, tunix_info: str = "") -> str:
         usable = cores
     jax_v = _version("jax") or "not installed"
     jaxlib_v = _version("jaxlib") or "?"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{cpu_model()}, {cores} cores ({usable} usable), load average {os.getloadavg()[0]:.1f} at start; "
-            f"Python {platform.python_version()}; jax {jax_v} / jaxlib {jaxlib_v}, flax {_version('flax') or '?'}; "
-            f"peer: {peer_info}; " + (f"Tunix: {tunix_info}; " if tunix_info else "") + now)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"{cpu_model()}, {cores} cores ({usable} usable), load average {os.getloadavg()[0]:.1f} at start; "
+        f"Python {platform.python_version()}; jax {jax_v} / jaxlib {jaxlib_v}, flax {_version('flax') or '?'}; "
+        f"peer: {peer_info}; " + (f"Tunix: {tunix_info}; " if tunix_info else "") + now
+    )
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -420,8 +656,9 @@ class Outcome:
     json: dict | None = None
 
 
-def run_bench(bench: Bench, quick: bool, peer: str | None, timeout: float, extra: list | None = None,
-              tunix: str | None = None) -> Outcome:
+def run_bench(
+    bench: Bench, quick: bool, peer: str | None, timeout: float, extra: list | None = None, tunix: str | None = None
+) -> Outcome:
     cmd = [sys.executable, os.path.join(HERE, bench.script), *(bench.quick if quick else bench.full), *(extra or [])]
     if bench.peer and peer:
         cmd += ["--torch_python", peer]
@@ -435,8 +672,9 @@ def run_bench(bench: Bench, quick: bool, peer: str | None, timeout: float, extra
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # its own process group: a timeout kills the peers it started too
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group: a timeout kills the peers it started too
     try:
         out, err = p.communicate(timeout=timeout)
         rc = p.returncode
@@ -483,7 +721,7 @@ def parse_table(text: str) -> list[dict]:
     want = "| " + " | ".join(HEADER) + " |"
     start = lines.index(want)
     out = []
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.startswith("|"):
             break
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]
@@ -494,10 +732,19 @@ def parse_table(text: str) -> list[dict]:
 
 
 def report(rows: list[Row], outcomes: dict, machine: str, argv: list, quick: bool) -> str:
-    parts = ["# Benchmarks", "",
-             f"Written by `python experiments/bench/run_all.py {' '.join(argv)}`".replace(" `", "`")
-             + (" (--quick: tiny sizes, the figures mean nothing)" if quick else ""), "",
-             f"Machine: {machine}", "", markdown_table(rows), "", "## Runs", ""]
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Written by `python experiments/bench/run_all.py {' '.join(argv)}`".replace(" `", "`")
+        + (" (--quick: tiny sizes, the figures mean nothing)" if quick else ""),
+        "",
+        f"Machine: {machine}",
+        "",
+        markdown_table(rows),
+        "",
+        "## Runs",
+        "",
+    ]
     for name, o in outcomes.items():
         status = "timed out" if o.rc is None else f"exit {o.rc}"
         cmd = " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in o.cmd[1:])
@@ -518,8 +765,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--timeout", type=float, default=0, help="seconds per benchmark (default 2400, --quick 600)")
     ap.add_argument("--torch_python", default="", help="interpreter with torch + transformers for the peers")
-    ap.add_argument("--tunix_python", default="", help="interpreter with google-tunix for the Tunix peers "
-                                                       "(train, sampling, rl); '' = Tunix rows say not measured")
+    ap.add_argument(
+        "--tunix_python",
+        default="",
+        help="interpreter with google-tunix for the Tunix peers "
+        "(train, sampling, rl); '' = Tunix rows say not measured",
+    )
     a = ap.parse_args(argv)
     names = [n for n in a.only.split(",") if n] or list(BY_NAME)
     unknown = [n for n in names if n not in BY_NAME]
@@ -538,9 +789,13 @@ def main(argv=None):
             tunix_info = f"not importable ({tunix_info})"
     machine = machine_line(peer_info, tunix_info)
     print(f"machine: {machine}", flush=True)
-    ctx = {"quick": a.quick, "peer": peer, "peer_missing": PEER_MISSING, "tunix": tunix,
-           "tunix_missing": f"Tunix: not measured ({tunix_info})" if a.tunix_python and tunix is None
-           else TUNIX_MISSING}
+    ctx = {
+        "quick": a.quick,
+        "peer": peer,
+        "peer_missing": PEER_MISSING,
+        "tunix": tunix,
+        "tunix_missing": f"Tunix: not measured ({tunix_info})" if a.tunix_python and tunix is None else TUNIX_MISSING,
+    }
     rows, outcomes = [], {}
     for n in names:
         b = BY_NAME[n]

@@ -68,16 +68,20 @@ def _kernel(tab_ref, q_ref, k_ref, v_ref, kseg_ref, kpos_ref, out_ref, *, block,
         m_new = jnp.maximum(m, jnp.max(sc, axis=1, keepdims=True))
         p = jnp.exp(sc - m_new)
         corr = jnp.exp(m - m_new)
-        return m_new, l * corr + jnp.sum(p, axis=1, keepdims=True), acc * corr + jnp.dot(
-            p, vb, preferred_element_type=jnp.float32)
+        return (
+            m_new,
+            l * corr + jnp.sum(p, axis=1, keepdims=True),
+            acc * corr + jnp.dot(p, vb, preferred_element_type=jnp.float32),
+        )
 
     init = (jnp.full((g, 1), _MASKED, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros((g, d), jnp.float32))
     m, l, acc = lax.fori_loop(0, cdiv(n, block), step, init)
     out_ref[0, 0] = (acc / jnp.maximum(l, 1e-30)).astype(out_ref.dtype)
 
 
-def decode_attention(q, k, v, layer, q_seg, q_pos, k_seg, k_pos, lengths, *, block: int = DEFAULT_BLOCK,
-                     interpret=None):
+def decode_attention(
+    q, k, v, layer, q_seg, q_pos, k_seg, k_pos, lengths, *, block: int = DEFAULT_BLOCK, interpret=None
+):
     """:func:`decode_attention_ref` reading only slots [0, lengths[b]) of row b, in blocks of ``block`` slots
     (``lengths`` [B] int32, at most S; slots past it must be invisible to the row, as the engine's cache rows are).
     ``layer``: an int or a traced int32 scalar.  Returns [B, H, D] in q's dtype."""
@@ -99,8 +103,14 @@ def decode_attention(q, k, v, layer, q_seg, q_pos, k_seg, k_pos, lengths, *, blo
         functools.partial(_kernel, block=block, d=dp, scale=1.0 / math.sqrt(d)),
         out_shape=jax.ShapeDtypeStruct((b, kvh, gp, dp), q.dtype),
         grid=(b, kvh),
-        in_specs=[scalar_spec(interpret), pl.BlockSpec((1, 1, gp, dp), lambda i, j: (i, j, 0, 0)),
-                  pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()],
+        in_specs=[
+            scalar_spec(interpret),
+            pl.BlockSpec((1, 1, gp, dp), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec(),
+            pl.BlockSpec(),
+            pl.BlockSpec(),
+            pl.BlockSpec(),
+        ],
         out_specs=pl.BlockSpec((1, 1, gp, dp), lambda i, j: (i, j, 0, 0)),
         interpret=interpret,
         compiler_params=compiler_params(interpret),

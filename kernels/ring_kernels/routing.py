@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ring_kernels._common import compiler_params, next_pow2, pad_to, resolve_interpret, round_up, backend
+from ring_kernels._common import backend, compiler_params, next_pow2, pad_to, resolve_interpret, round_up
 
 
 # ================================================================================================ top-k router

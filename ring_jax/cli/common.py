@@ -22,24 +22,52 @@ T = TypeVar("T")
 def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_string("preset", default_preset, "model preset (tiny, small, ling-lite-1.5); ignored with --hf_dir")
     flags.DEFINE_string("hf_dir", "", "initialise from this Hugging Face BailingMoe directory instead of a preset")
-    flags.DEFINE_string("init_ckpt", "", "initialise the parameters from this orbax checkpoint directory "
-                        "(latest step, or DIR:STEP); optimizer state starts fresh")
+    flags.DEFINE_string(
+        "init_ckpt",
+        "",
+        "initialise the parameters from this orbax checkpoint directory "
+        "(latest step, or DIR:STEP); optimizer state starts fresh",
+    )
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the preset's / float32)")
     flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "parameter (master weight) dtype")
     flags.DEFINE_enum("moe_impl", None, ["dispatch", "ragged", "dense", "pallas"], "MoE compute path")
     flags.DEFINE_bool("remat", None, "rematerialise decoder layers in the backward pass")
-    flags.DEFINE_enum("remat_policy", None, ["nothing", "dots", "dots_no_batch"], "what a rematerialised layer "
-                      "saves for the backward pass (default nothing: the whole layer is recomputed)")
-    flags.DEFINE_bool("scan_layers", None, "run the stacked decoder layers as one lax.scan (default; compile time "
-                      "independent of depth); --noscan_layers unrolls them over the same parameters")
-    flags.DEFINE_integer("moe_tile", None, "dispatch path: one full row tile for the grouped expert loop instead of "
-                         "the automatic ladder (0: automatic; one tile compiles faster, same numerics)")
-    flags.DEFINE_float("moe_capacity_factor", None, "expert-parallel capacity factor (default: dropless); tokens "
-                       "over ceil(factor * local tokens * k / experts) per expert are dropped and counted")
-    flags.DEFINE_integer("attn_chunk", None, "long sequences: attention this many queries at a time (0: all; same "
-                         "numerics, scores memory [B, H, chunk, T] instead of [B, H, T, T])")
-    flags.DEFINE_integer("moe_chunk", None, "long sequences: routed experts this many positions per row at a time "
-                         "(0: all; bounds the expert-dispatch buffers)")
+    flags.DEFINE_enum(
+        "remat_policy",
+        None,
+        ["nothing", "dots", "dots_no_batch"],
+        "what a rematerialised layer saves for the backward pass (default nothing: the whole layer is recomputed)",
+    )
+    flags.DEFINE_bool(
+        "scan_layers",
+        None,
+        "run the stacked decoder layers as one lax.scan (default; compile time "
+        "independent of depth); --noscan_layers unrolls them over the same parameters",
+    )
+    flags.DEFINE_integer(
+        "moe_tile",
+        None,
+        "dispatch path: one full row tile for the grouped expert loop instead of "
+        "the automatic ladder (0: automatic; one tile compiles faster, same numerics)",
+    )
+    flags.DEFINE_float(
+        "moe_capacity_factor",
+        None,
+        "expert-parallel capacity factor (default: dropless); tokens "
+        "over ceil(factor * local tokens * k / experts) per expert are dropped and counted",
+    )
+    flags.DEFINE_integer(
+        "attn_chunk",
+        None,
+        "long sequences: attention this many queries at a time (0: all; same "
+        "numerics, scores memory [B, H, chunk, T] instead of [B, H, T, T])",
+    )
+    flags.DEFINE_integer(
+        "moe_chunk",
+        None,
+        "long sequences: routed experts this many positions per row at a time "
+        "(0: all; bounds the expert-dispatch buffers)",
+    )
     flags.DEFINE_integer("seed", 0, "parameter-initialisation and PRNG seed")
 
 
@@ -66,7 +94,7 @@ def quiet_library_logs() -> None:
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
 
 
-def usage(msg: str):
+def usage(msg: str) -> None:
     """A bad flag or flag combination: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -93,8 +121,18 @@ def build_mesh(spec: str):
 
 def runtime_overrides() -> dict:
     out = {}
-    for name in ("dtype", "param_dtype", "moe_impl", "remat", "remat_policy", "scan_layers", "moe_tile",
-                 "moe_capacity_factor", "attn_chunk", "moe_chunk"):
+    for name in (
+        "dtype",
+        "param_dtype",
+        "moe_impl",
+        "remat",
+        "remat_policy",
+        "scan_layers",
+        "moe_tile",
+        "moe_capacity_factor",
+        "attn_chunk",
+        "moe_chunk",
+    ):
         v = getattr(FLAGS, name)
         if v is not None:
             out[name] = v
@@ -133,11 +171,19 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
     if hf_dir and materialize:
         from ring_jax.hf import load_pretrained
 
-        model, _ = load_pretrained(hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                   shardings=param_sharding_fn(mesh), moe_impl=cfg.moe_impl, remat=cfg.remat,
-                                   remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
-                                   moe_capacity_factor=cfg.moe_capacity_factor, attn_chunk=cfg.attn_chunk,
-                                   moe_chunk=cfg.moe_chunk)
+        model, _ = load_pretrained(
+            hf_dir,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            shardings=param_sharding_fn(mesh),
+            moe_impl=cfg.moe_impl,
+            remat=cfg.remat,
+            remat_policy=cfg.remat_policy,
+            scan_layers=cfg.scan_layers,
+            moe_capacity_factor=cfg.moe_capacity_factor,
+            attn_chunk=cfg.attn_chunk,
+            moe_chunk=cfg.moe_chunk,
+        )
         graphdef, pvars, params = split_model(model)
         return graphdef, pvars, params
     abstract = nnx.eval_shape(lambda: build_model(cfg, seed))
@@ -153,7 +199,7 @@ def resolve_init_ckpt(cfg):
     wins unless --hf_dir is given; an unreadable checkpoint is a one-line usage error."""
     if not FLAGS.init_ckpt:
         return cfg, None, None, None
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, model_config_from_meta, resolve_ckpt_dir
+    from ring_jax.train.checkpoint import Checkpointer, CheckpointError, model_config_from_meta, resolve_ckpt_dir
 
     ref, step = parse_ckpt_ref(FLAGS.init_ckpt)
     run_dir, ckpt_dir = resolve_ckpt_dir(ref)
@@ -183,8 +229,9 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_init_record(out_dir: str, ckpt_dir: str | None, step: int | None, params, chief: bool = True,
-                      **source) -> None:
+def write_init_record(
+    out_dir: str, ckpt_dir: str | None, step: int | None, params, chief: bool = True, **source
+) -> None:
     """``<out_dir>/init.json``: where a run's parameters were initialised from -- the checkpoint (directory, step),
     or with ``ckpt_dir=None`` the ``source`` keywords (``hf_dir=...`` or ``preset=..., seed=...``) -- and their
     per-array checksums (``ring_jax.train.checkpoint.tree_checksums``, the list every checkpoint's meta stores under
@@ -198,12 +245,16 @@ def write_init_record(out_dir: str, ckpt_dir: str | None, step: int | None, para
 
     sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
     if chief:
-        rec = {"init_ckpt": os.path.abspath(ckpt_dir) if ckpt_dir else None,
-               "step": int(step) if step is not None else None, **source, "params_checksums": sums}
+        rec = {
+            "init_ckpt": os.path.abspath(ckpt_dir) if ckpt_dir else None,
+            "step": int(step) if step is not None else None,
+            **source,
+            "params_checksums": sums,
+        }
         write_json(os.path.join(out_dir, "init.json"), rec)
 
 
-def die(msg: str, code: int = 1):
+def die(msg: str, code: int = 1) -> None:
     """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -226,15 +277,19 @@ def resume_point(ckpt_dir: str, resume: bool) -> int | None:
     latest = latest_step_in(ckpt_dir)
     if latest is not None:
         if not resume:
-            usage(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to continue "
-                  "or choose another --out_dir")
+            usage(
+                f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                "or choose another --out_dir"
+            )
         return latest
     corrupt = corrupt_dir(ckpt_dir)
     quarantined = sorted(os.listdir(corrupt)) if os.path.isdir(corrupt) else []
     if quarantined:
-        msg = (f"{ckpt_dir} holds no checkpoint, but {corrupt} holds {len(quarantined)} unreadable one(s) "
-               f"({', '.join(quarantined[:4])}): refusing to start from scratch over a run that had checkpoints; "
-               f"repair or remove {corrupt}, or choose another --out_dir")
+        msg = (
+            f"{ckpt_dir} holds no checkpoint, but {corrupt} holds {len(quarantined)} unreadable one(s) "
+            f"({', '.join(quarantined[:4])}): refusing to start from scratch over a run that had checkpoints; "
+            f"repair or remove {corrupt}, or choose another --out_dir"
+        )
         if resume:
             die(msg)
         usage(msg)
@@ -251,8 +306,12 @@ def start_main(argv: list[str]) -> None:
     init_distributed()
 
 
-def dataclass_from_flags(cls: type[T], renames: Mapping[str, str] | None = None,
-                         flag_values: flags.FlagValues | None = None, **overrides: Any) -> T:
+def dataclass_from_flags(
+    cls: type[T],
+    renames: Mapping[str, str] | None = None,
+    flag_values: flags.FlagValues | None = None,
+    **overrides: Any,
+) -> T:
     """An instance of the dataclass ``cls`` whose fields come from the parsed flags.
 
     Each init field of ``cls`` takes, in this order: its value in ``overrides``; the value of the flag
@@ -304,8 +363,11 @@ def find_tokenizer(out_dir: str, init_run: str | None = None) -> tuple[Tokenizer
         path, what = FLAGS.tokenizer, "--tokenizer"
     else:
         own = os.path.join(out_dir, "tokenizer")
-        found = [p for p in (FLAGS.hf_dir, own, os.path.join(init_run, "tokenizer") if init_run else "")
-                 if holds_tokenizer(p)]
+        found = [
+            p
+            for p in (FLAGS.hf_dir, own, os.path.join(init_run, "tokenizer") if init_run else "")
+            if holds_tokenizer(p)
+        ]
         if not found:
             return None
         path, what = found[0], "tokenizer"
@@ -315,7 +377,22 @@ def find_tokenizer(out_dir: str, init_run: str | None = None) -> tuple[Tokenizer
         usage(f"{what}: {e}")
 
 
-__all__ = ["build_mesh", "dataclass_from_flags", "define_model_flags", "define_runtime_flags", "die",
-           "find_tokenizer", "holds_tokenizer", "init_distributed", "init_params", "model_config_from_flags",
-           "parse_ckpt_ref", "resume_point", "runtime_overrides", "start_main", "usage", "write_init_record",
-           "write_json"]
+__all__ = [
+    "build_mesh",
+    "dataclass_from_flags",
+    "define_model_flags",
+    "define_runtime_flags",
+    "die",
+    "find_tokenizer",
+    "holds_tokenizer",
+    "init_distributed",
+    "init_params",
+    "model_config_from_flags",
+    "parse_ckpt_ref",
+    "resume_point",
+    "runtime_overrides",
+    "start_main",
+    "usage",
+    "write_init_record",
+    "write_json",
+]

@@ -15,7 +15,7 @@ flags.DEFINE_integer("seed", 0, "parameter seed")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
     import jax
     import numpy as np
@@ -36,8 +36,10 @@ def main(argv):
     model = build_model(cfg, seed=FLAGS.seed)
     tokens = np.random.default_rng(FLAGS.seed).integers(0, cfg.vocab_size, (2, 64))
     logits = np.asarray(model(tokens).logits)
-    print(f"forward [2, 64] -> logits {logits.shape} in {time.time() - t0:.1f}s (jax {jax.__version__}, "
-          f"{jax.device_count()} {jax.default_backend()} devices)")
+    print(
+        f"forward [2, 64] -> logits {logits.shape} in {time.time() - t0:.1f}s (jax {jax.__version__}, "
+        f"{jax.device_count()} {jax.default_backend()} devices)"
+    )
     out = save_pretrained(model, os.path.join(FLAGS.out_dir, "hf"), dtype="float32")
     print(f"exported HF directory: {out} ({', '.join(sorted(os.listdir(out)))})")
     reloaded, _ = load_pretrained(out)
@@ -48,7 +50,7 @@ def main(argv):
     logging.info("demo finished")
 
 
-def run():
+def run() -> None:
     app.run(main)
 
 

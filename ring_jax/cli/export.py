@@ -26,8 +26,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype of the written tensors")
     flags.DEFINE_string("tokenizer", "", "tokenizer to include (default: the run directory's tokenizer/)")
     flags.DEFINE_string("max_shard_size", "2GB", "safetensors shard size")
-    flags.DEFINE_bool("stream", False, "read and write one decoder layer at a time, never holding the model (for a "
-                      "model larger than the host's RAM; one process, --mesh is not used)")
+    flags.DEFINE_bool(
+        "stream",
+        False,
+        "read and write one decoder layer at a time, never holding the model (for a "
+        "model larger than the host's RAM; one process, --mesh is not used)",
+    )
     common.define_runtime_flags()
     flags.mark_flags_as_required(["ckpt_dir", "out_dir"])
 
@@ -50,9 +54,16 @@ def restore_model(ckpt_dir: str, step: int | None = None, mesh=None, **overrides
     return nnx.merge(graphdef, restored.params), run_dir, restored.step
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
-                      tokenizer: str = "", mesh=None, max_shard_size: str = "2GB",
-                      stream: bool = False) -> tuple[str, int]:
+def export_checkpoint(
+    ckpt_dir: str,
+    out_dir: str,
+    step: int | None = None,
+    dtype: str = "bfloat16",
+    tokenizer: str = "",
+    mesh=None,
+    max_shard_size: str = "2GB",
+    stream: bool = False,
+) -> tuple[str, int]:
     """Restore the parameters of ``step`` (newest readable when None) into a model and ``save_pretrained`` it
     (``stream``: ``ring_jax.hf_stream`` writes the same files one layer at a time).  Returns (out_dir, step)."""
     from ring_jax.hf import save_pretrained
@@ -80,7 +91,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, step: int | None = None, dtyp
     return out_dir, step
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     common.init_distributed()
@@ -88,14 +99,22 @@ def main(argv):
 
     mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
     try:
-        out, step = export_checkpoint(FLAGS.ckpt_dir, FLAGS.out_dir, None if FLAGS.step < 0 else FLAGS.step,
-                                      FLAGS.dtype, FLAGS.tokenizer, mesh, FLAGS.max_shard_size, FLAGS.stream)
+        out, step = export_checkpoint(
+            FLAGS.ckpt_dir,
+            FLAGS.out_dir,
+            None if FLAGS.step < 0 else FLAGS.step,
+            FLAGS.dtype,
+            FLAGS.tokenizer,
+            mesh,
+            FLAGS.max_shard_size,
+            FLAGS.stream,
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         common.die(str(e))
     print(f"exported step {step} of {FLAGS.ckpt_dir} to {out}", flush=True)
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

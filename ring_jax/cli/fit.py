@@ -29,10 +29,14 @@ FLAGS = flags.FLAGS
 HBM_GIB = {"v5e": 16.0, "v4": 32.0, "v6e": 32.0, "v5p": 95.0}
 
 
-def define_flags():
+def define_flags() -> None:
     flags.DEFINE_string("preset", "ling-lite-1.5", "model preset")
-    flags.DEFINE_string("target", "cpu", "cpu (fake CPU devices) or a TPU topology for a deviceless compile with "
-                        "libtpu, e.g. v5p:4x4x4 (64 chips), v5p:4x4x8, v4:4x4x4, v5e:8x8")
+    flags.DEFINE_string(
+        "target",
+        "cpu",
+        "cpu (fake CPU devices) or a TPU topology for a deviceless compile with "
+        "libtpu, e.g. v5p:4x4x4 (64 chips), v5p:4x4x8, v4:4x4x4, v5e:8x8",
+    )
     flags.DEFINE_integer("devices", 64, "number of fake CPU devices (--target=cpu)")
     flags.DEFINE_string("mesh", "fsdp:8,expert:8", "mesh spec over the devices")
     flags.DEFINE_list("programs", ["sft", "rollout", "rl"], "what to compile: sft, rollout, rl (RL step + ref logp)")
@@ -50,16 +54,21 @@ def define_flags():
     flags.DEFINE_integer("micro_batches", 1, "SFT micro-batches per step")
     flags.DEFINE_integer("ce_chunk", 1024, "chunked cross-entropy / log-prob positions (0: full logits)")
     # rollout
-    flags.DEFINE_integer("num_slots", 0, "decode batch of the sampling engine, over the whole mesh "
-                         "(0: 8 per data-parallel shard)")
+    flags.DEFINE_integer(
+        "num_slots", 0, "decode batch of the sampling engine, over the whole mesh (0: 8 per data-parallel shard)"
+    )
     flags.DEFINE_integer("prefill_batch", 0, "prompts per prefill call (0: one per data-parallel shard)")
     flags.DEFINE_integer("prompt_len", 2048, "prompt tokens (bucketed to a power of two)")
     flags.DEFINE_integer("max_new_tokens", 24576, "response length limit (Ring-lite: 24,576; 32,768 code/science)")
     flags.DEFINE_integer("decode_chunk", 32, "decode steps per jitted call")
     # RL step
     flags.DEFINE_integer("rl_seq_len", 32768, "packed RL row length")
-    flags.DEFINE_integer("budget", 409600, "C3PO token budget Phi (sets the RL rows: Phi / (rl_seq_len - "
-                         "prompt_len) rows, at least one per data-parallel shard x micro-batch)")
+    flags.DEFINE_integer(
+        "budget",
+        409600,
+        "C3PO token budget Phi (sets the RL rows: Phi / (rl_seq_len - "
+        "prompt_len) rows, at least one per data-parallel shard x micro-batch)",
+    )
     flags.DEFINE_integer("rl_micro_batches", 1, "RL micro-batches per step")
     flags.DEFINE_float("beta", 1e-3, "KL weight (> 0: the reference model is resident and its log-probs computed)")
 
@@ -67,7 +76,6 @@ def define_flags():
 def _target_devices():
     """(devices or None for the fake CPU ones, a description, ModelConfig overrides for the expert-parallel path the
     target would take)."""
-    import jax
 
     if FLAGS.target == "cpu":
         return None, f"{FLAGS.devices} fake CPU devices", {}
@@ -76,8 +84,10 @@ def _target_devices():
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=FLAGS.target)
     except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology: say which
-        raise app.UsageError(f"--target={FLAGS.target}: no TPU topology ({type(e).__name__}: {e}); a deviceless TPU "
-                             "compile needs libtpu (pip install 'jax[tpu]') and a name such as v5p:4x4x4") from None
+        raise app.UsageError(
+            f"--target={FLAGS.target}: no TPU topology ({type(e).__name__}: {e}); a deviceless TPU "
+            "compile needs libtpu (pip install 'jax[tpu]') and a name such as v5p:4x4x4"
+        ) from None
     devs = list(topo.devices)
     # the expert-parallel path a TPU would take (ragged all_to_all when dropless), except on v5e / v6e: the TPU
     # compiler rejects ragged all-to-all there ("not supported in limited ICI routing settings"), so measure the
@@ -104,21 +114,47 @@ def programs(cfg, mesh):
     dp = fit.data_parallel(setup)
     out = []
     if "sft" in FLAGS.programs:
-        out.append(("sft", lambda: [fit.sft_step(setup, FLAGS.seq_len, FLAGS.global_batch, FLAGS.micro_batches,
-                                                 LossConfig(ce_chunk=FLAGS.ce_chunk))]))
+        out.append(
+            (
+                "sft",
+                lambda: [
+                    fit.sft_step(
+                        setup,
+                        FLAGS.seq_len,
+                        FLAGS.global_batch,
+                        FLAGS.micro_batches,
+                        LossConfig(ce_chunk=FLAGS.ce_chunk),
+                    )
+                ],
+            )
+        )
     if "rl" in FLAGS.programs:
         room = max(1, FLAGS.rl_seq_len - FLAGS.prompt_len)
         unit = dp * FLAGS.rl_micro_batches
-        rows = -(-(-(-FLAGS.budget // room)) // unit) * unit
+        rows_needed = -(-FLAGS.budget // room)  # ceil divisions
+        rows = -(-rows_needed // unit) * unit
         rl = RLConfig(policy=PolicyLossConfig(beta=FLAGS.beta), logit_chunk=FLAGS.ce_chunk)
         out.append(("rl", lambda: [fit.rl_step(setup, rl, rows, FLAGS.rl_seq_len, FLAGS.rl_micro_batches)]))
         if FLAGS.beta:
             out.append(("ref", lambda: [fit.ref_logp(setup, rows, FLAGS.rl_seq_len, FLAGS.ce_chunk)]))
     if "rollout" in FLAGS.programs:
         slots = FLAGS.num_slots or 8 * dp
-        out.append(("rollout", lambda: list(fit.rollout(setup, slots, FLAGS.prompt_len, FLAGS.max_new_tokens,
-                                                        FLAGS.prefill_batch or dp, FLAGS.decode_chunk,
-                                                        resident_ref=FLAGS.beta > 0))))
+        out.append(
+            (
+                "rollout",
+                lambda: list(
+                    fit.rollout(
+                        setup,
+                        slots,
+                        FLAGS.prompt_len,
+                        FLAGS.max_new_tokens,
+                        FLAGS.prefill_batch or dp,
+                        FLAGS.decode_chunk,
+                        resident_ref=FLAGS.beta > 0,
+                    )
+                ),
+            )
+        )
     return out
 
 
@@ -142,18 +178,23 @@ def reports_for(cfg, mesh):
     return out
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
     from ring_jax.cli.common import quiet_library_logs
     from ring_jax.config import get_preset, human
-    from ring_jax import fit
     from ring_jax.sharding import ShardingError, make_mesh
 
     quiet_library_logs()
     devices, where, ep = _target_devices()
-    over = dict(remat=FLAGS.remat, remat_policy=FLAGS.remat_policy, scan_layers=FLAGS.scan_layers,
-                attn_chunk=FLAGS.attn_chunk, moe_chunk=FLAGS.moe_chunk,
-                moe_capacity_factor=FLAGS.moe_capacity_factor, **ep)
+    over = dict(
+        remat=FLAGS.remat,
+        remat_policy=FLAGS.remat_policy,
+        scan_layers=FLAGS.scan_layers,
+        attn_chunk=FLAGS.attn_chunk,
+        moe_chunk=FLAGS.moe_chunk,
+        moe_capacity_factor=FLAGS.moe_capacity_factor,
+        **ep,
+    )
     if FLAGS.num_layers:
         over["num_hidden_layers"] = FLAGS.num_layers
     cfg = get_preset(FLAGS.preset, **over)
@@ -162,16 +203,18 @@ def main(argv):
     except ShardingError as e:
         raise app.UsageError(f"--mesh: {e}") from None
     counts = cfg.param_counts()
-    print(f"{FLAGS.preset}: {human(counts['total'])} parameters ({human(counts['active'])} active), "
-          f"{cfg.num_hidden_layers} layers ({'scanned' if cfg.scan_layers else 'unrolled'}), dtype {cfg.dtype} / "
-          f"params {cfg.param_dtype}, remat={cfg.remat} ({cfg.remat_policy}), "
-          f"attn_chunk={cfg.attn_chunk}, moe_chunk={cfg.moe_chunk}, ce_chunk={FLAGS.ce_chunk}")
+    print(
+        f"{FLAGS.preset}: {human(counts['total'])} parameters ({human(counts['active'])} active), "
+        f"{cfg.num_hidden_layers} layers ({'scanned' if cfg.scan_layers else 'unrolled'}), dtype {cfg.dtype} / "
+        f"params {cfg.param_dtype}, remat={cfg.remat} ({cfg.remat_policy}), "
+        f"attn_chunk={cfg.attn_chunk}, moe_chunk={cfg.moe_chunk}, ce_chunk={FLAGS.ce_chunk}"
+    )
     print(f"mesh {dict(mesh.shape)} on {where}")
     print("per device:", flush=True)
     reports_for(cfg, mesh)
 
 
-def run():
+def run() -> None:
     define_flags()
     # fake devices must be configured before jax initialises its backends
     argv = sys.argv
@@ -189,8 +232,9 @@ def _main_with_flagfile_devices(argv):
     """A flagfile may set --devices / --target: the fake CPU device count is only known after parsing, so it is
     applied here (before the first jax backend call)."""
     if FLAGS.target == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                                   f"--xla_force_host_platform_device_count={FLAGS.devices}")
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={FLAGS.devices}"
+        )
     main(argv)
 
 

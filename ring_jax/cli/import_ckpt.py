@@ -26,18 +26,33 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("hf_dir", None, "Hugging Face directory (config.json + safetensors)")
     flags.DEFINE_string("out_dir", None, "run directory to create; the checkpoint goes to <out_dir>/ckpt")
-    flags.DEFINE_bool("overwrite", False, "--out_dir may be non-empty: everything in it is deleted (once the HF "
-                      "directory has loaded) and replaced by the import; without it a non-empty --out_dir is refused")
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "--out_dir may be non-empty: everything in it is deleted (once the HF "
+        "directory has loaded) and replaced by the import; without it a non-empty --out_dir is refused",
+    )
     flags.DEFINE_integer("step", 0, "step number of the written checkpoint")
     flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "stored parameter dtype")
-    flags.DEFINE_bool("stream", False, "convert one decoder layer at a time, never holding the model: host memory "
-                      "stays near one layer (for a model larger than the host's RAM; one process only)")
+    flags.DEFINE_bool(
+        "stream",
+        False,
+        "convert one decoder layer at a time, never holding the model: host memory "
+        "stays near one layer (for a model larger than the host's RAM; one process only)",
+    )
     common.define_runtime_flags()
     flags.mark_flags_as_required(["hf_dir", "out_dir"])
 
 
-def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "float32", mesh=None,
-              overwrite: bool = False, stream: bool = False) -> str:
+def import_hf(
+    hf_dir: str,
+    out_dir: str,
+    step: int = 0,
+    param_dtype: str = "float32",
+    mesh=None,
+    overwrite: bool = False,
+    stream: bool = False,
+) -> str:
     """Write ``<out_dir>/ckpt/<step>`` (parameters + meta) from an HF directory; returns the checkpoint dir.
     ``out_dir`` should be new or empty; ``overwrite`` first empties it (after the HF directory has loaded, or with
     ``stream`` after its config and tensor shapes have checked out, so a bad one leaves it untouched).  ``stream``:
@@ -56,8 +71,9 @@ def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "floa
         check_tensors(cfg, SafetensorsReader(hf_dir))
         params = None
     else:
-        model, cfg = load_pretrained(hf_dir, param_dtype=param_dtype,
-                                     shardings=param_sharding_fn(mesh) if mesh is not None else None)
+        model, cfg = load_pretrained(
+            hf_dir, param_dtype=param_dtype, shardings=param_sharding_fn(mesh) if mesh is not None else None
+        )
         _, _, params = split_model(model)
     tokenizer = None
     if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
@@ -67,8 +83,11 @@ def import_hf(hf_dir: str, out_dir: str, step: int = 0, param_dtype: str = "floa
     if overwrite:
         _empty_dir(out_dir)
     ckpt_dir = os.path.join(os.path.abspath(out_dir), "ckpt")
-    meta = {"model_config": cfg.to_hf_dict(), "runtime": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
-            "source": os.path.abspath(hf_dir)}
+    meta = {
+        "model_config": cfg.to_hf_dict(),
+        "runtime": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
+        "source": os.path.abspath(hf_dir),
+    }
     if stream:
         from ring_jax.hf_stream import import_hf_streaming
 
@@ -109,34 +128,37 @@ def _check_out_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
         return
     if not overwrite:
-        usage(f"--out_dir {out_dir} is not empty (holds {', '.join(sorted(os.listdir(out_dir))[:4])}); pass "
-              "--overwrite to replace its contents, or choose another --out_dir")
+        usage(
+            f"--out_dir {out_dir} is not empty (holds {', '.join(sorted(os.listdir(out_dir))[:4])}); pass "
+            "--overwrite to replace its contents, or choose another --out_dir"
+        )
     out, src = os.path.realpath(out_dir), os.path.realpath(hf_dir)
     if os.path.commonpath([out, src]) == out:
         usage(f"--hf_dir {hf_dir} is inside --out_dir {out_dir}: --overwrite would delete it")
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     if not os.path.isdir(FLAGS.hf_dir):
         usage(f"--hf_dir {FLAGS.hf_dir}: not a directory")
     _check_out_dir(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.overwrite)
     common.init_distributed()
-    from ring_jax.hf import CheckpointError as HFError
     from ring_jax.config import ConfigError
+    from ring_jax.hf import CheckpointError as HFError
     from ring_jax.train.checkpoint import CheckpointError
 
     mesh = common.build_mesh(FLAGS.mesh) if FLAGS.mesh else None
     try:
-        ckpt_dir = import_hf(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.step, FLAGS.param_dtype, mesh, FLAGS.overwrite,
-                             FLAGS.stream)
+        ckpt_dir = import_hf(
+            FLAGS.hf_dir, FLAGS.out_dir, FLAGS.step, FLAGS.param_dtype, mesh, FLAGS.overwrite, FLAGS.stream
+        )
     except (HFError, ConfigError, CheckpointError) as e:
         common.die(str(e))
     print(f"imported {FLAGS.hf_dir} -> {ckpt_dir}/{FLAGS.step}", flush=True)
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

@@ -56,8 +56,11 @@ def load_runs(paths: list[str]) -> dict[str, list[dict]]:
 def _label(path: str, taken) -> str:
     """A short legend label: the run directory's name (metrics.jsonl) or the file stem; made unique."""
     base = os.path.basename(path)
-    name = os.path.basename(os.path.dirname(os.path.abspath(path))) if base == "metrics.jsonl" else \
-        os.path.splitext(base)[0]
+    name = (
+        os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if base == "metrics.jsonl"
+        else os.path.splitext(base)[0]
+    )
     label, i = name, 2
     while label in taken:
         label, i = f"{name} ({i})", i + 1
@@ -80,8 +83,14 @@ def _xy(recs: list[dict], key: str, x: str):
     return xs, ys
 
 
-def plot_runs(paths: list[str], out: str, keys: list[str] | None = None, smooth: float = 0.0,
-              x: str = "step", title: str | None = None) -> str:
+def plot_runs(
+    paths: list[str],
+    out: str,
+    keys: list[str] | None = None,
+    smooth: float = 0.0,
+    x: str = "step",
+    title: str | None = None,
+) -> str:
     """Plot ``keys`` (default: all numeric scalars) of the JSONL runs at ``paths`` into ``out`` (PNG/PDF/SVG)."""
     import matplotlib
 
@@ -93,8 +102,9 @@ def plot_runs(paths: list[str], out: str, keys: list[str] | None = None, smooth:
     if keys:
         unknown = [k for k in keys if k not in known]
         if unknown:
-            raise PlotError(f"unknown key(s) {', '.join(unknown)}; numeric keys in the run(s): "
-                            f"{', '.join(known) or '(none)'}")
+            raise PlotError(
+                f"unknown key(s) {', '.join(unknown)}; numeric keys in the run(s): {', '.join(known) or '(none)'}"
+            )
     else:
         keys = [k for k in known if k != x]
     if not keys:
@@ -122,7 +132,7 @@ def plot_runs(paths: list[str], out: str, keys: list[str] | None = None, smooth:
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
@@ -146,7 +156,7 @@ def _define_flags():
     flags.DEFINE_string("title", None, "figure title")
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
     F = flags.FLAGS
@@ -157,7 +167,7 @@ def main(argv):
     print(f"wrote {out}")
 
 
-def run():
+def run() -> None:
     _define_flags()
     app.run(main)
 

@@ -36,33 +36,50 @@ def held_out_table(rl_dir: str, evals: list[dict]) -> list[str]:
 
     if not evals or "families" not in evals[0]:  # an eval.jsonl of an older run: pass@1 only
         out = ["## Held-out pass@1 (temperature 1.0, top-p 0.95)", "", "| when | pass@1 | per task |", "|---|---|---|"]
-        out += [f"| {e['tag']} | {e['pass_at_1']:.3f} | "
-                f"{', '.join(f'{k} {v:.3f}' for k, v in e['per_task'].items())} |" for e in evals]
+        out += [
+            f"| {e['tag']} | {e['pass_at_1']:.3f} | {', '.join(f'{k} {v:.3f}' for k, v in e['per_task'].items())} |"
+            for e in evals
+        ]
         return out + [""]
     n = evals[0].get("n", 1)
-    out = [f"## Held-out set (distinct problems disjoint from SFT and RL; pass@1 = {n} samples per prompt at "
-           "temperature 1.0, top-p 0.95; 95% intervals over prompts)", "",
-           f"| when | family | prompts | pass@1 | pass@{n} | greedy | mean length | unfinished |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"## Held-out set (distinct problems disjoint from SFT and RL; pass@1 = {n} samples per prompt at "
+        "temperature 1.0, top-p 0.95; 95% intervals over prompts)",
+        "",
+        f"| when | family | prompts | pass@1 | pass@{n} | greedy | mean length | unfinished |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in evals:
         for fam, m in [*sorted(e["families"].items()), ("all", e["overall"])]:
-            out.append(f"| {e['tag']} | {fam} | {m['num_prompts']} | {_rate(m['pass_at_1'])} | "
-                       f"{_rate(m['pass_at_k'])} | {_rate(m['greedy'])} | {m['response_len']:.1f} | "
-                       f"{m['unfinished']['value']:.3f} |")
+            out.append(
+                f"| {e['tag']} | {fam} | {m['num_prompts']} | {_rate(m['pass_at_1'])} | "
+                f"{_rate(m['pass_at_k'])} | {_rate(m['greedy'])} | {m['response_len']:.1f} | "
+                f"{m['unfinished']['value']:.3f} |"
+            )
     out.append("")
     first, last = evals[0]["tag"], evals[-1]["tag"]
     pa, pb = (os.path.join(rl_dir, f"eval_{t}_prompts.json") for t in (first, last))
     if first != last and os.path.exists(pa) and os.path.exists(pb):
         a, b = json.load(open(pa)), json.load(open(pb))
         fams = sorted({v["family"] for v in a.values()})
-        out += [f"Change {first} -> {last}, paired over the same prompts (95% interval of the per-prompt differences):",
-                "", f"| family | pass@1 | pass@{n} | greedy | unfinished |", "|---|---|---|---|---|"]
+        out += [
+            f"Change {first} -> {last}, paired over the same prompts (95% interval of the per-prompt differences):",
+            "",
+            f"| family | pass@1 | pass@{n} | greedy | unfinished |",
+            "|---|---|---|---|---|",
+        ]
         for fam in [*fams, "all"]:
             sa = {k: v for k, v in a.items() if fam == "all" or v["family"] == fam}
             have_greedy = all(v.get("greedy") is not None for v in [*sa.values(), *b.values()])
-            cells = [paired_difference(sa, b, f) if f != "greedy" or have_greedy else None
-                     for f in ("solved", "any", "greedy", "unfinished")]
-            out.append(f"| {fam} | " + " | ".join("-" if c is None else f"{c.value:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]"
-                                                 for c in cells) + " |")
+            cells = [
+                paired_difference(sa, b, f) if f != "greedy" or have_greedy else None
+                for f in ("solved", "any", "greedy", "unfinished")
+            ]
+            out.append(
+                f"| {fam} | "
+                + " | ".join("-" if c is None else f"{c.value:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in cells)
+                + " |"
+            )
         out.append("")
     return out
 
@@ -70,12 +87,18 @@ def held_out_table(rl_dir: str, evals: list[dict]) -> list[str]:
 def sft_checkpoint_table(rec: dict) -> list[str]:
     """Markdown: each SFT checkpoint's entropy on the RL prompts and the pick (ring-jax-sft-entropy's JSON)."""
     lo, hi = rec["entropy_band"]
-    out = [f"## SFT checkpoints: entropy on {rec['prompts']} RL prompts x {rec['samples']} samples (T = 1)", "",
-           "| checkpoint | SFT tokens | entropy (nats/token) | sampled -log p | mean length |", "|---|---|---|---|---|"]
+    out = [
+        f"## SFT checkpoints: entropy on {rec['prompts']} RL prompts x {rec['samples']} samples (T = 1)",
+        "",
+        "| checkpoint | SFT tokens | entropy (nats/token) | sampled -log p | mean length |",
+        "|---|---|---|---|---|",
+    ]
     for c in rec["checkpoints"]:
         mark = " (picked)" if c["name"] == rec["picked"] else ""
-        out.append(f"| {c['name']}{mark} | {c['sft_tokens']:.0f} | {c['entropy']:.4f} | {c['sampled_nll']:.4f} | "
-                   f"{c['mean_length']:.1f} |")
+        out.append(
+            f"| {c['name']}{mark} | {c['sft_tokens']:.0f} | {c['entropy']:.4f} | {c['sampled_nll']:.4f} | "
+            f"{c['mean_length']:.1f} |"
+        )
     return out + ["", f"Pick by Ring-lite's entropy rule (band [{lo}, {hi}]): {rec['picked']}: {rec['rule']}.", ""]
 
 
@@ -91,24 +114,41 @@ def write_report(run_dir: str, elapsed_s: float | None = None, commands=()) -> s
     if os.path.exists(sft_m):
         plot_runs([sft_m], os.path.join(run_dir, "sft_loss.png"), keys=["loss"], smooth=0.8, title="SFT loss")
         recs = read_jsonl(sft_m)
-        lines += ["## SFT", "", f"{len(recs)} steps; loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}.", "",
-                  "![SFT loss](sft_loss.png)", ""]
+        lines += [
+            "## SFT",
+            "",
+            f"{len(recs)} steps; loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}.",
+            "",
+            "![SFT loss](sft_loss.png)",
+            "",
+        ]
     ent = os.path.join(run_dir, "sft", "checkpoints.json")
     if os.path.exists(ent):
         lines += sft_checkpoint_table(json.load(open(ent)))
     if os.path.exists(rl_m):
-        plot_runs([rl_m], os.path.join(run_dir, "rl_curves.png"),
-                  keys=["reward_mean", "response_len_mean", "entropy", "kept_tokens"], smooth=0.6,
-                  title="C3PO RL")
+        plot_runs(
+            [rl_m],
+            os.path.join(run_dir, "rl_curves.png"),
+            keys=["reward_mean", "response_len_mean", "entropy", "kept_tokens"],
+            smooth=0.6,
+            title="C3PO RL",
+        )
         recs = read_jsonl(rl_m)
-        lines += ["## C3PO RL", "",
-                  f"{len(recs)} steps; rollout reward {recs[0]['reward_mean']:.3f} -> {recs[-1]['reward_mean']:.3f}; "
-                  f"tokens per optimiser step: {sorted({int(r['kept_tokens']) for r in recs})}.", "",
-                  "![RL curves](rl_curves.png)", ""]
+        lines += [
+            "## C3PO RL",
+            "",
+            f"{len(recs)} steps; rollout reward {recs[0]['reward_mean']:.3f} -> {recs[-1]['reward_mean']:.3f}; "
+            f"tokens per optimiser step: {sorted({int(r['kept_tokens']) for r in recs})}.",
+            "",
+            "![RL curves](rl_curves.png)",
+            "",
+        ]
         times = {k: sum(r.get(f"time/{k}_s", 0.0) for r in recs) for k in ("rollout", "reward", "reference", "train")}
         total = sum(times.values()) or 1.0
-        lines += ["Step time split: " + ", ".join(f"{k} {v:.0f}s ({100 * v / total:.0f}%)" for k, v in times.items()),
-                  ""]
+        lines += [
+            "Step time split: " + ", ".join(f"{k} {v:.0f}s ({100 * v / total:.0f}%)" for k, v in times.items()),
+            "",
+        ]
     ev = os.path.join(run_dir, "rl", "eval.jsonl")
     if os.path.exists(ev):
         evals = [json.loads(x) for x in open(ev) if x.strip()]

@@ -55,27 +55,44 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_seed", 99_000, "seed of the generated held-out prompts (disjoint from training)")
     flags.DEFINE_integer("eval_n", 4, "samples per held-out prompt")
     flags.DEFINE_float("eval_top_p", 0.95, "top-p for evaluation (Ring-lite: 0.95)")
-    flags.DEFINE_bool("eval_only", False, "evaluate the initial parameters on the held-out prompts (tag 'init') and "
-                      "exit: no RL step, no checkpoint")
-    flags.DEFINE_bool("eval_before", True, "evaluate before the first step (off: only after, e.g. when another run "
-                      "from the same checkpoint already measured the start)")
+    flags.DEFINE_bool(
+        "eval_only",
+        False,
+        "evaluate the initial parameters on the held-out prompts (tag 'init') and exit: no RL step, no checkpoint",
+    )
+    flags.DEFINE_bool(
+        "eval_before",
+        True,
+        "evaluate before the first step (off: only after, e.g. when another run "
+        "from the same checkpoint already measured the start)",
+    )
     flags.DEFINE_bool("eval_greedy", True, "also measure greedy accuracy (one greedy response per held-out prompt)")
     flags.DEFINE_integer("eval_slots", 0, "decode batch of the evaluation's engine (0: --num_slots)")
     flags.DEFINE_integer("eval_every", 0, "evaluate every N steps (0: only before and after)")
     # rollout and C3PO
     flags.DEFINE_integer("prompts_per_step", 8, "prompts per step (L)")
     flags.DEFINE_integer("samples_per_prompt", 4, "responses per prompt (K)")
-    flags.DEFINE_integer("updates_per_rollout", 1, "optimiser updates per rollout, each on its own budget of --budget "
-                         "tokens drawn disjointly from the rollout pool (pi_old = the policy that sampled, so the PPO "
-                         "clip acts from the second update on); baselines: --responses_per_step each")
+    flags.DEFINE_integer(
+        "updates_per_rollout",
+        1,
+        "optimiser updates per rollout, each on its own budget of --budget "
+        "tokens drawn disjointly from the rollout pool (pi_old = the policy that sampled, so the PPO "
+        "clip acts from the second update on); baselines: --responses_per_step each",
+    )
     flags.DEFINE_enum("aggregation", "c3po", ["c3po", "seq_mean", "token_mean"], "loss aggregation / batching")
     flags.DEFINE_integer("budget", 1024, "C3PO token budget Phi per optimiser step")
     flags.DEFINE_integer("responses_per_step", 0, "baselines: responses per step (0: all)")
-    flags.DEFINE_enum("selection_order", "random", ["random", "rollout", "shortest_first", "longest_first",
-                                                    "informative_first"],
-                      "order of the greedy budget selection (informative_first: non-zero advantages first)")
-    flags.DEFINE_bool("binary_reward", True, "reward 1 iff the verifier scores 1 (Ring-lite; no partial credit); "
-                      "learned reward-model scores pass through")
+    flags.DEFINE_enum(
+        "selection_order",
+        "random",
+        ["random", "rollout", "shortest_first", "longest_first", "informative_first"],
+        "order of the greedy budget selection (informative_first: non-zero advantages first)",
+    )
+    flags.DEFINE_bool(
+        "binary_reward",
+        True,
+        "reward 1 iff the verifier scores 1 (Ring-lite; no partial credit); learned reward-model scores pass through",
+    )
     flags.DEFINE_integer("max_new_tokens", 64, "response length limit")
     flags.DEFINE_float("temperature", 1.0, "rollout temperature")
     flags.DEFINE_float("top_p", 1.0, "rollout top-p")
@@ -88,25 +105,53 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha_ent", 5e-4, "entropy bonus weight")
     flags.DEFINE_float("alpha_bal", 1e-5, "MoE load-balance loss weight")
     flags.DEFINE_float("alpha_z", 1e-7, "router z-loss weight")
-    flags.DEFINE_float("tis_cap", 2.0, "truncated importance sampling between sampler and trainer: each trained "
-                       "token weighs min(pi_old / q_sampler, C), correcting rollouts at --temperature != 1 or "
-                       "--top_p < 1 (1 otherwise); <= 0: off")
-    flags.DEFINE_enum("tis_level", "token", ["token", "sequence"], "importance weight per token, or one per response "
-                      "(the product of its tokens' ratios, truncated)")
-    flags.DEFINE_bool("skip_no_signal", True, "skip an update whose selected responses all have advantage 0 (it would "
-                      "move the weights by the KL, entropy and MoE aux terms alone); counted as skipped_no_signal")
+    flags.DEFINE_float(
+        "tis_cap",
+        2.0,
+        "truncated importance sampling between sampler and trainer: each trained "
+        "token weighs min(pi_old / q_sampler, C), correcting rollouts at --temperature != 1 or "
+        "--top_p < 1 (1 otherwise); <= 0: off",
+    )
+    flags.DEFINE_enum(
+        "tis_level",
+        "token",
+        ["token", "sequence"],
+        "importance weight per token, or one per response (the product of its tokens' ratios, truncated)",
+    )
+    flags.DEFINE_bool(
+        "skip_no_signal",
+        True,
+        "skip an update whose selected responses all have advantage 0 (it would "
+        "move the weights by the KL, entropy and MoE aux terms alone); counted as skipped_no_signal",
+    )
     flags.DEFINE_float("reward_timeout_s", 30.0, "per-response reward timeout")
-    flags.DEFINE_float("max_reward_fail_frac", 0.1, "stop (after checkpointing) when more than this fraction of a "
-                       "rollout's rewards fail (raise, time out, NaN); failed ones never enter advantages or budgets")
-    flags.DEFINE_float("max_bad_prompts", 0.05, "stop before training when more than this fraction of a prompt "
-                       "source is unusable (bad JSON / UTF-8, no reward function, too long)")
-    flags.DEFINE_string("reward_model", "", "learned reward model directory (ring_jax.rl.reward_model "
-                        "LearnedRewardModel.save) that scores records of task 'reward_model'")
+    flags.DEFINE_float(
+        "max_reward_fail_frac",
+        0.1,
+        "stop (after checkpointing) when more than this fraction of a "
+        "rollout's rewards fail (raise, time out, NaN); failed ones never enter advantages or budgets",
+    )
+    flags.DEFINE_float(
+        "max_bad_prompts",
+        0.05,
+        "stop before training when more than this fraction of a prompt "
+        "source is unusable (bad JSON / UTF-8, no reward function, too long)",
+    )
+    flags.DEFINE_string(
+        "reward_model",
+        "",
+        "learned reward model directory (ring_jax.rl.reward_model "
+        "LearnedRewardModel.save) that scores records of task 'reward_model'",
+    )
     # optimiser and run
     flags.DEFINE_integer("steps", 20, "RL steps")
     flags.DEFINE_float("lr", 3e-6, "learning rate (constant after warm-up; Ring-lite: 3e-6)")
-    flags.DEFINE_integer("warmup_steps", 3, "warm-up RL steps: the learning rate rises linearly from 0 over this "
-                         "many steps (x --updates_per_rollout updates), then stays constant (Ring-lite)")
+    flags.DEFINE_integer(
+        "warmup_steps",
+        3,
+        "warm-up RL steps: the learning rate rises linearly from 0 over this "
+        "many steps (x --updates_per_rollout updates), then stays constant (Ring-lite)",
+    )
     flags.DEFINE_float("weight_decay", 0.1, "decoupled weight decay")
     flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clipping (<= 0: off)")
     flags.DEFINE_integer("ckpt_every", 10, "checkpoint every N steps (0: only at the end)")
@@ -120,13 +165,28 @@ def define_flags() -> None:
 
 def _check_flags() -> None:
     """One-line usage errors for flag values that cannot work, before anything is built."""
-    positive = ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "max_new_tokens",
-                "micro_batches", "num_slots", "eval_n")
+    positive = (
+        "steps",
+        "prompts_per_step",
+        "samples_per_prompt",
+        "updates_per_rollout",
+        "max_new_tokens",
+        "micro_batches",
+        "num_slots",
+        "eval_n",
+    )
     for name in positive:
         if getattr(FLAGS, name) < 1:
             usage(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
-    for name in ("warmup_steps", "ckpt_every", "responses_per_step", "eval_prompts", "eval_every", "num_prompts",
-                 "eval_slots"):
+    for name in (
+        "warmup_steps",
+        "ckpt_every",
+        "responses_per_step",
+        "eval_prompts",
+        "eval_every",
+        "num_prompts",
+        "eval_slots",
+    ):
         if getattr(FLAGS, name) < 0:
             usage(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
     if FLAGS.aggregation == "c3po" and FLAGS.budget <= 0:
@@ -134,8 +194,10 @@ def _check_flags() -> None:
     if FLAGS.eval_only and not (FLAGS.eval_tasks or FLAGS.eval_jsonl):
         usage("--eval_only needs held-out prompts (--eval_tasks or --eval_jsonl)")
     if FLAGS.temperature <= 0:
-        usage(f"--temperature must be > 0 for RL rollouts (greedy samples of one prompt are identical), got "
-              f"{FLAGS.temperature}")
+        usage(
+            f"--temperature must be > 0 for RL rollouts (greedy samples of one prompt are identical), got "
+            f"{FLAGS.temperature}"
+        )
     for name in ("top_p", "eval_top_p"):
         if not 0.0 < getattr(FLAGS, name) <= 1.0:
             usage(f"--{name} must be in (0, 1], got {getattr(FLAGS, name)}")
@@ -143,8 +205,7 @@ def _check_flags() -> None:
         if not 0.0 <= getattr(FLAGS, name) <= 1.0:
             usage(f"--{name} must be in [0, 1], got {getattr(FLAGS, name)}")
     if FLAGS.max_new_tokens >= FLAGS.seq_len:
-        usage(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in a --seq_len={FLAGS.seq_len} "
-              "row")
+        usage(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in a --seq_len={FLAGS.seq_len} row")
     if not FLAGS.tasks and not FLAGS.prompts_jsonl:
         usage("give --tasks and/or --prompts_jsonl")
 
@@ -181,11 +242,17 @@ def _drop_overlap(train_recs: list[dict], eval_recs: list[dict]) -> list[dict]:
     if not bad:
         return eval_recs
     if len(bad) == len(eval_recs):
-        common.die(f"every one of the {len(eval_recs)} held-out prompts is also a training prompt (same problem or "
-                   "same text): nothing is held out")
+        common.die(
+            f"every one of the {len(eval_recs)} held-out prompts is also a training prompt (same problem or "
+            "same text): nothing is held out"
+        )
     first = eval_recs[min(bad)]
-    print(f"warning: held-out prompts: left out {len(bad)} of {len(eval_recs)} that are also training prompts "
-          f"(same problem or same text; e.g. {str(first.get('prompt', ''))[:60]!r})", file=sys.stderr, flush=True)
+    print(
+        f"warning: held-out prompts: left out {len(bad)} of {len(eval_recs)} that are also training prompts "
+        f"(same problem or same text; e.g. {str(first.get('prompt', ''))[:60]!r})",
+        file=sys.stderr,
+        flush=True,
+    )
     return [r for i, r in enumerate(eval_recs) if i not in bad]
 
 
@@ -198,15 +265,25 @@ def _load_prompts(sources, tok, max_prompt_tokens: int, hint: str, what: str) ->
     recs = []
     for name, src in sources:
         try:
-            got, stats = load_prompt_records(src, tokenizer=tok, max_prompt_tokens=max_prompt_tokens,
-                                             max_bad_fraction=FLAGS.max_bad_prompts, known_tasks=registry.list_tasks(),
-                                             too_long_hint=hint, origin=name)
+            got, stats = load_prompt_records(
+                src,
+                tokenizer=tok,
+                max_prompt_tokens=max_prompt_tokens,
+                max_bad_fraction=FLAGS.max_bad_prompts,
+                known_tasks=registry.list_tasks(),
+                too_long_hint=hint,
+                origin=name,
+            )
         except DataError as e:
             common.die(f"{what} prompts {name}: {e}")
         if stats.bad:
-            print(f"warning: {what} prompts {name}: skipped {stats.bad} of {stats.total} "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(stats.reasons.items()))}; first at "
-                  f"{', '.join(f'{f}:{n}' for f, n, _ in stats.bad_records[:3])})", file=sys.stderr, flush=True)
+            print(
+                f"warning: {what} prompts {name}: skipped {stats.bad} of {stats.total} "
+                f"({', '.join(f'{k} {v}' for k, v in sorted(stats.reasons.items()))}; first at "
+                f"{', '.join(f'{f}:{n}' for f, n, _ in stats.bad_records[:3])})",
+                file=sys.stderr,
+                flush=True,
+            )
         recs += got
     return recs
 
@@ -234,22 +311,24 @@ def _reference_params(run: TrainRun):
     import jax
     import numpy as np
 
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, tree_checksums
+    from ring_jax.train.checkpoint import Checkpointer, CheckpointError, tree_checksums
 
     path = os.path.join(run.out_dir, "init.json")
     try:
         with open(path) as f:
             rec = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        common.die(f"--resume with --beta={FLAGS.beta}: cannot rebuild the KL reference (the initial policy): "
-                   f"{path}: {e}")
+        common.die(
+            f"--resume with --beta={FLAGS.beta}: cannot rebuild the KL reference (the initial policy): {path}: {e}"
+        )
     if rec.get("init_ckpt"):
         try:
             with Checkpointer(rec["init_ckpt"], read_only=True) as c:
                 params = c.restore_params(run.params, run.shardings.params, rec.get("step")).params
         except CheckpointError as e:
-            common.die(f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is "
-                       f"unreadable ({e})")
+            common.die(
+                f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is unreadable ({e})"
+            )
     else:
         hf_dir = rec.get("hf_dir") or ""
         if hf_dir and not os.path.isdir(hf_dir):
@@ -257,8 +336,10 @@ def _reference_params(run: TrainRun):
         params = common.init_params(run.cfg, run.mesh, int(rec.get("seed", FLAGS.seed)), hf_dir)[2]
     sums = [int(v) for v in np.asarray(jax.device_get(tree_checksums(params)))]
     if sums != rec.get("params_checksums"):
-        common.die(f"--resume: the rebuilt KL reference does not match the checksums in {path} (the initial policy's "
-                   "source changed since the run started)")
+        common.die(
+            f"--resume: the rebuilt KL reference does not match the checksums in {path} (the initial policy's "
+            "source changed since the run started)"
+        )
     return params
 
 
@@ -267,8 +348,9 @@ def _rl_config():
     from ring_jax.rl.step import RLConfig
 
     try:
-        return common.dataclass_from_flags(RLConfig, {"num_micro": "micro_batches"},
-                                           policy=common.dataclass_from_flags(PolicyLossConfig))
+        return common.dataclass_from_flags(
+            RLConfig, {"num_micro": "micro_batches"}, policy=common.dataclass_from_flags(PolicyLossConfig)
+        )
     except ValueError as e:
         usage(str(e))
 
@@ -290,20 +372,38 @@ def _prompt_records(train_src, eval_src, tok, cfg) -> tuple[list[dict], list[dic
     """(training, held-out) prompt records of the sources, each with ``prompt_ids`` in ``cfg``'s vocabulary and
     room for a --max_new_tokens response; held-out ones that are also training prompts left out."""
     room = min(FLAGS.seq_len, cfg.max_position_embeddings) - FLAGS.max_new_tokens
-    train_recs = _load_prompts(train_src, tok, room, f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} "
-                               f"of the {min(FLAGS.seq_len, cfg.max_position_embeddings)}-token row for the response)",
-                               "training")
-    eval_recs = _load_prompts(eval_src, tok, cfg.max_position_embeddings - FLAGS.max_new_tokens,
-                              f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} of the "
-                              f"{cfg.max_position_embeddings}-token context)", "held-out") if eval_src else []
+    train_recs = _load_prompts(
+        train_src,
+        tok,
+        room,
+        f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} "
+        f"of the {min(FLAGS.seq_len, cfg.max_position_embeddings)}-token row for the response)",
+        "training",
+    )
+    eval_recs = (
+        _load_prompts(
+            eval_src,
+            tok,
+            cfg.max_position_embeddings - FLAGS.max_new_tokens,
+            f" (leaves fewer than --max_new_tokens={FLAGS.max_new_tokens} of the "
+            f"{cfg.max_position_embeddings}-token context)",
+            "held-out",
+        )
+        if eval_src
+        else []
+    )
     eval_recs = _drop_overlap(train_recs, eval_recs)
     if not all("prompt_ids" in r for r in train_recs + eval_recs):
-        usage("no tokenizer found (--tokenizer, --hf_dir, or an --init_ckpt run with tokenizer/) and the prompts have "
-              "no prompt_ids")
+        usage(
+            "no tokenizer found (--tokenizer, --hf_dir, or an --init_ckpt run with tokenizer/) and the prompts have "
+            "no prompt_ids"
+        )
     bad_ids = [r for r in train_recs + eval_recs if max(r["prompt_ids"]) >= cfg.vocab_size or min(r["prompt_ids"]) < 0]
     if bad_ids:
-        usage(f"{len(bad_ids)} prompts hold token ids outside [0, vocab_size={cfg.vocab_size}), e.g. task "
-              f"{bad_ids[0].get('task')!r}: the tokenizer does not belong to this model")
+        usage(
+            f"{len(bad_ids)} prompts hold token ids outside [0, vocab_size={cfg.vocab_size}), e.g. task "
+            f"{bad_ids[0].get('task')!r}: the tokenizer does not belong to this model"
+        )
     return train_recs, eval_recs
 
 
@@ -317,25 +417,51 @@ def _evaluator(run: TrainRun, eval_recs: list[dict], encode, decode, stop_ids):
     def run_eval(params, tag):
         if not eval_recs:
             return {}
-        res = evaluate(run.graphdef, params, eval_recs, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
-                       n=FLAGS.eval_n, top_p=FLAGS.eval_top_p, max_new_tokens=FLAGS.max_new_tokens,
-                       seed=FLAGS.eval_seed, num_slots=FLAGS.eval_slots or FLAGS.num_slots,
-                       moe_impl=FLAGS.sampling_moe_impl, greedy=FLAGS.eval_greedy)
+        res = evaluate(
+            run.graphdef,
+            params,
+            eval_recs,
+            encode_prompt=encode,
+            decode=decode,
+            stop_ids=stop_ids,
+            n=FLAGS.eval_n,
+            top_p=FLAGS.eval_top_p,
+            max_new_tokens=FLAGS.max_new_tokens,
+            seed=FLAGS.eval_seed,
+            num_slots=FLAGS.eval_slots or FLAGS.num_slots,
+            moe_impl=FLAGS.sampling_moe_impl,
+            greedy=FLAGS.eval_greedy,
+        )
         if run.chief:
+
             def line(m):
-                return (f"pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
-                        + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
-                        + f", length {m.response_len:.1f}, unfinished {m.unfinished.value:.3f} ({m.num_prompts} "
-                        f"prompts x {FLAGS.eval_n}, T=1, top-p {FLAGS.eval_top_p}; 95% intervals)")
+                return (
+                    f"pass@1 {m.pass_at_1.fmt()}, pass@{FLAGS.eval_n} {m.pass_at_k.fmt()}"
+                    + (f", greedy {m.greedy.fmt()}" if m.greedy else "")
+                    + f", length {m.response_len:.1f}, unfinished {m.unfinished.value:.3f} ({m.num_prompts} "
+                    f"prompts x {FLAGS.eval_n}, T=1, top-p {FLAGS.eval_top_p}; 95% intervals)"
+                )
 
             print(f"[eval {tag}] held-out {line(res.overall)}", flush=True)
             for fam, m in res.families.items():
                 print(f"[eval {tag}]   {fam}: {line(m)}", flush=True)
             with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"tag": tag, "pass_at_1": res.pass_at_1, "per_task": res.per_task,
-                                    "mean_reward": res.mean_reward, "response_len": res.response_len, "n": res.n,
-                                    "families": {k: v.as_dict() for k, v in res.families.items()},
-                                    "overall": res.overall.as_dict(), "samples": res.samples}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "tag": tag,
+                            "pass_at_1": res.pass_at_1,
+                            "per_task": res.per_task,
+                            "mean_reward": res.mean_reward,
+                            "response_len": res.response_len,
+                            "n": res.n,
+                            "families": {k: v.as_dict() for k, v in res.families.items()},
+                            "overall": res.overall.as_dict(),
+                            "samples": res.samples,
+                        }
+                    )
+                    + "\n"
+                )
             common.write_json(os.path.join(out_dir, f"eval_{tag}_prompts.json"), res.per_prompt)
         out = {"eval/pass_at_1": res.pass_at_1, **{f"eval/{k}/pass_at_1": v for k, v in res.per_task.items()}}
         if res.overall.greedy:
@@ -345,7 +471,7 @@ def _evaluator(run: TrainRun, eval_recs: list[dict], encode, decode, stop_ids):
     return run_eval
 
 
-def main(argv):
+def main(argv) -> None:
     common.start_main(argv)
     _check_flags()
     import jax
@@ -386,10 +512,13 @@ def main(argv):
 
     # ---- model, optimizer, state
     n_upd = FLAGS.updates_per_rollout
-    run.build(common.dataclass_from_flags(OptimConfig, schedule="constant", warmup_steps=FLAGS.warmup_steps * n_upd),
-              FLAGS.steps * n_upd)
-    it = prompt_dataset(train_recs, FLAGS.prompts_per_step, seed=FLAGS.seed, num_epochs=None, shard_index=0,
-                        shard_count=1)
+    run.build(
+        common.dataclass_from_flags(OptimConfig, schedule="constant", warmup_steps=FLAGS.warmup_steps * n_upd),
+        FLAGS.steps * n_upd,
+    )
+    it = prompt_dataset(
+        train_recs, FLAGS.prompts_per_step, seed=FLAGS.seed, num_epochs=None, shard_index=0, shard_count=1
+    )
     run_eval = _evaluator(run, eval_recs, encode, decode, stop_ids)
 
     with run.checkpointer() as ckpt:
@@ -397,11 +526,19 @@ def main(argv):
         ref_params = None
         if FLAGS.beta:  # the frozen pi_ref: the initial policy (a copy: the state is donated)
             ref_params = _reference_params(run) if run.resuming else jax.tree.map(lambda x: x.copy(), state.params)
-        train_step = make_rl_train_step(run.graphdef, rl, run.optimizer, run.mesh, run.shardings,
-                                        schedule=run.schedule)
-        rl_step = RLStep(run.graphdef, train_step, rl, encode_prompt=encode, decode=decode, stop_ids=stop_ids,
-                         ref_params=ref_params, row_multiple=dp, seed=FLAGS.seed,
-                         to_device=lambda b: global_batch(b, run.mesh))
+        train_step = make_rl_train_step(run.graphdef, rl, run.optimizer, run.mesh, run.shardings, schedule=run.schedule)
+        rl_step = RLStep(
+            run.graphdef,
+            train_step,
+            rl,
+            encode_prompt=encode,
+            decode=decode,
+            stop_ids=stop_ids,
+            ref_params=ref_params,
+            row_multiple=dp,
+            seed=FLAGS.seed,
+            to_device=lambda b: global_batch(b, run.mesh),
+        )
         if FLAGS.eval_only:
             run_eval(state.params, "init")
             return
@@ -418,22 +555,31 @@ def main(argv):
                 m.update(run_eval(state.params, f"step{step}"))
             return state, m
 
-        result = run.train(step_fn, state, it, start_step=start_step, ckpt=ckpt, desc="rl",
-                           loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total),
-                           meta={"rl": json.loads(json.dumps(dataclasses.asdict(rl), default=str))})
+        result = run.train(
+            step_fn,
+            state,
+            it,
+            start_step=start_step,
+            ckpt=ckpt,
+            desc="rl",
+            loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total),
+            meta={"rl": json.loads(json.dumps(dataclasses.asdict(rl), default=str))},
+        )
         after = run_eval(result.state.params, "after") if not result.preempted else {}
     run.exit_if_preempted(result)
     if run.chief:
         line = f"done: {result.step} RL steps; checkpoints in {run.ckpt_dir}"
         if no_signal[0]:
-            line += (f"; {no_signal[0]} of {no_signal[1]} updates skipped: every selected response had advantage 0 "
-                     "(no reward varied within a group)")
+            line += (
+                f"; {no_signal[0]} of {no_signal[1]} updates skipped: every selected response had advantage 0 "
+                "(no reward varied within a group)"
+            )
         if start_step == 0 and before and after:
             line += f"; held-out pass@1 {before['eval/pass_at_1']:.3f} -> {after['eval/pass_at_1']:.3f}"
         print(line, flush=True)
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

@@ -60,7 +60,7 @@ _STAGE_KEYS = {"name", "flags", "description"}
 _PATH_FLAGS = ("prompts_jsonl", "eval_jsonl", "tokenizer", "hf_dir")
 
 
-def define_flags():
+def define_flags() -> None:
     flags.DEFINE_string("stages", None, "stages file (JSON; see the module docstring)")
     flags.DEFINE_string("out_dir", "runs/rl_schedule", "run folder; stage k runs in <out_dir>/<stage name>")
     flags.DEFINE_string("init_ckpt", None, "checkpoint the first stage starts from (overrides the file's init_ckpt)")
@@ -93,12 +93,15 @@ def _flag_args(where: str, d) -> list[str]:
             text = "true" if value else "false"
         elif isinstance(value, (int, float, str)):
             text = str(value)
-        elif isinstance(value, list) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
-                                             for v in value):
+        elif isinstance(value, list) and all(
+            isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value
+        ):
             text = ",".join(str(v) for v in value)
         else:
-            raise StagesError(f"{where}: flag {name!r} has an unsupported value {value!r} (string, number, boolean "
-                              "or a list of strings/numbers)")
+            raise StagesError(
+                f"{where}: flag {name!r} has an unsupported value {value!r} (string, number, boolean "
+                "or a list of strings/numbers)"
+            )
         out.append(f"--{name}={text}")
     return out
 
@@ -137,8 +140,9 @@ def load_stages(path: str) -> dict:
             raise StagesError(f"{where}: unknown key(s) {unknown}; known: {sorted(_STAGE_KEYS)}")
         name = st.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise StagesError(f"{where}: 'name' must be a non-empty string of letters, digits, '_', '-', '.', got "
-                              f"{name!r}")
+            raise StagesError(
+                f"{where}: 'name' must be a non-empty string of letters, digits, '_', '-', '.', got {name!r}"
+            )
         if name in seen:
             raise StagesError(f"{where}: duplicate stage name {name!r}")
         seen.add(name)
@@ -188,7 +192,7 @@ def validate_stage_args(jobs: list[tuple[str, list[str]]], extra: list[str]) -> 
     if r.returncode:
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else f"flag check failed with exit status {r.returncode}"
-        raise StagesError(msg[len("error: "):] if msg.startswith("error: ") else msg)
+        raise StagesError(msg[len("error: ") :] if msg.startswith("error: ") else msg)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -222,7 +226,7 @@ def _stage_state(out: str, name: str, steps: int) -> str:
     return "partial" if done else "new"
 
 
-def main(argv):
+def main(argv) -> None:
     extra = list(argv[1:])
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -283,8 +287,11 @@ def main(argv):
             if r.returncode:
                 entry["status"] = f"failed (exit status {r.returncode})"
                 _write_record(record_path, record, entry)
-                die(f"stage {name} failed with exit status {r.returncode}; fix it and run the same command again "
-                    "to continue from there", r.returncode)
+                die(
+                    f"stage {name} failed with exit status {r.returncode}; fix it and run the same command again "
+                    "to continue from there",
+                    r.returncode,
+                )
             if steps not in _ckpt_steps(ckpt_dir):
                 die(f"stage {name} exited without its final checkpoint {ckpt_dir}/{steps}")
             entry["status"] = "done"
@@ -299,8 +306,11 @@ def main(argv):
         if name == FLAGS.stop_after:
             break
     if not FLAGS.dry_run:
-        print(f"== schedule done in {time.time() - t_all:.0f}s; final checkpoint {prev_ckpt}:{prev_step}; "
-              f"record {record_path}", flush=True)
+        print(
+            f"== schedule done in {time.time() - t_all:.0f}s; final checkpoint {prev_ckpt}:{prev_step}; "
+            f"record {record_path}",
+            flush=True,
+        )
 
 
 def _write_record(path: str, record: dict, entry: dict) -> None:
@@ -318,8 +328,10 @@ def _check_recorded_start(name: str, run_dir: str, prev_ckpt, prev_step) -> None
     want = (os.path.abspath(prev_ckpt), prev_step)
     got = (rec.get("init_ckpt"), rec.get("step")) if isinstance(rec, dict) else None
     if got != want:
-        die(f"stage {name} is finished but started from {got[0] + ':' + str(got[1]) if got else 'an unknown point'}, "
-            f"not from {want[0]}:{want[1]}; delete {run_dir} to run it again from there")
+        die(
+            f"stage {name} is finished but started from {got[0] + ':' + str(got[1]) if got else 'an unknown point'}, "
+            f"not from {want[0]}:{want[1]}; delete {run_dir} to run it again from there"
+        )
 
 
 def _verify_start(name: str, run_dir: str, prev_ckpt: str, prev_step: int) -> bool:
@@ -328,16 +340,21 @@ def _verify_start(name: str, run_dir: str, prev_ckpt: str, prev_step: int) -> bo
     if not isinstance(rec, dict) or "params_checksums" not in rec:
         die(f"stage {name}: {run_dir}/init.json is missing; cannot show it started from {prev_ckpt}:{prev_step}")
     want = _final_checksums(prev_ckpt, prev_step)
-    if (rec.get("init_ckpt"), rec.get("step")) != (os.path.abspath(prev_ckpt), prev_step) or \
-            rec["params_checksums"] != want:
-        die(f"stage {name} did not start from {prev_ckpt}:{prev_step} (init.json: {rec.get('init_ckpt')}:"
-            f"{rec.get('step')}, checksums {'equal' if rec['params_checksums'] == want else 'differ'})")
-    print(f"== stage {name} started from {prev_ckpt}:{prev_step}: {len(want)} parameter arrays, checksums equal",
-          flush=True)
+    if (rec.get("init_ckpt"), rec.get("step")) != (os.path.abspath(prev_ckpt), prev_step) or rec[
+        "params_checksums"
+    ] != want:
+        die(
+            f"stage {name} did not start from {prev_ckpt}:{prev_step} (init.json: {rec.get('init_ckpt')}:"
+            f"{rec.get('step')}, checksums {'equal' if rec['params_checksums'] == want else 'differ'})"
+        )
+    print(
+        f"== stage {name} started from {prev_ckpt}:{prev_step}: {len(want)} parameter arrays, checksums equal",
+        flush=True,
+    )
     return True
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

@@ -46,8 +46,16 @@ class TrainRun:
     after `build`: ``graphdef``, ``param_vars``, ``params`` (their shapes only when the run resumes or starts from
     --init_ckpt), ``optimizer``, ``schedule``, ``abstract_state`` and ``shardings`` (of the train state)."""
 
-    def __init__(self, cfg: ModelConfig, mesh, out_dir: str, init_run: str | None = None,
-                 init_dir: str | None = None, init_step: int | None = None, chief: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mesh,
+        out_dir: str,
+        init_run: str | None = None,
+        init_dir: str | None = None,
+        init_step: int | None = None,
+        chief: bool = True,
+    ):
         self.cfg = cfg
         self.mesh = mesh
         self.chief = chief
@@ -108,7 +116,8 @@ class TrainRun:
         from ring_jax.train.step import abstract_train_state, train_state_shardings
 
         self.graphdef, self.param_vars, self.params = common.init_params(
-            self.cfg, self.mesh, FLAGS.seed, FLAGS.hf_dir, materialize=not (self.resuming or self.init_dir))
+            self.cfg, self.mesh, FLAGS.seed, FLAGS.hf_dir, materialize=not (self.resuming or self.init_dir)
+        )
         self.optimizer, self.schedule = make_optimizer(optim_cfg, total_updates, decay_mask(self.param_vars))
         self.abstract_state = abstract_train_state(self.params, self.optimizer, FLAGS.seed)
         self.shardings = train_state_shardings(self.param_vars, self.abstract_state, self.mesh)
@@ -138,19 +147,24 @@ class TrainRun:
             if self.chief:
                 print(f"resumed from step {start_step} of {self.ckpt_dir}", flush=True)
         else:
-            state, start_step = create_train_state(self._initial_params(record_init), self.optimizer, self.shardings,
-                                                   FLAGS.seed), 0
+            state, start_step = (
+                create_train_state(self._initial_params(record_init), self.optimizer, self.shardings, FLAGS.seed),
+                0,
+            )
         if self.chief:
             common.write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_hf_dict())
         return state, start_step
 
     def _initial_params(self, record_init: bool):
-        from ring_jax.train.checkpoint import CheckpointError, Checkpointer
+        from ring_jax.train.checkpoint import Checkpointer, CheckpointError
 
         if not self.init_dir:
             if record_init:
-                source = ({"hf_dir": os.path.abspath(FLAGS.hf_dir)} if FLAGS.hf_dir
-                          else {"preset": FLAGS.preset, "seed": FLAGS.seed})
+                source = (
+                    {"hf_dir": os.path.abspath(FLAGS.hf_dir)}
+                    if FLAGS.hf_dir
+                    else {"preset": FLAGS.preset, "seed": FLAGS.seed}
+                )
                 common.write_init_record(self.out_dir, None, None, self.params, self.chief, **source)
             return self.params
         try:
@@ -164,9 +178,20 @@ class TrainRun:
         return restored.params
 
     # ------------------------------------------------------------------------------------------ training
-    def train(self, step_fn: Callable, state: TrainState, data_iter: Iterator, *, start_step: int,
-              ckpt: Checkpointer, loop_cfg: LoopConfig, desc: str, meta: dict | None = None,
-              writer_kw: dict | None = None, **loop_kw: Any) -> LoopResult:
+    def train(
+        self,
+        step_fn: Callable,
+        state: TrainState,
+        data_iter: Iterator,
+        *,
+        start_step: int,
+        ckpt: Checkpointer,
+        loop_cfg: LoopConfig,
+        desc: str,
+        meta: dict | None = None,
+        writer_kw: dict | None = None,
+        **loop_kw: Any,
+    ) -> LoopResult:
         """``train_loop`` from ``start_step`` to ``loop_cfg.total_steps`` over ``data_iter`` (its position saved with
         every checkpoint), metrics to ``<out_dir>`` (``MetricsWriter(..., desc=desc, **writer_kw)``, the bar by
         --progress_bar).  Each checkpoint's meta: the model config, its run-time settings, ``meta`` and the total
@@ -175,26 +200,51 @@ class TrainRun:
         from ring_jax.train.loop import NonFiniteError, StepAborted, batches_with_state, train_loop
         from ring_jax.train.metrics import MetricsWriter
 
-        meta = {"model_config": self.cfg.to_hf_dict(), "runtime": {k: getattr(self.cfg, k) for k in RUNTIME_KEYS},
-                **(meta or {}), "total_steps": loop_cfg.total_steps}
-        with MetricsWriter(self.out_dir, loop_cfg.total_steps, is_chief=self.chief, desc=desc,
-                           show_bar=FLAGS.progress_bar, **(writer_kw or {})) as writer:
+        meta = {
+            "model_config": self.cfg.to_hf_dict(),
+            "runtime": {k: getattr(self.cfg, k) for k in RUNTIME_KEYS},
+            **(meta or {}),
+            "total_steps": loop_cfg.total_steps,
+        }
+        with MetricsWriter(
+            self.out_dir,
+            loop_cfg.total_steps,
+            is_chief=self.chief,
+            desc=desc,
+            show_bar=FLAGS.progress_bar,
+            **(writer_kw or {}),
+        ) as writer:
             try:
-                return train_loop(step_fn, state, batches_with_state(data_iter), start_step=start_step,
-                                  cfg=loop_cfg, checkpointer=ckpt, writer=writer, meta=meta, **loop_kw)
+                return train_loop(
+                    step_fn,
+                    state,
+                    batches_with_state(data_iter),
+                    start_step=start_step,
+                    cfg=loop_cfg,
+                    checkpointer=ckpt,
+                    writer=writer,
+                    meta=meta,
+                    **loop_kw,
+                )
             except NonFiniteError as e:
                 common.die(str(e))
             except StepAborted as e:
-                common.die(f"{e}; last checkpoint: "
-                           + (f"step {e.last_checkpoint} in {self.ckpt_dir} (continue with --resume)"
-                              if e.last_checkpoint else "none"))
+                common.die(
+                    f"{e}; last checkpoint: "
+                    + (
+                        f"step {e.last_checkpoint} in {self.ckpt_dir} (continue with --resume)"
+                        if e.last_checkpoint
+                        else "none"
+                    )
+                )
 
     def exit_if_preempted(self, result: LoopResult) -> None:
         """After a loop stopped by SIGTERM / SIGINT (its checkpoint written): say so and exit with status 128 +
         the signal.  Call it after the checkpointer is closed."""
         if result.preempted:
-            print(f"pre-empted by signal {result.signal}: checkpoint of step {result.step} in {self.ckpt_dir}",
-                  flush=True)
+            print(
+                f"pre-empted by signal {result.signal}: checkpoint of step {result.step} in {self.ckpt_dir}", flush=True
+            )
             sys.exit(128 + int(result.signal))
 
 

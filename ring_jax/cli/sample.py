@@ -85,8 +85,10 @@ def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
 
     def from_text(text, where):
         if tokenizer is None:
-            raise UsageError(f"{where}: text prompts need a tokenizer (--tokenizer, or tokenizer.json in --hf_dir); "
-                             f"or pass prompt_ids")
+            raise UsageError(
+                f"{where}: text prompts need a tokenizer (--tokenizer, or tokenizer.json in --hf_dir); "
+                f"or pass prompt_ids"
+            )
         return text, list(tokenizer.encode(text))
 
     for i, t in enumerate(FLAGS.prompt):
@@ -122,7 +124,7 @@ def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     return out
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     try:
@@ -180,15 +182,23 @@ def _generate():
     cfg = ckpt_model.config if ckpt_model is not None else load_config(FLAGS.hf_dir)
     for i, (_, ids) in enumerate(prompts):  # fail before loading weights / compiling
         if len(ids) >= cfg.max_position_embeddings:
-            raise UsageError(f"prompt {i} has {len(ids)} tokens: longer than the context "
-                             f"(max_position_embeddings={cfg.max_position_embeddings})")
+            raise UsageError(
+                f"prompt {i} has {len(ids)} tokens: longer than the context "
+                f"(max_position_embeddings={cfg.max_position_embeddings})"
+            )
     stops = tuple(_ids(x, "--stop_ids")[0] for x in FLAGS.stop_ids)
     tok_eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
     if tok_eos is not None and not FLAGS.ignore_eos:
         stops += (int(tok_eos),)
-    sp = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-                        max_new_tokens=FLAGS.max_new_tokens, n=FLAGS.n, stop_token_ids=stops,
-                        ignore_eos=FLAGS.ignore_eos)
+    sp = SamplingParams(
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
+        max_new_tokens=FLAGS.max_new_tokens,
+        n=FLAGS.n,
+        stop_token_ids=stops,
+        ignore_eos=FLAGS.ignore_eos,
+    )
 
     import jax
 
@@ -201,8 +211,12 @@ def _generate():
     else:
         model, cfg = load_pretrained(FLAGS.hf_dir, dtype=FLAGS.dtype)
     engine = SamplingEngine.from_model(model, num_slots=FLAGS.num_slots, chunk=FLAGS.chunk, moe_impl=FLAGS.moe_impl)
-    print(f"loaded {FLAGS.checkpoint_dir or FLAGS.hf_dir} in {time.time() - t0:.1f}s; {len(prompts)} prompt(s) x {FLAGS.n} sample(s) "
-          f"on {jax.default_backend()}", file=sys.stderr)
+    print(
+        f"loaded {FLAGS.checkpoint_dir or FLAGS.hf_dir} in {time.time() - t0:.1f}s; "
+        f"{len(prompts)} prompt(s) x {FLAGS.n} sample(s) "
+        f"on {jax.default_backend()}",
+        file=sys.stderr,
+    )
 
     single = len(prompts) * FLAGS.n == 1
     streamed: dict[tuple[int, int], list[int]] = {}
@@ -218,7 +232,7 @@ def _generate():
         ids.extend(new)
         if tokenizer is not None:
             text = render(ids)
-            delta = text[len(before):] if text.startswith(before) else text
+            delta = text[len(before) :] if text.startswith(before) else text
         else:
             delta = (" " if before is None and len(ids) > len(new) else "") + render(new)
         if single:
@@ -231,25 +245,37 @@ def _generate():
     out = engine.generate([ids for _, ids in prompts], sp, key=FLAGS.seed, on_tokens=on_tokens)
     dt = time.time() - t1
     ntok = sum(len(c.token_ids) for c in out)
-    print(f"generated {ntok} tokens in {dt:.2f}s ({ntok / max(dt, 1e-9):.1f} tokens/s incl. compilation); "
-          f"finish: " + ", ".join(f"{r}={sum(c.finish_reason == r for c in out)}" for r in ("stop", "length")),
-          file=sys.stderr)
+    print(
+        f"generated {ntok} tokens in {dt:.2f}s ({ntok / max(dt, 1e-9):.1f} tokens/s incl. compilation); "
+        f"finish: " + ", ".join(f"{r}={sum(c.finish_reason == r for c in out)}" for r in ("stop", "length")),
+        file=sys.stderr,
+    )
     if FLAGS.output_jsonl:
         d = os.path.dirname(os.path.abspath(FLAGS.output_jsonl))
         os.makedirs(d, exist_ok=True)
         with open(FLAGS.output_jsonl, "w") as f:
             for c in out:
                 ids = c.token_ids.tolist()
-                f.write(json.dumps({
-                    "prompt_index": c.prompt_index, "sample_index": c.sample_index,
-                    "prompt": prompts[c.prompt_index][0], "prompt_ids": c.prompt_ids, "ids": ids,
-                    "text": tokenizer.decode(ids) if tokenizer is not None else None,
-                    "logprobs": c.logprobs.tolist(), "raw_logprobs": c.raw_logprobs.tolist(),
-                    "finish_reason": c.finish_reason}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt_index": c.prompt_index,
+                            "sample_index": c.sample_index,
+                            "prompt": prompts[c.prompt_index][0],
+                            "prompt_ids": c.prompt_ids,
+                            "ids": ids,
+                            "text": tokenizer.decode(ids) if tokenizer is not None else None,
+                            "logprobs": c.logprobs.tolist(),
+                            "raw_logprobs": c.raw_logprobs.tolist(),
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+                    + "\n"
+                )
         print(f"wrote {len(out)} records to {FLAGS.output_jsonl}", file=sys.stderr)
 
 
-def run():
+def run() -> None:
     app.run(main)
 
 

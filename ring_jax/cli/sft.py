@@ -28,8 +28,12 @@ def define_flags() -> None:
     flags.DEFINE_string("train_jsonl", "", "SFT chat records (JSONL path, directory or glob)")
     flags.DEFINE_integer("synthetic_corpus", 0, "generate this many toy arithmetic records instead of --train_jsonl")
     flags.DEFINE_float("max_bad_fraction", 0.05, "fail when more than this fraction of records is unusable")
-    flags.DEFINE_string("tokenizer", "", "tokenizer directory / tokenizer.json / .model; default: the --hf_dir's, "
-                        "the run's own (resume), or a BPE trained on the corpus")
+    flags.DEFINE_string(
+        "tokenizer",
+        "",
+        "tokenizer directory / tokenizer.json / .model; default: the --hf_dir's, "
+        "the run's own (resume), or a BPE trained on the corpus",
+    )
     flags.DEFINE_integer("seq_len", 256, "packed row length")
     flags.DEFINE_integer("global_batch", 8, "rows per step over all processes")
     flags.DEFINE_integer("micro_batches", 1, "micro-batches per step (gradient accumulation)")
@@ -68,8 +72,10 @@ def _check_flags(dp: int, processes: int) -> None:
     if FLAGS.micro_batches < 1:
         usage(f"--micro_batches must be >= 1, got {FLAGS.micro_batches}")
     if FLAGS.global_batch < 1 or FLAGS.global_batch % (dp * FLAGS.micro_batches):
-        usage(f"--global_batch={FLAGS.global_batch} must be a positive multiple of data-parallel size {dp} x "
-              f"--micro_batches {FLAGS.micro_batches} = {dp * FLAGS.micro_batches}")
+        usage(
+            f"--global_batch={FLAGS.global_batch} must be a positive multiple of data-parallel size {dp} x "
+            f"--micro_batches {FLAGS.micro_batches} = {dp * FLAGS.micro_batches}"
+        )
     if FLAGS.global_batch % processes:
         usage(f"--global_batch={FLAGS.global_batch} must be divisible by the process count {processes}")
     if FLAGS.seq_len < 2:
@@ -80,7 +86,7 @@ def _check_flags(dp: int, processes: int) -> None:
         usage("--ckpt_every must be >= 0")
 
 
-def main(argv):
+def main(argv) -> None:
     common.start_main(argv)
     import jax
 
@@ -121,43 +127,69 @@ def main(argv):
         tok = train_bpe(corpus_texts(records), vocab_size=vocab)
     run.use_tokenizer(tok)
     try:
-        ds, info = make_sft_dataset(source, tok, FLAGS.seq_len, FLAGS.global_batch, seed=FLAGS.data_seed,
-                                    num_epochs=None if FLAGS.steps else (FLAGS.epochs or 1),
-                                    max_bad_fraction=0.5 if FLAGS.synthetic_corpus else FLAGS.max_bad_fraction)
+        ds, info = make_sft_dataset(
+            source,
+            tok,
+            FLAGS.seq_len,
+            FLAGS.global_batch,
+            seed=FLAGS.data_seed,
+            num_epochs=None if FLAGS.steps else (FLAGS.epochs or 1),
+            max_bad_fraction=0.5 if FLAGS.synthetic_corpus else FLAGS.max_bad_fraction,
+        )
     except (DataError, ValueError, FileNotFoundError) as e:
         common.die(f"data: {e}")
     total_steps = FLAGS.steps or info.shard.num_batches
     if total_steps < 1:
         common.die("data: not a single batch")
-    logging.info("data: %d rows of %d tokens, %d steps of %d rows", info.shard.num_items, FLAGS.seq_len,
-                 total_steps, FLAGS.global_batch)
+    logging.info(
+        "data: %d rows of %d tokens, %d steps of %d rows",
+        info.shard.num_items,
+        FLAGS.seq_len,
+        total_steps,
+        FLAGS.global_batch,
+    )
 
     # ---- model, optimizer, state, loop
     run.build(optim_cfg, total_steps)
     it = iter(ds)
     with run.checkpointer() as ckpt:
         state, start_step = run.restore_or_init(ckpt, it)
-        step_fn = make_train_step(run.graphdef, sft_loss_fn(common.dataclass_from_flags(LossConfig)), run.optimizer,
-                                  run.mesh, run.shardings, FLAGS.micro_batches, schedule=run.schedule)
+        step_fn = make_train_step(
+            run.graphdef,
+            sft_loss_fn(common.dataclass_from_flags(LossConfig)),
+            run.optimizer,
+            run.mesh,
+            run.shardings,
+            FLAGS.micro_batches,
+            schedule=run.schedule,
+        )
         peak = FLAGS.peak_flops
         if peak < 0:
             peak = measure_matmul_peak(run.cfg.dtype) * jax.device_count()
             logging.info("measured matmul peak: %.1f GFLOP/s (all devices)", peak / 1e9)
-        result = run.train(step_fn, state, it, start_step=start_step, ckpt=ckpt, desc="sft",
-                           loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total_steps),
-                           meta={"seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
-                                 "micro_batches": FLAGS.micro_batches},
-                           writer_kw={"peak_flops": peak or None,
-                                      "flops_per_token": flops_per_token(run.cfg, FLAGS.seq_len)},
-                           to_device=lambda b: global_batch(b, run.mesh),
-                           tokens_per_step=FLAGS.global_batch * FLAGS.seq_len)
+        result = run.train(
+            step_fn,
+            state,
+            it,
+            start_step=start_step,
+            ckpt=ckpt,
+            desc="sft",
+            loop_cfg=common.dataclass_from_flags(LoopConfig, total_steps=total_steps),
+            meta={"seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch, "micro_batches": FLAGS.micro_batches},
+            writer_kw={"peak_flops": peak or None, "flops_per_token": flops_per_token(run.cfg, FLAGS.seq_len)},
+            to_device=lambda b: global_batch(b, run.mesh),
+            tokens_per_step=FLAGS.global_batch * FLAGS.seq_len,
+        )
     run.exit_if_preempted(result)
     if run.chief:
-        print(f"done: step {result.step}, loss {result.last_metrics.get('loss', float('nan')):.4f}; "
-              f"checkpoints in {run.ckpt_dir}", flush=True)
+        print(
+            f"done: step {result.step}, loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+            f"checkpoints in {run.ckpt_dir}",
+            flush=True,
+        )
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

@@ -23,7 +23,7 @@ from ring_jax.cli.common import usage
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags() -> None:
     flags.DEFINE_string("sft_dir", None, "ring-jax-sft run folder (ckpt/, metrics.jsonl, tokenizer/)")
     flags.DEFINE_string("prompts_jsonl", None, "RL prompt records (JSONL) the entropy is measured on")
     flags.DEFINE_string("tokenizer", "", "tokenizer path; default: <sft_dir>/tokenizer")
@@ -54,7 +54,7 @@ def sft_tokens_by_step(metrics_path: str) -> dict[int, float]:
     return out
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.prompts < 1 or FLAGS.samples < 1:
@@ -74,7 +74,7 @@ def main(argv):
     from ring_jax.data.chat import ChatRenderer
     from ring_jax.data.jsonl import DataError, load_prompt_records
     from ring_jax.rl.probe import make_entropy_fn, rollout_entropy
-    from ring_jax.train.checkpoint import CheckpointError, Checkpointer, resolve_ckpt_dir
+    from ring_jax.train.checkpoint import Checkpointer, CheckpointError, resolve_ckpt_dir
     from ring_jax.train.step import split_model
 
     try:
@@ -91,8 +91,9 @@ def main(argv):
     if missing:
         common.die(f"{run_dir}/metrics.jsonl has no record of step(s) {missing}: cannot count their SFT tokens")
     try:
-        recs, _ = load_prompt_records(FLAGS.prompts_jsonl, tokenizer=tok,
-                                      max_prompt_tokens=FLAGS.seq_len - FLAGS.max_new_tokens)
+        recs, _ = load_prompt_records(
+            FLAGS.prompts_jsonl, tokenizer=tok, max_prompt_tokens=FLAGS.seq_len - FLAGS.max_new_tokens
+        )
     except DataError as e:
         common.die(f"--prompts_jsonl: {e}")
     if not recs:
@@ -108,24 +109,53 @@ def main(argv):
         model, _, step = restore_model(ckpt_dir, s)
         graphdef, _, params = split_model(model)
         fn = fn or make_entropy_fn(graphdef)
-        p = rollout_entropy(graphdef, params, prompts, n=FLAGS.samples, max_new_tokens=FLAGS.max_new_tokens,
-                            stop_ids=stop_ids, seed=FLAGS.seed, num_slots=FLAGS.num_slots, seq_len=FLAGS.seq_len,
-                            entropy_fn=fn)
-        rows.append({"name": f"step{step}", "step": step, "ckpt": f"{ckpt_dir}:{step}", "sft_tokens": tokens[step],
-                     **p.as_dict()})
-        print(f"step {step}: entropy {p.entropy:.4f} nats/token (sampled -log p {p.sampled_nll:.4f}), "
-              f"{p.responses} responses, mean length {p.mean_length:.1f}, {tokens[step]:.0f} SFT tokens "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        p = rollout_entropy(
+            graphdef,
+            params,
+            prompts,
+            n=FLAGS.samples,
+            max_new_tokens=FLAGS.max_new_tokens,
+            stop_ids=stop_ids,
+            seed=FLAGS.seed,
+            num_slots=FLAGS.num_slots,
+            seq_len=FLAGS.seq_len,
+            entropy_fn=fn,
+        )
+        rows.append(
+            {
+                "name": f"step{step}",
+                "step": step,
+                "ckpt": f"{ckpt_dir}:{step}",
+                "sft_tokens": tokens[step],
+                **p.as_dict(),
+            }
+        )
+        print(
+            f"step {step}: entropy {p.entropy:.4f} nats/token (sampled -log p {p.sampled_nll:.4f}), "
+            f"{p.responses} responses, mean length {p.mean_length:.1f}, {tokens[step]:.0f} SFT tokens "
+            f"({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     band = (FLAGS.entropy_low, FLAGS.entropy_high)
     picked, why = pick_checkpoint(rows, band)
     out = FLAGS.out or os.path.join(run_dir, "checkpoints.json")
-    common.write_json(out, {"checkpoints": rows, "picked": picked["name"], "picked_ckpt": picked["ckpt"],
-                            "rule": why, "entropy_band": list(band), "prompts": len(prompts),
-                            "samples": FLAGS.samples, "seed": FLAGS.seed})
+    common.write_json(
+        out,
+        {
+            "checkpoints": rows,
+            "picked": picked["name"],
+            "picked_ckpt": picked["ckpt"],
+            "rule": why,
+            "entropy_band": list(band),
+            "prompts": len(prompts),
+            "samples": FLAGS.samples,
+            "seed": FLAGS.seed,
+        },
+    )
     print(f"picked {picked['name']}: {why}\nwrote {out}", flush=True)
 
 
-def run():
+def run() -> None:
     define_flags()
     app.run(main)
 

@@ -105,8 +105,18 @@ def compute(path: str, entropy_band=(0.3, 0.5), reward_key: str | None = None) -
             rp = c["rl_jsonl"] if os.path.isabs(c["rl_jsonl"]) else os.path.join(base, c["rl_jsonl"])
             rl_tokens, final, curve = rl_curve(rp, reward_key)
         eff = rl_tokens / c["sft_tokens"] if rl_tokens is not None else None
-        rows.append(Row(str(c["name"]), float(c["sft_tokens"]), None if ent is None else float(ent),
-                        None if ent is None else bool(lo <= ent <= hi), rl_tokens, eff, final, tuple(curve)))
+        rows.append(
+            Row(
+                str(c["name"]),
+                float(c["sft_tokens"]),
+                None if ent is None else float(ent),
+                None if ent is None else bool(lo <= ent <= hi),
+                rl_tokens,
+                eff,
+                final,
+                tuple(curve),
+            )
+        )
     return rows
 
 
@@ -123,16 +133,19 @@ def pick_checkpoint(checkpoints, entropy_band=(0.3, 0.5)) -> tuple[dict, str]:
     inside = [c for c in cands if lo <= c["entropy"] <= hi]
     if inside:
         best = max(inside, key=lambda c: c["sft_tokens"])
-        return best, (f"entropy {best['entropy']:.3f} in the band [{lo}, {hi}], the most SFT tokens of the "
-                      f"{len(inside)} in it")
+        return best, (
+            f"entropy {best['entropy']:.3f} in the band [{lo}, {hi}], the most SFT tokens of the {len(inside)} in it"
+        )
 
     def gap(c):
         return lo - c["entropy"] if c["entropy"] < lo else c["entropy"] - hi
 
     best = min(cands, key=lambda c: (gap(c), -c["sft_tokens"]))
     side = "below" if best["entropy"] < lo else "above"
-    return best, (f"no checkpoint in the band [{lo}, {hi}]; entropy {best['entropy']:.3f} is the nearest ({side} "
-                  f"it by {gap(best):.3f})")
+    return best, (
+        f"no checkpoint in the band [{lo}, {hi}]; entropy {best['entropy']:.3f} is the nearest ({side} "
+        f"it by {gap(best):.3f})"
+    )
 
 
 def _fmt_tokens(n: float | None) -> str:
@@ -150,14 +163,33 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def markdown_table(rows: list[Row], entropy_band=(0.3, 0.5)) -> str:
     lo, hi = entropy_band
-    head = ["checkpoint", "SFT tokens", "entropy", f"in band [{lo}, {hi}]", "RL tokens", "token efficiency (RL/SFT)",
-            "final reward"]
+    head = [
+        "checkpoint",
+        "SFT tokens",
+        "entropy",
+        f"in band [{lo}, {hi}]",
+        "RL tokens",
+        "token efficiency (RL/SFT)",
+        "final reward",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         band = "-" if r.in_band is None else ("yes" if r.in_band else "no")
-        lines.append("| " + " | ".join([r.name, _fmt_tokens(r.sft_tokens), _fmt(r.entropy, ".3f"), band,
-                                         _fmt_tokens(r.rl_tokens), _fmt(r.token_efficiency, ".4g"),
-                                         _fmt(r.final_reward, ".4f")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.name,
+                    _fmt_tokens(r.sft_tokens),
+                    _fmt(r.entropy, ".3f"),
+                    band,
+                    _fmt_tokens(r.rl_tokens),
+                    _fmt(r.token_efficiency, ".4g"),
+                    _fmt(r.final_reward, ".4f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -194,13 +226,14 @@ def _define_flags():
     flags.DEFINE_string("input", None, "JSON/JSONL list of checkpoints {name, sft_tokens, entropy?, rl_jsonl?}")
     flags.DEFINE_string("out_md", None, "also write the markdown table here")
     flags.DEFINE_string("out_png", None, "plot reward vs RL tokens per checkpoint here")
-    flags.DEFINE_string("reward_key", None,
-                        f"reward metric in the RL logs (default: first of {', '.join(REWARD_KEYS)})")
+    flags.DEFINE_string(
+        "reward_key", None, f"reward metric in the RL logs (default: first of {', '.join(REWARD_KEYS)})"
+    )
     flags.DEFINE_float("entropy_low", 0.3, "lower edge of the entropy band")
     flags.DEFINE_float("entropy_high", 0.5, "upper edge of the entropy band")
 
 
-def main(argv):
+def main(argv) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
     F = flags.FLAGS
@@ -224,7 +257,7 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-def run():
+def run() -> None:
     _define_flags()
     app.run(main)
 

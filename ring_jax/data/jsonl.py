@@ -270,8 +270,10 @@ def load_prompt_records(
                 raise rec
             check_prompt_record(rec)
             if known_tasks is not None and rec["task"] not in known_tasks:
-                raise RecordError("unknown_task", f"no reward function for task {rec['task']!r} (registered: "
-                                  f"{', '.join(sorted(known_tasks))})")
+                raise RecordError(
+                    "unknown_task",
+                    f"no reward function for task {rec['task']!r} (registered: {', '.join(sorted(known_tasks))})",
+                )
             rec = dict(rec)
             if renderer is not None and "prompt_ids" not in rec:
                 try:

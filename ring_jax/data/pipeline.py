@@ -206,7 +206,9 @@ def make_prompt_dataset(
     shuffle: bool = True,
     read_options: grain.ReadOptions | None = None,
 ) -> tuple[grain.IterDataset, ReadStats, ShardInfo]:
-    """Builds the RL prompt dataset; see :func:`prompt_dataset`. Returns ``(grain.IterDataset, ReadStats, ShardInfo)``."""
+    """Builds the RL prompt dataset; see :func:`prompt_dataset`.
+
+    Returns ``(grain.IterDataset, ReadStats, ShardInfo)``."""
     shard_index, shard_count = default_shard(shard_index, shard_count)
     records, stats = load_prompt_records(
         source,

@@ -10,7 +10,7 @@ training records (user-supplied files, where the split was made elsewhere).
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 HELD_OUT_FRACTION = 0.3  # share of each problem space on the held-out side
 
@@ -54,5 +54,4 @@ def overlap(train: Iterable[dict], held_out: Sequence[dict]) -> list[int]:
     for r in train:
         keys.add(problem_key(r))
         texts.add(canonical_text(prompt_text(r)))
-    return [i for i, r in enumerate(held_out)
-            if problem_key(r) in keys or canonical_text(prompt_text(r)) in texts]
+    return [i for i, r in enumerate(held_out) if problem_key(r) in keys or canonical_text(prompt_text(r)) in texts]

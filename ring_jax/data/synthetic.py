@@ -22,8 +22,12 @@ def _add(a: int, b: int) -> str:
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, write {s % 10}"
-                     + (" carry 1" if s >= 10 else ""))
+        steps.append(
+            f"{x} + {y}"
+            + (f" + {carry}" if carry else "")
+            + f" = {s}, write {s % 10}"
+            + (" carry 1" if s >= 10 else "")
+        )
         carry, digits = s // 10, digits + [str(s % 10)]
     if carry:
         steps.append("write the final carry 1")
@@ -34,7 +38,8 @@ def _add(a: int, b: int) -> str:
 def _sub(a: int, b: int) -> str:
     if a < b:
         return f"{a} is smaller than {b}, so compute {b} - {a} and negate. " + _sub(b, a).replace(
-            f"So {b} - {a} = {b - a}.", f"So {b} - {a} = {b - a}, and {a} - {b} = {a - b}.")
+            f"So {b} - {a} = {b - a}.", f"So {b} - {a} = {b - a}, and {a} - {b} = {a - b}."
+        )
     da, db = str(a)[::-1], str(b)[::-1]
     steps, borrow = [], 0
     for i in range(len(da)):
@@ -52,12 +57,15 @@ def _sub(a: int, b: int) -> str:
 def _mul(a: int, b: int) -> str:
     parts = []
     for i, d in enumerate(str(b)[::-1]):
-        p = a * int(d) * 10 ** i
-        parts.append(f"{a} x {d}" + (f" x {10 ** i}" if i else "") + f" = {p}")
+        p = a * int(d) * 10**i
+        parts.append(f"{a} x {d}" + (f" x {10**i}" if i else "") + f" = {p}")
     total = a * b
-    return ("Split the second factor into digits. " + "; ".join(parts)
-            + f". Add the partial products: {' + '.join(str(a * int(d) * 10 ** i) for i, d in enumerate(str(b)[::-1]))}"
-            + f" = {total}. So {a} x {b} = {total}.")
+    return (
+        "Split the second factor into digits. "
+        + "; ".join(parts)
+        + f". Add the partial products: {' + '.join(str(a * int(d) * 10**i) for i, d in enumerate(str(b)[::-1]))}"
+        + f" = {total}. So {a} x {b} = {total}."
+    )
 
 
 def arithmetic_records(n: int, seed: int = 0) -> list[dict]:

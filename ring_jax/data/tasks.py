@@ -28,27 +28,39 @@ from ring_jax.rewards.logic import make_records
 __all__ = ["FAMILIES", "HELD_OUT_FRACTION", "make_task_records", "truncate_solutions", "worked_solution"]
 
 FAMILIES = {
-    "chain_sum": dict(task="arithmetic", dataset="chain_sum",
-                      kwargs=dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)),
-    "countdown": dict(task="countdown", dataset="countdown",
-                      kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=20, min_target=10,
-                                  max_target=100)),
+    "chain_sum": dict(
+        task="arithmetic", dataset="chain_sum", kwargs=dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)
+    ),
+    "countdown": dict(
+        task="countdown",
+        dataset="countdown",
+        kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=20, min_target=10, max_target=100),
+    ),
     # Easier twins sized for the CPU pipeline: a 22M model trained for minutes reaches a pass@1 that leaves RL
     # both signal and headroom (see BUILD_NOTES, issue 7).
-    "chain_sum_1d": dict(task="arithmetic", dataset="chain_sum",
-                         kwargs=dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1)),
-    "countdown_10": dict(task="countdown", dataset="countdown",
-                         kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=5,
-                                     max_target=30)),
+    "chain_sum_1d": dict(
+        task="arithmetic", dataset="chain_sum", kwargs=dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1)
+    ),
+    "countdown_10": dict(
+        task="countdown",
+        dataset="countdown",
+        kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=10, min_target=5, max_target=30),
+    ),
     # countdown_10's problem space is ~1,500 (number multiset, target) pairs: too few for a held-out side of 1,000
     # distinct problems. Numbers up to 15 and targets up to 40 give ~5,000+.
-    "countdown_15": dict(task="countdown", dataset="countdown",
-                         kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=15, min_target=5,
-                                     max_target=40)),
+    "countdown_15": dict(
+        task="countdown",
+        dataset="countdown",
+        kwargs=dict(min_numbers=3, max_numbers=3, min_value=1, max_value=15, min_target=5, max_target=40),
+    ),
 }
 _MAX_ROUNDS = 64  # generator rounds before a split is declared exhausted
-_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
-        ast.Div: ("/", operator.truediv)}
+_OPS = {
+    ast.Add: ("+", operator.add),
+    ast.Sub: ("-", operator.sub),
+    ast.Mult: ("*", operator.mul),
+    ast.Div: ("/", operator.truediv),
+}
 
 
 def _fmt(x: Fraction) -> str:
@@ -103,8 +115,7 @@ def _generate(family: str, n: int, seed: int) -> list[dict]:
     return recs
 
 
-def make_task_records(family: str, n: int, seed: int, split: str | None = None,
-                      distinct: bool = False) -> list[dict]:
+def make_task_records(family: str, n: int, seed: int, split: str | None = None, distinct: bool = False) -> list[dict]:
     """``n`` records of a task family: reward-ready (``task``, ``gym``) with a compact ``prompt``, the worked
     ``solution`` text, ``family`` and (with a split) ``problem_key``.
 
@@ -132,9 +143,11 @@ def make_task_records(family: str, n: int, seed: int, split: str | None = None,
             out.append(r)
             if len(out) == n:
                 return out
-    raise ValueError(f"{family}: only {len(out)} {'distinct ' if distinct else ''}problems on the "
-                     f"{split or 'whole'} side after {_MAX_ROUNDS} rounds of {chunk} draws; asked for {n} "
-                     f"(the family's problem space is too small for this split)")
+    raise ValueError(
+        f"{family}: only {len(out)} {'distinct ' if distinct else ''}problems on the "
+        f"{split or 'whole'} side after {_MAX_ROUNDS} rounds of {chunk} draws; asked for {n} "
+        f"(the family's problem space is too small for this split)"
+    )
 
 
 def truncate_solutions(records: list[dict], fraction: float, seed: int) -> int:

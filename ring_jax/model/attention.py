@@ -31,12 +31,14 @@ K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
 
 class LayerCache(NamedTuple):
     """Keys and values of every decoder layer (``transformer.KVCache`` without its slot metadata)."""
+
     k: jax.Array  # [L, B, KVH, D, S] post-RoPE keys, transposed (("layers",) + K_CACHE_AXES)
     v: jax.Array  # [L, B, KVH, S, D] (("layers",) + CACHE_AXES)
 
 
 class CacheView(NamedTuple):
     """What every layer needs to read/write the cache at this step (shared by all layers)."""
+
     write_idx: jax.Array  # [B] slot where this call's first token is written (row-wise)
     kv_segment_ids: jax.Array  # [B, S] segment of each cache slot after the write (0 = empty)
     kv_positions: jax.Array  # [B, S] position of each cache slot after the write
@@ -83,8 +85,9 @@ def _rows_t(a, p):
     consumer, XLA:CPU emits a bf16 x bf16 -> f32 dot its runtime does not implement ("Unsupported element type for
     DotThunk"), which broke every bfloat16 train step on CPU."""
     b, k, g, t = a.shape[:4]
-    return jnp.einsum("bkrx,bkrs->bkxs", a.reshape(b, k, g * t, -1), p.reshape(b, k, g * t, -1),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "bkrx,bkrs->bkxs", a.reshape(b, k, g * t, -1), p.reshape(b, k, g * t, -1), preferred_element_type=jnp.float32
+    )
 
 
 def _attention_bwd(res, dout):
@@ -100,8 +103,12 @@ def _attention_bwd(res, dout):
     dv = _rows_t((do * inv).astype(vt.dtype), p.astype(vt.dtype))
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kt, preferred_element_type=jnp.float32) / math.sqrt(d)
     dk = _rows_t(qg, ds)
-    return (dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dout.dtype),
-            dk.transpose(0, 1, 3, 2).astype(kt.dtype), dv.transpose(0, 1, 3, 2).astype(vt.dtype), None)
+    return (
+        dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dout.dtype),
+        dk.transpose(0, 1, 3, 2).astype(kt.dtype),
+        dv.transpose(0, 1, 3, 2).astype(vt.dtype),
+        None,
+    )
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -148,7 +155,7 @@ def _blocked_fwd_core(q, kt, vt, mask, n: int):
     for i in range(n):
         si = (i + 1) * bs
         sc = jnp.einsum("bkgtd,bksd->bkgts", qg[:, :, i], kt[:, :, :si], preferred_element_type=jnp.float32)
-        sc = sc + bias[:, None, None, i * bs:si, :si]
+        sc = sc + bias[:, None, None, i * bs : si, :si]
         row_max = jnp.max(sc, axis=-1, keepdims=True)
         p = jnp.exp(sc - row_max)
         full = row_max <= 0.5 * _MASKED  # fully masked row
@@ -195,8 +202,11 @@ def _blocked_bwd_core(res, kt, vt, dout, n: int):
     # extras[j]: what key block j gets from the fully masked rows of the blocks before it
     dv = dv + jnp.repeat(jnp.stack(extras, axis=-1), bs, axis=-1)
     dq = jnp.stack(dqs, axis=2) / math.sqrt(d)  # [B, KVH, n, G, bs, D]
-    return (dq.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d).astype(dout.dtype),
-            dk.transpose(0, 1, 3, 2).astype(kt.dtype), dv.transpose(0, 1, 3, 2).astype(vt.dtype))
+    return (
+        dq.transpose(0, 2, 4, 1, 3, 5).reshape(b, t, h, d).astype(dout.dtype),
+        dk.transpose(0, 1, 3, 2).astype(kt.dtype),
+        dv.transpose(0, 1, 3, 2).astype(vt.dtype),
+    )
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -208,8 +218,7 @@ def _attention_blocked_fwd(q, kt, vt, mask, n):
     res_shape = jax.eval_shape(lambda *a: _blocked_fwd_core(*a, n)[1], q, kt, vt, mask)
 
     def fallback(q, kt, vt, mask):  # the full path; its backward recomputes the forward (rare: see _attention_any)
-        return _attention_fwd_core(q, kt, vt, mask)[0], jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                                                      res_shape)
+        return _attention_fwd_core(q, kt, vt, mask)[0], jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), res_shape)
 
     ok = ~_upper_blocks_visible(mask, n)
     out, res = jax.lax.cond(ok, partial(_blocked_fwd_core, n=n), fallback, q, kt, vt, mask)
@@ -293,15 +302,22 @@ def blocked_cached_attention(q, k_all, v_all, layer, q_seg, q_pos, k_seg, k_pos,
         s0 = j * block
         kb = jax.lax.dynamic_slice(k_all, (layer, 0, 0, 0, s0), (1, b, kvh, d, block))[0].astype(q.dtype)
         vb = jax.lax.dynamic_slice(v_all, (layer, 0, 0, s0, 0), (1, b, kvh, block, d))[0].astype(q.dtype)
-        mask = attention_mask(q_seg, q_pos, jax.lax.dynamic_slice_in_dim(k_seg, s0, block, axis=1),
-                              jax.lax.dynamic_slice_in_dim(k_pos, s0, block, axis=1))
+        mask = attention_mask(
+            q_seg,
+            q_pos,
+            jax.lax.dynamic_slice_in_dim(k_seg, s0, block, axis=1),
+            jax.lax.dynamic_slice_in_dim(k_pos, s0, block, axis=1),
+        )
         sc = jnp.einsum("bkgtd,bkds->bkgts", qg, kb, preferred_element_type=jnp.float32)
         sc = sc + jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
         m_new = jnp.maximum(m, jnp.max(sc, axis=-1, keepdims=True))
         p = jnp.exp(sc - m_new)
         corr = jnp.exp(m - m_new)
-        return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + jnp.einsum(
-            "bkgts,bksd->bkgtd", p.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+        return (
+            m_new,
+            l * corr + jnp.sum(p, axis=-1, keepdims=True),
+            acc * corr + jnp.einsum("bkgts,bksd->bkgtd", p.astype(q.dtype), vb, preferred_element_type=jnp.float32),
+        )
 
     m0 = jnp.full((b, kvh, g, t, 1), _MASKED, jnp.float32)
     _, l, acc = jax.lax.fori_loop(0, n, body, (m0, jnp.zeros_like(m0), jnp.zeros((b, kvh, g, t, d), jnp.float32)))
@@ -359,8 +375,17 @@ class Attention(nnx.Module):
         self.cache_attn, self.cache_block = cfg.cache_attn, cfg.cache_block
         self.dtype = dtype_of(cfg.dtype)
 
-    def __call__(self, x, cos, sin, segment_ids, positions, cache: LayerCache | None = None,
-                 view: CacheView | None = None, layer=None):
+    def __call__(
+        self,
+        x,
+        cos,
+        sin,
+        segment_ids,
+        positions,
+        cache: LayerCache | None = None,
+        view: CacheView | None = None,
+        layer=None,
+    ):
         """``cache``: every layer's keys and values, ``layer`` this one's index in them (static or traced): this
         call's positions are written into that layer's slice in place, and the updated stack is returned."""
         dt = self.dtype
@@ -382,16 +407,17 @@ class Attention(nnx.Module):
             rows = jnp.arange(b)[:, None]
             cols = view.write_idx[:, None] + jnp.arange(t)[None, :]
             # advanced indices split by slices: the indexed shape is [B, T, KVH, D], that of k and v
-            new_cache = LayerCache(cache.k.at[layer, rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
-                                   cache.v.at[layer, rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"))
+            new_cache = LayerCache(
+                cache.k.at[layer, rows, :, :, cols].set(k.astype(cache.k.dtype), mode="drop"),
+                cache.v.at[layer, rows, :, cols].set(v.astype(cache.v.dtype), mode="drop"),
+            )
             k_seg, k_pos = view.kv_segment_ids, view.kv_positions
             if not (self.attn_chunk and t > self.attn_chunk):  # decode, and prefill without attention chunks
                 return self._out(self._over_cache(q, new_cache, layer, segment_ids, positions, view)), new_cache
             vt = new_cache.v[layer].astype(dt)
             kt = new_cache.k[layer].astype(dt).swapaxes(2, 3)
         if self.attn_chunk and t > self.attn_chunk:
-            out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk,
-                                    heads_major=True)
+            out = chunked_attention(q, kt, vt, segment_ids, positions, k_seg, k_pos, self.attn_chunk, heads_major=True)
         else:
             out = dot_attention_heads_major(q, kt, vt, attention_mask(segment_ids, positions, k_seg, k_pos))
         return self._out(out), new_cache
@@ -408,16 +434,31 @@ class Attention(nnx.Module):
         if mode == "pallas" and t == 1:
             from ring_kernels.decode_attention import decode_attention
 
-            out = decode_attention(q[:, 0], cache.k, cache.v, layer, segment_ids[:, 0], positions[:, 0], k_seg, k_pos,
-                                   view.write_idx + 1, block=min(self.cache_block, s))
+            out = decode_attention(
+                q[:, 0],
+                cache.k,
+                cache.v,
+                layer,
+                segment_ids[:, 0],
+                positions[:, 0],
+                k_seg,
+                k_pos,
+                view.write_idx + 1,
+                block=min(self.cache_block, s),
+            )
             return out[:, None]
         block = min(self.cache_block, s)
         if mode != "full" and s > block:
-            return blocked_cached_attention(q, cache.k, cache.v, layer, segment_ids, positions, k_seg, k_pos,
-                                            jnp.max(view.write_idx) + t, block)
+            return blocked_cached_attention(
+                q, cache.k, cache.v, layer, segment_ids, positions, k_seg, k_pos, jnp.max(view.write_idx) + t, block
+            )
         dt = self.dtype
-        return cached_attention(q, cache.k[layer].astype(dt), cache.v[layer].astype(dt),
-                                attention_mask(segment_ids, positions, k_seg, k_pos))
+        return cached_attention(
+            q,
+            cache.k[layer].astype(dt),
+            cache.v[layer].astype(dt),
+            attention_mask(segment_ids, positions, k_seg, k_pos),
+        )
 
     def _out(self, out):
         """The output projection of the attention output [B, T, H, D] -> [B, T, E]."""

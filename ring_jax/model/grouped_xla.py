@@ -41,7 +41,6 @@ from jax import lax
 
 from ring_jax.model.grouping import group_metadata
 
-
 DEFAULT_TILE = 128  # the smallest automatic full tile: one core's matmuls run near their peak from ~64-128 rows on
 MAX_AUTO_TILE = 1024
 # gate and up as ONE matmul from this full tile on: the [H, 2F] weight concatenation is one copy per expert per call,

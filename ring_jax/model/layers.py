@@ -59,7 +59,7 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None):
         seq_len = jnp.asarray(seq_len, jnp.float32)
         scaled = base * ((f * seq_len / mpe) - (f - 1)) ** (d / (d - 2))
         base = jnp.where(seq_len > mpe, scaled, base)
-    return 1.0 / (base ** exponent)
+    return 1.0 / (base**exponent)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions, seq_len=None):

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,9 @@ def router_stats(logits, probs, ids, token_mask, num_experts: int) -> RouterStat
     frac_tokens = load / (n * k)
     mean_prob = jnp.sum(probs * m[:, None], axis=0) / n
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return RouterStats(num_experts * jnp.sum(frac_tokens * mean_prob), jnp.sum(lse * lse * m) / n, load,
-                       jnp.zeros((), jnp.int32))
+    return RouterStats(
+        num_experts * jnp.sum(frac_tokens * mean_prob), jnp.sum(lse * lse * m) / n, load, jnp.zeros((), jnp.int32)
+    )
 
 
 # ------------------------------------------------------------------------------------------------- compute paths
@@ -166,7 +168,12 @@ def moe_pallas(x, weights, ids, wg, wu, wd):
 # ModelConfig.moe_impl -> the routed experts ``fn(x [N,H], weights [N,k], ids [N,k], wg, wu, wd) -> [N,H] float32``
 # (the dispatch path also takes the block's ``tile``); the names are config.MOE_IMPLS
 MOE_PATHS: dict[str, Callable[..., jax.Array]] = {
-    "dispatch": moe_dispatch, "ragged": moe_ragged, "dense": moe_dense, "capacity": moe_capacity, "pallas": moe_pallas}
+    "dispatch": moe_dispatch,
+    "ragged": moe_ragged,
+    "dense": moe_dense,
+    "capacity": moe_capacity,
+    "pallas": moe_pallas,
+}
 
 
 def moe_path(impl: str) -> Callable[..., jax.Array]:
@@ -189,7 +196,12 @@ class MoEBlock(nnx.Module):
         ns = cfg.num_shared_experts
         self.shared = SwiGLU(cfg, f * ns, rngs, axis="mlp") if ns else None
         moe_path(cfg.moe_impl)  # an unknown name fails here, not at the first call
-        self.k, self.norm_topk, self.impl, self.tile = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl, cfg.moe_tile
+        self.k, self.norm_topk, self.impl, self.tile = (
+            cfg.num_experts_per_tok,
+            cfg.norm_topk_prob,
+            cfg.moe_impl,
+            cfg.moe_tile,
+        )
         self.num_experts = e
         self.capacity_factor = cfg.moe_capacity_factor
         self.ep_platform, self.ep_auto_ragged = cfg.ep_platform, cfg.ep_auto_ragged
@@ -202,9 +214,18 @@ class MoEBlock(nnx.Module):
         from ring_jax.model import moe_ep  # expert parallelism when the active mesh has an expert axis > 1
 
         if moe_ep.expert_parallel_mesh(self.num_experts) is not None:
-            return moe_ep.moe_expert_parallel(flat, weights, ids, wg, wu, wd, capacity_factor=self.capacity_factor,
-                                              rules=active_rules(), platform=self.ep_platform,
-                                              auto_ragged=self.ep_auto_ragged)
+            return moe_ep.moe_expert_parallel(
+                flat,
+                weights,
+                ids,
+                wg,
+                wu,
+                wd,
+                capacity_factor=self.capacity_factor,
+                rules=active_rules(),
+                platform=self.ep_platform,
+                auto_ragged=self.ep_auto_ragged,
+            )
         fn = moe_path(self.impl)
         if self.impl == "dispatch":
             fn = functools.partial(fn, tile=self.tile)

@@ -34,7 +34,7 @@ and ``ep_auto_ragged`` and the rules of :func:`ring_jax.sharding.active_rules`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +70,17 @@ def expert_parallel_mesh(num_experts: int | None, mesh=None):
     if x <= 1:
         return None
     if num_experts % x:
-        log_once(f"num_experts={num_experts} is not divisible by the expert mesh axis ({x}); "
-                 "the MoE block runs without expert parallelism")
+        log_once(
+            f"num_experts={num_experts} is not divisible by the expert mesh axis ({x}); "
+            "the MoE block runs without expert parallelism"
+        )
         return None
     return mesh
 
 
-def token_axes(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-               rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
+def token_axes(
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: ShardingRules = DEFAULT_RULES
+) -> tuple[str, ...]:
     """Mesh axes the tokens are sharded over inside the EP block: the axes of ``rules``' 'batch' entry that the mesh
     has, always incl. expert."""
     rule = rules.rules.get("batch")
@@ -144,8 +147,7 @@ def _capacity_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, cap, ten
 
 
 # ------------------------------------------------------------------------------------------------- ragged path
-def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                               axis_name):
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """Same contract as ``jax.lax.ragged_all_to_all`` (one slice per peer), built from ``all_gather``: runs on CPU,
     so the ragged path's bookkeeping can be tested there.  Memory O(axis_size * rows); for tests only."""
     xs = jax.lax.axis_size(axis_name)
@@ -180,8 +182,15 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     sent = jax.lax.all_gather(send_sizes, EXPERT_AXIS)  # [src, dst]
     output_offsets = (jnp.cumsum(sent, axis=0) - sent)[me]  # where my slice lands on each receiver
     rows = xs * n * min(k, e_loc)  # worst case: every source sends all its tokens' assignments here
-    recv = a2a(x_sorted, _varying_like(jnp.zeros((rows, h), x.dtype), x_sorted), input_offsets, send_sizes,
-               output_offsets, recv_sizes, axis_name=EXPERT_AXIS)
+    recv = a2a(
+        x_sorted,
+        _varying_like(jnp.zeros((rows, h), x.dtype), x_sorted),
+        input_offsets,
+        send_sizes,
+        output_offsets,
+        recv_sizes,
+        axis_name=EXPERT_AXIS,
+    )
     # received layout: [source 0: local expert 0.., source 1: ...]; regroup by local expert for ragged_dot
     recv_end = jnp.cumsum(recv_sizes)
     recv_off = recv_end - recv_sizes
@@ -200,8 +209,15 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
     yr = jnp.where((r < recv_end[-1])[:, None], yr, 0).astype(x.dtype)
     y_recv = jnp.zeros_like(yr).at[order2].set(yr)
     back_offsets = jax.lax.all_to_all(input_offsets, EXPERT_AXIS, 0, 0, tiled=True)
-    ys = a2a(y_recv, _varying_like(jnp.zeros((m, h), x.dtype), y_recv), recv_off, recv_sizes, back_offsets,
-             send_sizes, axis_name=EXPERT_AXIS)
+    ys = a2a(
+        y_recv,
+        _varying_like(jnp.zeros((m, h), x.dtype), y_recv),
+        recv_off,
+        recv_sizes,
+        back_offsets,
+        send_sizes,
+        axis_name=EXPERT_AXIS,
+    )
     y_flat = jnp.zeros_like(ys).at[order].set(ys)  # token-major [n*k, H]; invalid rows stay zero
     y = jnp.einsum("nkh,nk->nh", y_flat.reshape(n, k, h).astype(jnp.float32), weights.astype(jnp.float32))
     if tensor_sharded:
@@ -210,8 +226,7 @@ def _ragged_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, tensor_sha
 
 
 # ------------------------------------------------------------------------------------------------- entry point
-def choose_impl(impl: str, capacity_factor: float | None, platform: str | None = None,
-                auto_ragged: bool = True) -> str:
+def choose_impl(impl: str, capacity_factor: float | None, platform: str | None = None, auto_ragged: bool = True) -> str:
     """The dispatch path to run: ``impl`` checked, or for ``impl='auto'`` the ragged path when ``auto_ragged``, no
     capacity factor and ``platform`` (None: ``jax.default_backend()``) is one of ``RAGGED_PLATFORMS``, else
     capacity."""
@@ -226,9 +241,22 @@ def choose_impl(impl: str, capacity_factor: float | None, platform: str | None =
     return impl
 
 
-def moe_expert_parallel(x, weights, ids, wg, wu, wd, *, mesh=None, capacity_factor: float | None = None,
-                        impl: str = "auto", ragged_a2a: Callable | None = None, rules: ShardingRules = DEFAULT_RULES,
-                        platform: str | None = None, auto_ragged: bool = True) -> tuple[jax.Array, jax.Array]:
+def moe_expert_parallel(
+    x,
+    weights,
+    ids,
+    wg,
+    wu,
+    wd,
+    *,
+    mesh=None,
+    capacity_factor: float | None = None,
+    impl: str = "auto",
+    ragged_a2a: Callable | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    platform: str | None = None,
+    auto_ragged: bool = True,
+) -> tuple[jax.Array, jax.Array]:
     """Routed-expert output ``[N, H]`` float32 and the number of dropped (token, slot) assignments (int32, over the
     whole mesh), with experts sharded over the mesh's ``expert`` axis.
 
@@ -259,14 +287,28 @@ def moe_expert_parallel(x, weights, ids, wg, wu, wd, *, mesh=None, capacity_fact
     tensor_sharded = tsz > 1 and f % tsz == 0
     tf = TENSOR_AXIS if tensor_sharded else None
     if tsz > 1 and not tensor_sharded:
-        log_once(f"moe_intermediate_size={f} is not divisible by the tensor mesh axis ({tsz}); expert weights "
-                 "are replicated over it inside the expert-parallel block")
+        log_once(
+            f"moe_intermediate_size={f} is not divisible by the tensor mesh axis ({tsz}); expert weights "
+            "are replicated over it inside the expert-parallel block"
+        )
     tok = P(t_axes)
-    specs_in = (P(t_axes, None), tok, tok, tok, P(EXPERT_AXIS, None, tf), P(EXPERT_AXIS, None, tf),
-                P(EXPERT_AXIS, tf, None))
+    specs_in = (
+        P(t_axes, None),
+        tok,
+        tok,
+        tok,
+        P(EXPERT_AXIS, None, tf),
+        P(EXPERT_AXIS, None, tf),
+        P(EXPERT_AXIS, tf, None),
+    )
     if impl == "capacity":
-        body = lambda *a: _capacity_local(*a, num_experts=e, cap=capacity(n_local, ids.shape[1], e, capacity_factor),
-                                          tensor_sharded=tensor_sharded, t_axes=t_axes)
+        body = lambda *a: _capacity_local(
+            *a,
+            num_experts=e,
+            cap=capacity(n_local, ids.shape[1], e, capacity_factor),
+            tensor_sharded=tensor_sharded,
+            t_axes=t_axes,
+        )
     else:
         a2a = ragged_a2a or jax.lax.ragged_all_to_all
         body = lambda *a: _ragged_local(*a, num_experts=e, tensor_sharded=tensor_sharded, t_axes=t_axes, a2a=a2a)

@@ -24,6 +24,7 @@ from ring_jax.utils import is_variable
 class KVCache(NamedTuple):
     """The KV cache of every decoder layer, stacked on a leading layer axis (the scanned layers carry it and write
     only this call's positions; no layer's cache is copied out and back)."""
+
     k: jax.Array  # [L, B, KVH, D, S] post-RoPE keys, transposed (("layers",) + attention.K_CACHE_AXES)
     v: jax.Array  # [L, B, KVH, S, D] (("layers",) + attention.CACHE_AXES)
     segment_ids: jax.Array  # [B, S] 0 = empty slot
@@ -33,14 +34,20 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dt = dtype_of(dtype or cfg.dtype)
     n = cfg.num_hidden_layers
-    return KVCache(jnp.zeros((n, batch, cfg.kv_heads, cfg.head_size, max_len), dt),
-                   jnp.zeros((n, batch, cfg.kv_heads, max_len, cfg.head_size), dt),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32))
+    return KVCache(
+        jnp.zeros((n, batch, cfg.kv_heads, cfg.head_size, max_len), dt),
+        jnp.zeros((n, batch, cfg.kv_heads, max_len, cfg.head_size), dt),
+        jnp.zeros((batch, max_len), jnp.int32),
+        jnp.zeros((batch, max_len), jnp.int32),
+    )
 
 
 # what a rematerialised decoder layer saves for the backward pass (ModelConfig.remat_policy)
-REMAT_POLICIES = {"nothing": None, "dots": jax.checkpoint_policies.dots_saveable,
-                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Output(NamedTuple):
@@ -116,8 +123,17 @@ class BailingMoeForCausalLM(nnx.Module):
             w = wf / jax.lax.stop_gradient(norm)
         return w.astype(dtype_of(cfg.dtype))
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 write_idx=None, *, return_hidden=False, compute_logits=True) -> Output:
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        cache: KVCache | None = None,
+        write_idx=None,
+        *,
+        return_hidden=False,
+        compute_logits=True,
+    ) -> Output:
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         b, t = tokens.shape
@@ -179,7 +195,7 @@ class BailingMoeForCausalLM(nnx.Module):
         if not cfg.scan_layers:
             stats = []
             for j in range(cfg.num_hidden_layers - k):
-                x, st, kv = run(graphdef, jax.tree.map(lambda a: a[j], params), x, kv, k + j)
+                x, st, kv = run(graphdef, jax.tree.map(lambda a: a[j], params), x, kv, k + j)  # noqa: B023 (called in this iteration)
                 stats.append(st)
             return x, (jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None), kv
 

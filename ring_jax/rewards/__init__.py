@@ -13,7 +13,7 @@ timing-sensitive scoring so the first reward does not spend its timeout on impor
 
 import importlib
 
-from ring_jax.rewards import general, logic, math_verify_reward
+from ring_jax.rewards import general, logic, math_verify_reward  # noqa: F401 (importing them registers their tasks)
 from ring_jax.rewards.general import RewardModel, register_reward_model
 from ring_jax.rewards.logic import LOGIC_PROMPT_SUFFIX, make_records
 from ring_jax.rewards.math_verify_reward import MATH_PROMPT_SUFFIX, make_math_record

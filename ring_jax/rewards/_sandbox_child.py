@@ -255,7 +255,7 @@ def _drop_privileges(uid, gid):
 
 # The program runs as __main__ of an interpreter started with -S (no site: ~35 ms faster, no site-packages),
 # so the two builtins that site would add are provided here.
-_RUN_MAIN = r'''
+_RUN_MAIN = r"""
 import builtins as _b, sys as _s
 _b.exit = _b.quit = _s.exit
 _s.argv = ["main.py"]
@@ -264,7 +264,7 @@ with open("main.py", "rb") as _f:
 __file__ = "main.py"
 del _b, _s, _f
 exec(_code)
-'''
+"""
 
 
 def _exec_program(cfg, uid, gid, cwd, prelude, status):
@@ -334,7 +334,7 @@ def _run_namespaced(cfg, status, user_ns):
     os._exit(os.waitstatus_to_exitcode(st) & 0xFF if os.WIFEXITED(st) else 125)
 
 
-_AUDIT_PRELUDE = r'''
+_AUDIT_PRELUDE = r"""
 def _install():
     import os, sys
     cwd = os.path.realpath(os.getcwd())
@@ -378,7 +378,7 @@ def _install():
     sys.addaudithook(hook)
 _install()
 del _install
-'''
+"""
 
 
 def _pick_plain_interpreter(cfg, uid):
@@ -458,7 +458,9 @@ def _run_plain(cfg, status, reasons):
     except BaseException as e:  # noqa: BLE001
         status.send(error=f"plain: {type(e).__name__}: {e}")
         os._exit(125)
-    status.send(isolation=["plain", "audit-hook"] + (["uid"] if uid is not None else []) + ["rlimits"], warnings=reasons)
+    status.send(
+        isolation=["plain", "audit-hook"] + (["uid"] if uid is not None else []) + ["rlimits"], warnings=reasons
+    )
     signal.signal(signal.SIGTERM, _raise_stop)
     worker = os.fork()
     if worker == 0:

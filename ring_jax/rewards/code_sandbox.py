@@ -127,8 +127,16 @@ def _kill_uid(uid: int) -> None:
         return
     try:
         subprocess.run(
-            [_KILL, "-9", "-1"], user=uid, group=uid, extra_groups=[], env={}, cwd="/",
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5, check=False,
+            [_KILL, "-9", "-1"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            env={},
+            cwd="/",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         pass
@@ -200,9 +208,14 @@ def run_python(
             stdin_file.seek(0)
             proc = subprocess.Popen(
                 [os.path.realpath(sys.executable), "-I", "-S", _CHILD, marshal.dumps(cfg).hex()],
-                stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(status_w,), close_fds=True, start_new_session=True,
-                env=_env(), cwd=workdir,
+                stdin=stdin_file,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(status_w,),
+                close_fds=True,
+                start_new_session=True,
+                env=_env(),
+                cwd=workdir,
             )
         os.close(status_w)
         status_w = -1

@@ -22,16 +22,47 @@ import sys
 
 from ring_jax.rewards.general import check_constraint
 
-TOPICS = ("the sea", "a small town", "autumn", "a library", "trains", "the moon", "bread", "a garden", "rain",
-          "mountains", "a market", "music", "a river", "winter", "bees", "a bridge", "the desert", "clocks")
-REQUESTS = ("Write a short note about {t}.", "Describe {t}.", "Say something about {t}.", "Tell me about {t}.",
-            "Write a few lines on {t}.")
+TOPICS = (
+    "the sea",
+    "a small town",
+    "autumn",
+    "a library",
+    "trains",
+    "the moon",
+    "bread",
+    "a garden",
+    "rain",
+    "mountains",
+    "a market",
+    "music",
+    "a river",
+    "winter",
+    "bees",
+    "a bridge",
+    "the desert",
+    "clocks",
+)
+REQUESTS = (
+    "Write a short note about {t}.",
+    "Describe {t}.",
+    "Say something about {t}.",
+    "Tell me about {t}.",
+    "Write a few lines on {t}.",
+)
 KEYWORDS = ("blue", "quiet", "light", "stone", "warm", "green", "old", "bright", "slow", "open")
 ENDINGS = ("The end.", "That is all.", "Thank you.")
 
 # the constraint types drawn (all of `ring_jax.rewards.general.CONSTRAINT_CHECKS`)
-KINDS = ("max_words", "min_words", "include_keywords", "exclude_keywords", "lowercase", "num_paragraphs",
-         "ends_with", "json_format")
+KINDS = (
+    "max_words",
+    "min_words",
+    "include_keywords",
+    "exclude_keywords",
+    "lowercase",
+    "num_paragraphs",
+    "ends_with",
+    "json_format",
+)
 
 
 def _constraint(kind: str, rng: random.Random, used_words: set[str]) -> tuple[str, dict]:
@@ -60,8 +91,14 @@ def _constraint(kind: str, rng: random.Random, used_words: set[str]) -> tuple[st
     raise ValueError(f"unknown constraint kind {kind!r}")
 
 
-_CONFLICTS = {("json_format", "num_paragraphs"), ("json_format", "ends_with"), ("json_format", "lowercase"),
-              ("json_format", "min_words"), ("json_format", "max_words"), ("ends_with", "lowercase")}
+_CONFLICTS = {
+    ("json_format", "num_paragraphs"),
+    ("json_format", "ends_with"),
+    ("json_format", "lowercase"),
+    ("json_format", "min_words"),
+    ("json_format", "max_words"),
+    ("ends_with", "lowercase"),
+}
 
 
 def _compatible(kinds: list[str]) -> bool:

@@ -17,8 +17,19 @@ FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp"
 FLOAT_FIELDS = ("weights", "old_logp", "advantages", "tis")
 
 
-def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len: int, row_multiple: int = 1,
-               min_rows: int = 0, pow2_rows: bool = True, tis=None):
+def build_rows(
+    prompts,
+    responses,
+    old_logps,
+    advantages,
+    keep,
+    weights,
+    seq_len: int,
+    row_multiple: int = 1,
+    min_rows: int = 0,
+    pow2_rows: bool = True,
+    tis=None,
+):
     """prompts/responses/old_logps (and ``tis``, optional): per selected response (lists of int / float arrays);
     advantages, keep, weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
     docs = []
@@ -55,7 +66,7 @@ def build_rows(prompts, responses, old_logps, advantages, keep, weights, seq_len
             n = len(ids)
             sl = slice(at, at + n)
             out["tokens"][i, sl] = ids
-            out["targets"][i, at:at + n - 1] = ids[1:]
+            out["targets"][i, at : at + n - 1] = ids[1:]
             out["positions"][i, sl] = np.arange(n)
             out["segment_ids"][i, sl] = seg
             t = at + len(p) - 1 + np.arange(len(r))  # where each response token is predicted

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -87,9 +87,14 @@ class FamilyMetrics:
     num_prompts: int
 
     def as_dict(self) -> dict:
-        return {"pass_at_1": self.pass_at_1.as_dict(), "pass_at_k": self.pass_at_k.as_dict(),
-                "greedy": self.greedy.as_dict() if self.greedy else None, "response_len": self.response_len,
-                "unfinished": self.unfinished.as_dict(), "num_prompts": self.num_prompts}
+        return {
+            "pass_at_1": self.pass_at_1.as_dict(),
+            "pass_at_k": self.pass_at_k.as_dict(),
+            "greedy": self.greedy.as_dict() if self.greedy else None,
+            "response_len": self.response_len,
+            "unfinished": self.unfinished.as_dict(),
+            "num_prompts": self.num_prompts,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,21 +125,45 @@ def _score(records, comps, decode, stop, timeout_s):
     return texts, np.array([x.reward for x in results])
 
 
-def evaluate(graphdef, params, records: Sequence[dict], *, encode_prompt: Callable, decode: Callable,
-             stop_ids=(), n: int = 4, temperature: float = 1.0, top_p: float = 0.95, max_new_tokens: int = 64,
-             seed: int = 0, num_slots: int = 32, moe_impl: str | None = None, timeout_s: float = 30.0,
-             greedy: bool = True) -> EvalResult:
+def evaluate(
+    graphdef,
+    params,
+    records: Sequence[dict],
+    *,
+    encode_prompt: Callable,
+    decode: Callable,
+    stop_ids=(),
+    n: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    num_slots: int = 32,
+    moe_impl: str | None = None,
+    timeout_s: float = 30.0,
+    greedy: bool = True,
+) -> EvalResult:
     """Sampled pass@1 / pass@n and (``greedy``) greedy accuracy of ``params`` on ``records``; see the module doc."""
     engine = SamplingEngine(graphdef, params, num_slots=num_slots, moe_impl=moe_impl)
     prompts = [list(map(int, encode_prompt(r))) for r in records]
     stop = set(stop_ids)
-    sp = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n,
-                        stop_token_ids=tuple(stop_ids))
+    sp = SamplingParams(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n, stop_token_ids=tuple(stop_ids)
+    )
     comps = engine.generate(prompts, sp, key=seed)
     texts, r = _score(records, comps, decode, stop, timeout_s)
     solved = r >= 1.0
-    rows = [{"family": rec.get("family", rec.get("task")), "key": problem_key(rec), "solved": 0, "greedy": 0,
-             "unfinished": 0, "length": 0.0} for rec in records]
+    rows = [
+        {
+            "family": rec.get("family", rec.get("task")),
+            "key": problem_key(rec),
+            "solved": 0,
+            "greedy": 0,
+            "unfinished": 0,
+            "length": 0.0,
+        }
+        for rec in records
+    ]
     for i, c in enumerate(comps):
         row = rows[c.prompt_index]
         row["solved"] += int(solved[i])
@@ -151,12 +180,28 @@ def evaluate(graphdef, params, records: Sequence[dict], *, encode_prompt: Callab
     overall = _metrics(rows, n, greedy)
     per_prompt = {}
     for row in rows:  # duplicate problems (a user file) keep their last figures; generated eval sets are distinct
-        per_prompt[f"{row['family']}|{row['key']}"] = {"family": row["family"], "solved": row["solved"] / n,
-                                                       "any": int(row["solved"] > 0),
-                                                       "greedy": row["greedy"] if greedy else None,
-                                                       "unfinished": row["unfinished"] / n, "length": row["length"]}
-    samples = [(records[c.prompt_index].get("prompt", ""), texts[i], float(r[i])) for i, c in enumerate(comps)
-               if c.sample_index == 0][:5]
-    return EvalResult(float(solved.mean()), {f: m.pass_at_1.value for f, m in families.items()}, float(r.mean()),
-                      float(np.mean([len(c.token_ids) for c in comps])), len(records), samples, n=n,
-                      families=families, overall=overall, per_prompt=per_prompt)
+        per_prompt[f"{row['family']}|{row['key']}"] = {
+            "family": row["family"],
+            "solved": row["solved"] / n,
+            "any": int(row["solved"] > 0),
+            "greedy": row["greedy"] if greedy else None,
+            "unfinished": row["unfinished"] / n,
+            "length": row["length"],
+        }
+    samples = [
+        (records[c.prompt_index].get("prompt", ""), texts[i], float(r[i]))
+        for i, c in enumerate(comps)
+        if c.sample_index == 0
+    ][:5]
+    return EvalResult(
+        float(solved.mean()),
+        {f: m.pass_at_1.value for f, m in families.items()},
+        float(r.mean()),
+        float(np.mean([len(c.token_ids) for c in comps])),
+        len(records),
+        samples,
+        n=n,
+        families=families,
+        overall=overall,
+        per_prompt=per_prompt,
+    )

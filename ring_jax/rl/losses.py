@@ -100,8 +100,9 @@ def tis_weights(old_logp, sampler_logp, cap: float, level: str = "token") -> tup
     return np.minimum(w, cap).astype(np.float32), w > cap
 
 
-def policy_loss_sum(logp, entropy, old_logp, advantages, weights, ref_logp=None,
-                    cfg: PolicyLossConfig = PolicyLossConfig(), tis=None):
+def policy_loss_sum(
+    logp, entropy, old_logp, advantages, weights, ref_logp=None, cfg: PolicyLossConfig = PolicyLossConfig(), tis=None
+):
     """Weighted sum over tokens of l_t (see module doc) and weighted sums of diagnostics.  All inputs [B,T];
     ``tis``: the importance weights w^IS (None: 1).
 

@@ -11,7 +11,7 @@ of the same quantity from the sampler alone; the two agreeing is a check on both
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -47,8 +47,9 @@ def make_entropy_fn(graphdef):
     return fn
 
 
-def completion_entropy(graphdef, params, comps, *, seq_len: int = 256, rows_per_call: int = 16,
-                       entropy_fn=None) -> EntropyProbe:
+def completion_entropy(
+    graphdef, params, comps, *, seq_len: int = 256, rows_per_call: int = 16, entropy_fn=None
+) -> EntropyProbe:
     """Mean per-token entropy of ``params``' next-token distribution over the responses of ``comps`` (engine
     Completions), scored teacher-forced in packed ``seq_len``-token rows, ``rows_per_call`` rows per jitted call
     (one compiled shape).  ``entropy_fn`` (``make_entropy_fn(graphdef)``) reuses a compilation across checkpoints."""
@@ -56,36 +57,82 @@ def completion_entropy(graphdef, params, comps, *, seq_len: int = 256, rows_per_
     if not comps:
         raise ValueError("completion_entropy: every response was empty")
     keep = [len(c.token_ids) for c in comps]
-    rows, _ = build_rows([c.prompt_ids for c in comps], [c.token_ids for c in comps],
-                         [c.raw_logprobs for c in comps], np.zeros(len(comps), np.float32), keep,
-                         np.ones(len(comps), np.float32), seq_len, row_multiple=rows_per_call, pow2_rows=False)
+    rows, _ = build_rows(
+        [c.prompt_ids for c in comps],
+        [c.token_ids for c in comps],
+        [c.raw_logprobs for c in comps],
+        np.zeros(len(comps), np.float32),
+        keep,
+        np.ones(len(comps), np.float32),
+        seq_len,
+        row_multiple=rows_per_call,
+        pow2_rows=False,
+    )
     fn = entropy_fn or make_entropy_fn(graphdef)
     total = count = 0.0
     for i in range(0, len(rows["tokens"]), rows_per_call):
-        sl = {k: rows[k][i:i + rows_per_call] for k in ("tokens", "positions", "segment_ids", "targets", "weights")}
+        sl = {k: rows[k][i : i + rows_per_call] for k in ("tokens", "positions", "segment_ids", "targets", "weights")}
         s, c = fn(params, sl["tokens"], sl["positions"], sl["segment_ids"], sl["targets"], sl["weights"])
         total, count = total + float(s), count + float(c)
     nll = -float(np.mean(np.concatenate([np.asarray(c.raw_logprobs, np.float64) for c in comps])))
-    return EntropyProbe(entropy=total / count, sampled_nll=nll, tokens=int(count), responses=len(comps),
-                        mean_length=float(np.mean(keep)))
+    return EntropyProbe(
+        entropy=total / count,
+        sampled_nll=nll,
+        tokens=int(count),
+        responses=len(comps),
+        mean_length=float(np.mean(keep)),
+    )
 
 
-def sample_for_entropy(graphdef, params, prompts: Sequence[Sequence[int]], *, n: int = 4, max_new_tokens: int = 64,
-                       stop_ids: Sequence[int] = (), seed: int = 0, num_slots: int = 64, moe_impl: str | None = None):
+def sample_for_entropy(
+    graphdef,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 4,
+    max_new_tokens: int = 64,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+    num_slots: int = 64,
+    moe_impl: str | None = None,
+):
     """``n`` responses per prompt from the policy itself: temperature 1, no top-p."""
     if not prompts:
         raise ValueError("sample_for_entropy: no prompts")
     engine = SamplingEngine(graphdef, params, num_slots=num_slots, moe_impl=moe_impl)
-    sp = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, n=n,
-                        stop_token_ids=tuple(int(s) for s in stop_ids))
+    sp = SamplingParams(
+        temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, n=n, stop_token_ids=tuple(int(s) for s in stop_ids)
+    )
     return engine.generate([list(map(int, p)) for p in prompts], sp, key=seed)
 
 
-def rollout_entropy(graphdef, params, prompts: Sequence[Sequence[int]], *, n: int = 4, max_new_tokens: int = 64,
-                    stop_ids: Sequence[int] = (), seed: int = 0, num_slots: int = 64, seq_len: int = 256,
-                    rows_per_call: int = 16, moe_impl: str | None = None, entropy_fn=None) -> EntropyProbe:
+def rollout_entropy(
+    graphdef,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 4,
+    max_new_tokens: int = 64,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+    num_slots: int = 64,
+    seq_len: int = 256,
+    rows_per_call: int = 16,
+    moe_impl: str | None = None,
+    entropy_fn=None,
+) -> EntropyProbe:
     """Sample ``n`` responses per prompt (``sample_for_entropy``) and measure them (``completion_entropy``)."""
-    comps = sample_for_entropy(graphdef, params, prompts, n=n, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                               seed=seed, num_slots=num_slots, moe_impl=moe_impl)
-    return completion_entropy(graphdef, params, comps, seq_len=seq_len, rows_per_call=rows_per_call,
-                              entropy_fn=entropy_fn)
+    comps = sample_for_entropy(
+        graphdef,
+        params,
+        prompts,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        seed=seed,
+        num_slots=num_slots,
+        moe_impl=moe_impl,
+    )
+    return completion_entropy(
+        graphdef, params, comps, seq_len=seq_len, rows_per_call=rows_per_call, entropy_fn=entropy_fn
+    )

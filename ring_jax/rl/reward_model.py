@@ -32,7 +32,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ring_jax.config import ModelConfig
 from ring_jax.data.chat import CHATML, ChatRenderer, ChatTemplate
@@ -68,8 +69,8 @@ def pad_rows(seqs: Sequence[Sequence[int]], row_multiple: int = 1, min_len: int 
     seg = np.zeros((r, t), np.int32)
     last = np.zeros((r,), np.int32)
     for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-        seg[i, :len(s)] = 1
+        tokens[i, : len(s)] = s
+        seg[i, : len(s)] = 1
         last[i] = len(s) - 1
     return {"tokens": tokens, "segment_ids": seg, "last_idx": last}
 
@@ -96,9 +97,20 @@ class LearnedRewardModel:
       rules: the logical-axis -> mesh-axis table (``ring_jax.sharding.DEFAULT_RULES``).
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer, *, mesh: Mesh | None = None, params=None, seed: int = 0,
-                 template: ChatTemplate = CHATML, max_len: int | None = None, max_batch: int = 64,
-                 min_len: int = 16, rules: ShardingRules = DEFAULT_RULES):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer,
+        *,
+        mesh: Mesh | None = None,
+        params=None,
+        seed: int = 0,
+        template: ChatTemplate = CHATML,
+        max_len: int | None = None,
+        max_batch: int = 64,
+        min_len: int = 16,
+        rules: ShardingRules = DEFAULT_RULES,
+    ):
         if tokenizer.vocab_size > cfg.vocab_size:
             raise RewardModelError(f"tokenizer vocabulary {tokenizer.vocab_size} > model vocab_size {cfg.vocab_size}")
         self.cfg = cfg
@@ -114,8 +126,9 @@ class LearnedRewardModel:
         self.graphdef, self.param_vars, _ = split_model(abstract)
         self.param_shardings = nnx.to_pure_dict(state_shardings(self.param_vars, self.mesh, rules))
         if params is None:  # compiled with sharded outputs: no device ever holds the whole model
-            init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_reward_net(cfg, seed))),
-                           out_shardings=self.param_shardings)
+            init = jax.jit(
+                lambda: nnx.to_pure_dict(nnx.state(build_reward_net(cfg, seed))), out_shardings=self.param_shardings
+            )
             params = init()
         else:
             params = jax.device_put(params, self.param_shardings)
@@ -130,18 +143,21 @@ class LearnedRewardModel:
 
         self._in_shardings = (tok_sh, tok_sh, row_sh)
         # scores come back replicated (a few floats), so every process can read them
-        self._score = jax.jit(scores, in_shardings=(self.param_shardings, tok_sh, tok_sh, row_sh),
-                              out_shardings=NamedSharding(self.mesh, P()))
+        self._score = jax.jit(
+            scores,
+            in_shardings=(self.param_shardings, tok_sh, tok_sh, row_sh),
+            out_shardings=NamedSharding(self.mesh, P()),
+        )
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_policy_checkpoint(cls, path: str, tokenizer=None, *, step: int | None = None, mesh: Mesh | None = None,
-                               seed: int = 0, **kw) -> "LearnedRewardModel":
+    def from_policy_checkpoint(
+        cls, path: str, tokenizer=None, *, step: int | None = None, mesh: Mesh | None = None, seed: int = 0, **kw
+    ) -> LearnedRewardModel:
         """Backbone from a policy's orbax checkpoint (a run directory holding ``ckpt/`` or the ``ckpt`` directory
         itself; the newest step unless ``step``), value head freshly initialised.  The tokenizer defaults to the
         run's ``tokenizer/``."""
-        from ring_jax.train.checkpoint import (CheckpointError, Checkpointer, model_config_from_meta,
-                                               resolve_ckpt_dir)
+        from ring_jax.train.checkpoint import Checkpointer, CheckpointError, model_config_from_meta, resolve_ckpt_dir
 
         run_dir, ckpt_dir = resolve_ckpt_dir(path)
         mesh = mesh if mesh is not None else make_mesh("")
@@ -165,37 +181,49 @@ class LearnedRewardModel:
         from ring_jax.train.checkpoint import Checkpointer
 
         with Checkpointer(os.path.join(directory, "ckpt"), keep=None) as c:
-            c.save(step, params=self.params, meta={"model_config": self.cfg.to_hf_dict(),
-                                                   "runtime": {"dtype": self.cfg.dtype,
-                                                               "param_dtype": self.cfg.param_dtype,
-                                                               "moe_impl": self.cfg.moe_impl},
-                                                   "reward_model": {"template": self.renderer.template.name,
-                                                                    "max_len": self.max_len}}, wait=True)
+            c.save(
+                step,
+                params=self.params,
+                meta={
+                    "model_config": self.cfg.to_hf_dict(),
+                    "runtime": {
+                        "dtype": self.cfg.dtype,
+                        "param_dtype": self.cfg.param_dtype,
+                        "moe_impl": self.cfg.moe_impl,
+                    },
+                    "reward_model": {"template": self.renderer.template.name, "max_len": self.max_len},
+                },
+                wait=True,
+            )
         self.tokenizer.save(os.path.join(directory, "tokenizer"))
 
     @classmethod
-    def load(cls, directory: str, *, step: int | None = None, mesh: Mesh | None = None,
-             **kw) -> "LearnedRewardModel":
+    def load(cls, directory: str, *, step: int | None = None, mesh: Mesh | None = None, **kw) -> LearnedRewardModel:
         """A reward model written by `save` (its tokenizer, template and max_len unless overridden)."""
         from ring_jax.data.chat import TEMPLATES
-        from ring_jax.train.checkpoint import CheckpointError, Checkpointer, model_config_from_meta
+        from ring_jax.train.checkpoint import Checkpointer, CheckpointError, model_config_from_meta
 
         try:
             with Checkpointer(os.path.join(directory, "ckpt"), read_only=True) as c:
                 meta = c.read_meta(step)
                 if "reward_model" not in meta:
-                    raise RewardModelError(f"{directory}: not a reward-model checkpoint (a policy? use "
-                                           "from_policy_checkpoint)")
+                    raise RewardModelError(
+                        f"{directory}: not a reward-model checkpoint (a policy? use from_policy_checkpoint)"
+                    )
                 cfg = model_config_from_meta(meta)
                 mesh = mesh if mesh is not None else make_mesh("")
                 _, pvars, abstract = split_model(nnx.eval_shape(lambda: build_reward_net(cfg)))
                 rules = kw.get("rules", DEFAULT_RULES)
-                params = c.restore_params(abstract, nnx.to_pure_dict(state_shardings(pvars, mesh, rules)),
-                                          step).params
-                rm = cls(cfg, kw.pop("tokenizer", None) or _run_tokenizer(directory, directory), mesh=mesh,
-                         params=params,
-                         template=kw.pop("template", TEMPLATES.get(meta["reward_model"].get("template"), CHATML)),
-                         max_len=kw.pop("max_len", meta["reward_model"].get("max_len")), **kw)
+                params = c.restore_params(abstract, nnx.to_pure_dict(state_shardings(pvars, mesh, rules)), step).params
+                rm = cls(
+                    cfg,
+                    kw.pop("tokenizer", None) or _run_tokenizer(directory, directory),
+                    mesh=mesh,
+                    params=params,
+                    template=kw.pop("template", TEMPLATES.get(meta["reward_model"].get("template"), CHATML)),
+                    max_len=kw.pop("max_len", meta["reward_model"].get("max_len")),
+                    **kw,
+                )
         except CheckpointError as e:
             raise RewardModelError(f"reward model {directory}: {e}") from e
         return rm
@@ -204,25 +232,28 @@ class LearnedRewardModel:
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids of one (prompt, response) pair (see the module docstring), at most ``max_len`` long."""
         if not isinstance(prompt, str) or not isinstance(response, str):
-            raise RewardModelError(f"prompt and response must be strings, got {type(prompt).__name__} and "
-                                   f"{type(response).__name__}")
+            raise RewardModelError(
+                f"prompt and response must be strings, got {type(prompt).__name__} and {type(response).__name__}"
+            )
         ids = [int(i) for i in self.renderer.render_prompt([{"role": "user", "content": prompt}])]
         ids += list(self.tokenizer.encode(response)) if response else []
         ids += list(self.renderer.stop_ids)
-        return ids[-self.max_len:]
+        return ids[-self.max_len :]
 
     def score_ids(self, seqs: Sequence[Sequence[int]], params=None) -> np.ndarray:
         """float32 scores of token sequences (``max_batch`` per compiled call)."""
         params = self.params if params is None else params
         out = []
         for i in range(0, len(seqs), self.max_batch):
-            chunk = seqs[i:i + self.max_batch]
+            chunk = seqs[i : i + self.max_batch]
             b = pad_rows(chunk, self.row_multiple, self.min_len)
             # every process holds the whole (identical) host batch; each device takes its rows from it
-            args = [jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx])
-                    for x, sh in zip((b["tokens"], b["segment_ids"], b["last_idx"]), self._in_shardings)]
+            args = [
+                jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx])
+                for x, sh in zip((b["tokens"], b["segment_ids"], b["last_idx"]), self._in_shardings)
+            ]
             s = self._score(params, *args)
-            out.append(np.asarray(jax.device_get(s))[:len(chunk)])
+            out.append(np.asarray(jax.device_get(s))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def score_batch(self, prompts: list[str], responses: list[str]) -> list[float]:

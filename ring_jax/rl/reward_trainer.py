@@ -16,8 +16,13 @@ import numpy as np
 import optax
 
 from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError, pad_rows
-from ring_jax.train.step import (TrainState, abstract_train_state, create_train_state, make_train_step,
-                                 train_state_shardings)
+from ring_jax.train.step import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    make_train_step,
+    train_state_shardings,
+)
 
 
 def bradley_terry_loss_fn(alpha_bal: float = 0.0, alpha_z: float = 0.0):
@@ -30,15 +35,23 @@ def bradley_terry_loss_fn(alpha_bal: float = 0.0, alpha_z: float = 0.0):
 
     def loss_fn(model, batch):
         p, two, t = batch["tokens"].shape
-        out = model(batch["tokens"].reshape(p * two, t), batch["segment_ids"].reshape(p * two, t),
-                    batch["last_idx"].reshape(p * two))
+        out = model(
+            batch["tokens"].reshape(p * two, t),
+            batch["segment_ids"].reshape(p * two, t),
+            batch["last_idx"].reshape(p * two),
+        )
         r = out.scores.reshape(p, two)
         margin = r[:, 0] - r[:, 1]
         w = batch["loss_mask"].astype(jnp.float32)
         loss_sum = jnp.sum(w * jax.nn.softplus(-margin))
-        aux = {"aux_loss": alpha_bal * out.balance_loss + alpha_z * out.z_loss,
-               "balance_loss": out.balance_loss, "z_loss": out.z_loss,
-               "pairs": jnp.sum(w), "correct": jnp.sum(w * (margin > 0)), "margin_sum": jnp.sum(w * margin)}
+        aux = {
+            "aux_loss": alpha_bal * out.balance_loss + alpha_z * out.z_loss,
+            "balance_loss": out.balance_loss,
+            "z_loss": out.z_loss,
+            "pairs": jnp.sum(w),
+            "correct": jnp.sum(w * (margin > 0)),
+            "margin_sum": jnp.sum(w * margin),
+        }
         return loss_sum, aux
 
     return loss_fn
@@ -55,43 +68,71 @@ class RewardModelTrainer:
     compiled step is the project's train step, so ``num_micro`` micro-batches accumulate gradients and a
     non-finite step is skipped."""
 
-    def __init__(self, rm: LearnedRewardModel, optimizer: optax.GradientTransformation, *, num_micro: int = 1,
-                 alpha_bal: float = 0.0, alpha_z: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        rm: LearnedRewardModel,
+        optimizer: optax.GradientTransformation,
+        *,
+        num_micro: int = 1,
+        alpha_bal: float = 0.0,
+        alpha_z: float = 0.0,
+        seed: int = 0,
+    ):
         self.rm = rm
         abstract = abstract_train_state(rm.params, optimizer, seed)
         self.shardings = train_state_shardings(rm.param_vars, abstract, rm.mesh, rm.rules)
         self.state: TrainState = create_train_state(rm.params, optimizer, self.shardings, seed)
         self.num_micro = num_micro
-        self._step = make_train_step(rm.graphdef, bradley_terry_loss_fn(alpha_bal, alpha_z), optimizer, rm.mesh,
-                                     self.shardings, num_micro, sum_aux_keys=BT_SUM_KEYS, rules=rm.rules)
+        self._step = make_train_step(
+            rm.graphdef,
+            bradley_terry_loss_fn(alpha_bal, alpha_z),
+            optimizer,
+            rm.mesh,
+            self.shardings,
+            num_micro,
+            sum_aux_keys=BT_SUM_KEYS,
+            rules=rm.rules,
+        )
 
     def batch(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.ndarray]:
         """The [P, 2, T] pair batch (padded to a power-of-two pair count the mesh and micro-batches divide)."""
         if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
-            raise RewardModelError(f"need equally many (>0) prompts, chosen and rejected responses, got "
-                                   f"{len(prompts)}, {len(chosen)}, {len(rejected)}")
+            raise RewardModelError(
+                f"need equally many (>0) prompts, chosen and rejected responses, got "
+                f"{len(prompts)}, {len(chosen)}, {len(rejected)}"
+            )
         seqs = []
         for p, c, r in zip(prompts, chosen, rejected):
             seqs += [self.rm.encode(p, c), self.rm.encode(p, r)]
         b = pad_rows(seqs, 2 * self.rm.row_multiple * self.num_micro, self.rm.min_len)
         n = b["tokens"].shape[0] // 2
         mask = np.zeros((n,), np.int32)
-        mask[:len(prompts)] = 1
-        return {"tokens": b["tokens"].reshape(n, 2, -1), "segment_ids": b["segment_ids"].reshape(n, 2, -1),
-                "last_idx": b["last_idx"].reshape(n, 2), "loss_mask": mask}
+        mask[: len(prompts)] = 1
+        return {
+            "tokens": b["tokens"].reshape(n, 2, -1),
+            "segment_ids": b["segment_ids"].reshape(n, 2, -1),
+            "last_idx": b["last_idx"].reshape(n, 2),
+            "loss_mask": mask,
+        }
 
     def step(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, float]:
         self.state, m = self._step(self.state, self.batch(prompts, chosen, rejected))
         self.rm.params = self.state.params
         m = jax.device_get(m)
         pairs = max(float(m["pairs"]), 1.0)
-        return {"loss": float(m["loss"]), "accuracy": float(m["correct"]) / pairs,
-                "margin": float(m["margin_sum"]) / pairs, "grad_norm": float(m["grad_norm"]),
-                "skipped": float(m["skipped"]), "balance_loss": float(m["balance_loss"])}
+        return {
+            "loss": float(m["loss"]),
+            "accuracy": float(m["correct"]) / pairs,
+            "margin": float(m["margin_sum"]) / pairs,
+            "grad_norm": float(m["grad_norm"]),
+            "skipped": float(m["skipped"]),
+            "balance_loss": float(m["balance_loss"]),
+        }
 
 
-def pairwise_accuracy(rm: LearnedRewardModel, prompts: Sequence[str], chosen: Sequence[str],
-                      rejected: Sequence[str]) -> float:
+def pairwise_accuracy(
+    rm: LearnedRewardModel, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]
+) -> float:
     """Fraction of pairs scored chosen > rejected."""
     c = np.asarray(rm.score_batch(list(prompts), list(chosen)))
     r = np.asarray(rm.score_batch(list(prompts), list(rejected)))

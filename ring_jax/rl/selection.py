@@ -60,8 +60,9 @@ def _order(lengths, order: str, seed: int, advantages) -> np.ndarray:
     return np.lexsort((np.arange(n), -lengths))
 
 
-def select_budgets(lengths, budget: int, num: int = 1, order: str = "random", seed: int = 0, advantages=None,
-                   eligible=None) -> list[Selection]:
+def select_budgets(
+    lengths, budget: int, num: int = 1, order: str = "random", seed: int = 0, advantages=None, eligible=None
+) -> list[Selection]:
     """``num`` disjoint budgets of exactly ``budget`` response tokens from one pool, one per optimiser update.
 
     One greedy pass in ``order`` is cut into consecutive budgets: budget u takes responses until its cumulative count
@@ -94,12 +95,17 @@ def select_budgets(lengths, budget: int, num: int = 1, order: str = "random", se
         parts.append((index, keep, total, truncated))
         at += take
     discarded = int(lengths.sum()) - sum(p[2] for p in parts)
-    return [Selection(index=i, keep=k, selected_tokens=t, discarded_tokens=discarded, shortfall=max(0, budget - t),
-                      truncated=tr) for i, k, t, tr in parts]
+    return [
+        Selection(
+            index=i, keep=k, selected_tokens=t, discarded_tokens=discarded, shortfall=max(0, budget - t), truncated=tr
+        )
+        for i, k, t, tr in parts
+    ]
 
 
-def select_budget(lengths, budget: int, order: str = "random", seed: int = 0, advantages=None,
-                  eligible=None) -> Selection:
+def select_budget(
+    lengths, budget: int, order: str = "random", seed: int = 0, advantages=None, eligible=None
+) -> Selection:
     """Greedy selection of exactly ``budget`` response tokens (see the module docstring); ``advantages`` (one per
     response) is required by, and only used by, ``order="informative_first"``."""
     return select_budgets(lengths, budget, 1, order, seed, advantages, eligible)[0]
@@ -112,7 +118,16 @@ def fixed_count(lengths, num: int, seed: int = 0, parts: int = 1, eligible=None)
     ok = np.ones(len(lengths), bool) if eligible is None else np.asarray(eligible, bool)
     perm = np.random.default_rng(seed).permutation(len(lengths))
     perm = perm[ok[perm]]
-    chosen = [perm[u * num:(u + 1) * num] for u in range(parts)]
+    chosen = [perm[u * num : (u + 1) * num] for u in range(parts)]
     discarded = int(lengths.sum()) - sum(int(lengths[c].sum()) for c in chosen)
-    return [Selection(index=c, keep=lengths[c].copy(), selected_tokens=int(lengths[c].sum()),
-                      discarded_tokens=discarded, shortfall=0, truncated=False) for c in chosen]
+    return [
+        Selection(
+            index=c,
+            keep=lengths[c].copy(),
+            selected_tokens=int(lengths[c].sum()),
+            discarded_tokens=discarded,
+            shortfall=0,
+            truncated=False,
+        )
+        for c in chosen
+    ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +36,31 @@ from flax import nnx
 from ring_jax.rewards import registry as rewards
 from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.batch import build_rows
-from ring_jax.rl.losses import (TIS_LEVELS, PolicyLossConfig, chunked_token_logprobs, policy_loss_sum, tis_weights,
-                                token_logprobs, token_weights)
+from ring_jax.rl.losses import (
+    TIS_LEVELS,
+    PolicyLossConfig,
+    chunked_token_logprobs,
+    policy_loss_sum,
+    tis_weights,
+    token_logprobs,
+    token_weights,
+)
 from ring_jax.rl.rollout import EngineRollout, Rollout
 from ring_jax.rl.selection import fixed_count, select_budgets
 from ring_jax.sampling.types import FINISH_STOP, Completion, SamplingParams
 from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
 
-RL_SUM_KEYS = ("expert_load", "kl_sum", "entropy_sum", "clip_count", "ratio_sum", "token_count", "drift_sum",
-               "approx_kl_sum")
+RL_SUM_KEYS = (
+    "expert_load",
+    "kl_sum",
+    "entropy_sum",
+    "clip_count",
+    "ratio_sum",
+    "token_count",
+    "drift_sum",
+    "approx_kl_sum",
+)
 RL_MAX_KEYS = ("ratio_max",)
 
 
@@ -112,31 +127,48 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
     """``loss_fn(model, mb) -> (sum_t w_t l_t, aux)`` for make_train_step; the step divides by the normaliser."""
 
     def loss_fn(model, mb):
-        logp, ent, out = policy_logprobs(model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"],
-                                         rl.logit_chunk)
+        logp, ent, out = policy_logprobs(
+            model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"], rl.logit_chunk
+        )
         ref = mb.get("ref_logp")
-        total, stats = policy_loss_sum(logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy,
-                                       tis=mb.get("tis"))
+        total, stats = policy_loss_sum(
+            logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy, tis=mb.get("tis")
+        )
         trained = (mb["weights"] > 0).astype(jnp.float32)
         load = out.expert_load
         load = jnp.mean(load, axis=0) if load.shape[0] else jnp.zeros((load.shape[1],), jnp.float32)
-        aux = {"aux_loss": moe_aux_loss(out, rl.alpha_bal, rl.alpha_z), "balance_loss": out.balance_loss,
-               "z_loss": out.z_loss, "expert_load": load,
-               "drift_sum": jnp.sum(trained * jnp.abs(logp - mb["old_logp"])), **stats}
+        aux = {
+            "aux_loss": moe_aux_loss(out, rl.alpha_bal, rl.alpha_z),
+            "balance_loss": out.balance_loss,
+            "z_loss": out.z_loss,
+            "expert_load": load,
+            "drift_sum": jnp.sum(trained * jnp.abs(logp - mb["old_logp"])),
+            **stats,
+        }
         return total, aux
 
     return loss_fn
 
 
-def make_rl_train_step(graphdef, rl: RLConfig, optimizer, mesh, shardings, *, schedule=None, num_micro=None,
-                       **kw) -> Callable:
+def make_rl_train_step(
+    graphdef, rl: RLConfig, optimizer, mesh, shardings, *, schedule=None, num_micro=None, **kw
+) -> Callable:
     """``make_train_step`` with the RL loss and the RL statistics' reductions (sums over micro-batches for the
     ``RL_SUM_KEYS``, maxima for ``RL_MAX_KEYS``); ``num_micro`` defaults to ``rl.num_micro``."""
     from ring_jax.train.step import make_train_step
 
-    return make_train_step(graphdef, rl_loss_fn(rl), optimizer, mesh, shardings,
-                           rl.num_micro if num_micro is None else num_micro, schedule=schedule,
-                           sum_aux_keys=RL_SUM_KEYS, max_aux_keys=RL_MAX_KEYS, **kw)
+    return make_train_step(
+        graphdef,
+        rl_loss_fn(rl),
+        optimizer,
+        mesh,
+        shardings,
+        rl.num_micro if num_micro is None else num_micro,
+        schedule=schedule,
+        sum_aux_keys=RL_SUM_KEYS,
+        max_aux_keys=RL_MAX_KEYS,
+        **kw,
+    )
 
 
 def make_ref_logp_fn(graphdef, logit_chunk: int = 0):
@@ -160,16 +192,30 @@ class RLStep:
     token statistics (``clip_frac``, ``ratio_mean``, ``approx_kl``, ``kl``, ``entropy``) are over all their tokens,
     ``ratio_max`` the largest; ``tokens`` / ``kept_tokens`` / ``budget_shortfall`` add up over the updates."""
 
-    def __init__(self, graphdef, train_step: Callable, rl: RLConfig, *, encode_prompt: Callable[[dict], Sequence[int]],
-                 decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int] = (), ref_params=None,
-                 row_multiple: int = 1, seed: int = 0, to_device: Callable = lambda b: b,
-                 rollout: Rollout | None = None):
+    def __init__(
+        self,
+        graphdef,
+        train_step: Callable,
+        rl: RLConfig,
+        *,
+        encode_prompt: Callable[[dict], Sequence[int]],
+        decode: Callable[[Sequence[int]], str],
+        stop_ids: Sequence[int] = (),
+        ref_params=None,
+        row_multiple: int = 1,
+        seed: int = 0,
+        to_device: Callable = lambda b: b,
+        rollout: Rollout | None = None,
+    ):
         if rl.aggregation == "c3po" and rl.budget <= 0:
             raise ValueError("c3po needs a positive token budget")
         self.graphdef, self.train_step, self.rl = graphdef, train_step, rl
         # the sampler (default: the sampling engine, ``rl.num_slots`` rows, ``rl.sampling_moe_impl``)
-        self.sampler: Rollout = rollout if rollout is not None else EngineRollout(
-            graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl)
+        self.sampler: Rollout = (
+            rollout
+            if rollout is not None
+            else EngineRollout(graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl)
+        )
         self.encode_prompt, self.decode, self.stop_ids = encode_prompt, decode, tuple(stop_ids)
         self.ref_params = ref_params if rl.policy.beta else None  # beta = 0: no reference model in memory
         self.ref_fn = make_ref_logp_fn(graphdef, rl.logit_chunk) if self.ref_params is not None else None
@@ -180,8 +226,13 @@ class RLStep:
     def rollout(self, params, prompts: list[list[int]], key: int) -> list[Completion]:
         """``samples_per_prompt`` responses per prompt from ``params`` at the config's temperature / top-p."""
         rl = self.rl
-        sp = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
-                            n=rl.samples_per_prompt, stop_token_ids=self.stop_ids)
+        sp = SamplingParams(
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            max_new_tokens=rl.max_new_tokens,
+            n=rl.samples_per_prompt,
+            stop_token_ids=self.stop_ids,
+        )
         return self.sampler.generate(params, prompts, sp, key)
 
     # -------------------------------------------------------------------------------------------- rewards
@@ -200,8 +251,12 @@ class RLStep:
             kind = "timeout" if res.timed_out else res.error.split(":", 1)[0]
             if (task, kind) not in self._errors_logged:
                 self._errors_logged.add((task, kind))
-                logging.warning("reward for task %r failed (%s); such responses are left out of their group and "
-                                "the budget (first of its kind, later ones only counted)", task, res.error)
+                logging.warning(
+                    "reward for task %r failed (%s); such responses are left out of their group and "
+                    "the budget (first of its kind, later ones only counted)",
+                    task,
+                    res.error,
+                )
         reward = np.array([r.reward for r in results], np.float32)
         if rl.binary_reward:
             reward = binarize_rewards(reward, tasks)
@@ -213,24 +268,38 @@ class RLStep:
         if frac > rl.max_reward_fail_frac:
             detail = ", ".join(f"{t}: {n}" for t, n in sorted(failed_by_task.items(), key=str))
             first = next(r.error for r in results if not r.ok)
-            raise RewardFailureError(f"{int((~valid).sum())} of {len(valid)} rewards of this rollout failed ({detail}; "
-                                     f"first error: {first}), more than max_reward_fail_frac="
-                                     f"{rl.max_reward_fail_frac}")
+            raise RewardFailureError(
+                f"{int((~valid).sum())} of {len(valid)} rewards of this rollout failed ({detail}; "
+                f"first error: {first}), more than max_reward_fail_frac="
+                f"{rl.max_reward_fail_frac}"
+            )
         return reward, valid, metrics
 
     # -------------------------------------------------------------------------------------------- one update
     def _batch(self, comps, sel, adv, tis):
         rl = self.rl
         w, normaliser = token_weights(rl.aggregation, sel.keep, rl.budget)
-        rows, used_rows = build_rows([comps[i].prompt_ids for i in sel.index], [comps[i].token_ids for i in sel.index],
-                                     [comps[i].raw_logprobs for i in sel.index], adv[sel.index], sel.keep, w,
-                                     rl.seq_len, row_multiple=self.row_multiple * rl.num_micro,
-                                     tis=[tis[i][0] for i in sel.index])
-        batch = self.to_device({k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids", "weights",
-                                                     "old_logp", "advantages", "tis")})
+        rows, used_rows = build_rows(
+            [comps[i].prompt_ids for i in sel.index],
+            [comps[i].token_ids for i in sel.index],
+            [comps[i].raw_logprobs for i in sel.index],
+            adv[sel.index],
+            sel.keep,
+            w,
+            rl.seq_len,
+            row_multiple=self.row_multiple * rl.num_micro,
+            tis=[tis[i][0] for i in sel.index],
+        )
+        batch = self.to_device(
+            {
+                k: rows[k]
+                for k in ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis")
+            }
+        )
         if self.ref_fn is not None:
-            batch["ref_logp"] = self.ref_fn(self.ref_params, batch["tokens"], batch["positions"],
-                                            batch["segment_ids"], batch["targets"])
+            batch["ref_logp"] = self.ref_fn(
+                self.ref_params, batch["tokens"], batch["positions"], batch["segment_ids"], batch["targets"]
+            )
             jax.block_until_ready(batch["ref_logp"])
         return batch, normaliser, len(rows["tokens"]), used_rows
 
@@ -258,8 +327,9 @@ class RLStep:
         lengths = np.array([len(c.token_ids) for c in comps])
         n_upd = rl.updates_per_rollout
         if rl.aggregation == "c3po":
-            sels = select_budgets(lengths, rl.budget, n_upd, rl.selection_order, seed=step_key, advantages=adv,
-                                  eligible=valid)
+            sels = select_budgets(
+                lengths, rl.budget, n_upd, rl.selection_order, seed=step_key, advantages=adv, eligible=valid
+            )
         else:
             per = rl.responses_per_step or max(int(valid.sum()) // n_upd, 1)
             sels = fixed_count(lengths, per, seed=step_key, parts=n_upd, eligible=valid)
@@ -302,49 +372,76 @@ class RLStep:
             if m is None:
                 continue
             n_tok = max(float(m["token_count"]), 1.0)
-            out.update({pre + "loss": float(m["loss"]), pre + "grad_norm": float(m["grad_norm"]),
-                        pre + "clip_frac": float(m["clip_count"]) / n_tok,
-                        pre + "ratio_mean": float(m["ratio_sum"]) / n_tok, pre + "ratio_max": float(m["ratio_max"]),
-                        pre + "approx_kl": float(m["approx_kl_sum"]) / n_tok, pre + "kl": float(m["kl_sum"]) / n_tok})
+            out.update(
+                {
+                    pre + "loss": float(m["loss"]),
+                    pre + "grad_norm": float(m["grad_norm"]),
+                    pre + "clip_frac": float(m["clip_count"]) / n_tok,
+                    pre + "ratio_mean": float(m["ratio_sum"]) / n_tok,
+                    pre + "ratio_max": float(m["ratio_max"]),
+                    pre + "approx_kl": float(m["approx_kl_sum"]) / n_tok,
+                    pre + "kl": float(m["kl_sum"]) / n_tok,
+                }
+            )
             for k in sums:
                 sums[k] += float(m[k])
         n_tok = max(sums["token_count"], 1.0)
         if ran:
             last = ran[-1]["m"]
             out.update({k: v for k, v in last.items() if k not in RL_SUM_KEYS + RL_MAX_KEYS + ("loss", "grad_norm")})
-            out.update({
-                "loss": float(np.mean([u["m"]["loss"] for u in ran])),
-                "grad_norm": float(np.mean([u["m"]["grad_norm"] for u in ran])),
-                "skipped": float(sum(float(u["m"]["skipped"]) for u in ran)),
-                "kl": sums["kl_sum"] / n_tok, "entropy": sums["entropy_sum"] / n_tok,
-                "clip_frac": sums["clip_count"] / n_tok, "ratio_mean": sums["ratio_sum"] / n_tok,
-                "ratio_max": max(float(u["m"]["ratio_max"]) for u in ran), "approx_kl": sums["approx_kl_sum"] / n_tok,
-                "logprob_drift": float(ups[0]["m"]["drift_sum"]) / max(float(ups[0]["m"]["token_count"]), 1.0)
-                if ups[0]["m"] is not None else float("nan"),
-                "rows": float(sum(u["rows"] for u in ran)), "rows_used": float(sum(u["rows_used"] for u in ran)),
-                "normalizer": float(ran[0]["normaliser"]),
-            })
+            out.update(
+                {
+                    "loss": float(np.mean([u["m"]["loss"] for u in ran])),
+                    "grad_norm": float(np.mean([u["m"]["grad_norm"] for u in ran])),
+                    "skipped": float(sum(float(u["m"]["skipped"]) for u in ran)),
+                    "kl": sums["kl_sum"] / n_tok,
+                    "entropy": sums["entropy_sum"] / n_tok,
+                    "clip_frac": sums["clip_count"] / n_tok,
+                    "ratio_mean": sums["ratio_sum"] / n_tok,
+                    "ratio_max": max(float(u["m"]["ratio_max"]) for u in ran),
+                    "approx_kl": sums["approx_kl_sum"] / n_tok,
+                    "logprob_drift": float(ups[0]["m"]["drift_sum"]) / max(float(ups[0]["m"]["token_count"]), 1.0)
+                    if ups[0]["m"] is not None
+                    else float("nan"),
+                    "rows": float(sum(u["rows"] for u in ran)),
+                    "rows_used": float(sum(u["rows_used"] for u in ran)),
+                    "normalizer": float(ran[0]["normaliser"]),
+                }
+            )
         else:  # every update skipped: the keys a plot or a caller reads are still there
-            out.update({"loss": float("nan"), "grad_norm": float("nan"), "skipped": 0.0,
-                        "normalizer": token_weights(self.rl.aggregation, ups[0]["sel"].keep, self.rl.budget)[1]})
+            out.update(
+                {
+                    "loss": float("nan"),
+                    "grad_norm": float("nan"),
+                    "skipped": 0.0,
+                    "normalizer": token_weights(self.rl.aggregation, ups[0]["sel"].keep, self.rl.budget)[1],
+                }
+            )
         selected = [u["sel"] for u in ups]
         kept = float(sum(s.selected_tokens for s in selected))
         sel_idx = np.concatenate([s.index for s in selected]) if selected else np.zeros((0,), int)
         w_sel = np.concatenate([tis[i][0][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
         t_sel = np.concatenate([tis[i][1][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
-        out.update({
-            "updates": float(len(ran)), "skipped_no_signal": float(len(ups) - len(ran)),
-            "tokens": kept, "kept_tokens": kept, "discarded_tokens": float(selected[0].discarded_tokens),
-            "budget_shortfall": float(sum(s.shortfall for s in selected)),
-            "responses_selected": float(len(sel_idx)), "responses": float(len(comps)),
-            "response_len_mean": float(lengths.mean()), "response_len_max": float(lengths.max()),
-            "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
-            "reward_mean": float(reward[valid].mean()) if valid.any() else float("nan"),
-            "informative_responses": float(np.count_nonzero(adv)),
-            "informative_selected": float(np.count_nonzero(adv[sel_idx])),
-            "tis/weight_mean": float(w_sel.mean()) if w_sel.size else float("nan"),
-            "tis/weight_min": float(w_sel.min()) if w_sel.size else float("nan"),
-            "tis/weight_max": float(w_sel.max()) if w_sel.size else float("nan"),
-            "tis/truncated_frac": float(t_sel.mean()) if t_sel.size else 0.0,
-        })
+        out.update(
+            {
+                "updates": float(len(ran)),
+                "skipped_no_signal": float(len(ups) - len(ran)),
+                "tokens": kept,
+                "kept_tokens": kept,
+                "discarded_tokens": float(selected[0].discarded_tokens),
+                "budget_shortfall": float(sum(s.shortfall for s in selected)),
+                "responses_selected": float(len(sel_idx)),
+                "responses": float(len(comps)),
+                "response_len_mean": float(lengths.mean()),
+                "response_len_max": float(lengths.max()),
+                "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
+                "reward_mean": float(reward[valid].mean()) if valid.any() else float("nan"),
+                "informative_responses": float(np.count_nonzero(adv)),
+                "informative_selected": float(np.count_nonzero(adv[sel_idx])),
+                "tis/weight_mean": float(w_sel.mean()) if w_sel.size else float("nan"),
+                "tis/weight_min": float(w_sel.min()) if w_sel.size else float("nan"),
+                "tis/weight_max": float(w_sel.max()) if w_sel.size else float("nan"),
+                "tis/truncated_frac": float(t_sel.mean()) if t_sel.size else 0.0,
+            }
+        )
         return out

@@ -10,9 +10,29 @@ completions, the decode state)."""
 from ring_jax.sampling.device import decode_step
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.rules import filter_logits, sample_tokens, sampling_logprobs, top_k_mask, top_p_mask
-from ring_jax.sampling.types import (FINISH_LENGTH, FINISH_STOP, Completion, DecodeState, SamplingError,
-                                     SamplingParams, pow2_bucket)
+from ring_jax.sampling.types import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    DecodeState,
+    SamplingError,
+    SamplingParams,
+    pow2_bucket,
+)
 
-__all__ = ["Completion", "DecodeState", "FINISH_LENGTH", "FINISH_STOP", "SamplingEngine", "SamplingError",
-           "SamplingParams", "decode_step", "filter_logits", "pow2_bucket", "sample_tokens", "sampling_logprobs",
-           "top_k_mask", "top_p_mask"]
+__all__ = [
+    "Completion",
+    "DecodeState",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "SamplingEngine",
+    "SamplingError",
+    "SamplingParams",
+    "decode_step",
+    "filter_logits",
+    "pow2_bucket",
+    "sample_tokens",
+    "sampling_logprobs",
+    "top_k_mask",
+    "top_p_mask",
+]

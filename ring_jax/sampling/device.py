@@ -117,12 +117,12 @@ def mesh_of(state) -> jax.sharding.Mesh | None:
     return None
 
 
-def decode_state_specs(tree, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-                       rules: ShardingRules = DEFAULT_RULES):
+def decode_state_specs(tree, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: ShardingRules = DEFAULT_RULES):
     """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [layers, slots, kv_heads, head_dim, S]
     and v [layers, slots, kv_heads, S, head_dim] by the rules for their logical axes (``layers`` +
     ``attention.K_CACHE_AXES`` / ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits
     [slots, V] over the slots, everything else replicated."""
+
     def one(path, x):
         names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
         if x.ndim == 5:
@@ -151,8 +151,9 @@ def _replicated(x):
 
 
 # ------------------------------------------------------------------------------------------------ jitted bodies
-def prefill_body(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0,
-                 rules: ShardingRules = DEFAULT_RULES) -> tuple[KVCache, jax.Array]:
+def prefill_body(
+    graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0, rules: ShardingRules = DEFAULT_RULES
+) -> tuple[KVCache, jax.Array]:
     """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V]).
     ``chunk`` < P (both powers of two): the prompts go through the model ``chunk`` positions at a time (one
     ``lax.scan`` over the chunks, the cache carried), so attention over the cache reads only the blocks written so
@@ -168,39 +169,83 @@ def prefill_body(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int
 
         def one(cache, xs):
             tok, pos, seg, start = xs
-            out = model(tok, pos, seg, cache=cache, write_idx=jnp.full((k,), start, jnp.int32),
-                        compute_logits=False, return_hidden=True)
+            out = model(
+                tok,
+                pos,
+                seg,
+                cache=cache,
+                write_idx=jnp.full((k,), start, jnp.int32),
+                compute_logits=False,
+                return_hidden=True,
+            )
             return place(out.cache, rules), out.hidden
 
         split = lambda a: a.reshape(k, n, chunk).swapaxes(0, 1)  # noqa: E731
-        cache, hidden = jax.lax.scan(one, cache, (split(tokens), split(positions), split(segment_ids),
-                                                  jnp.arange(n, dtype=jnp.int32) * chunk))
+        cache, hidden = jax.lax.scan(
+            one, cache, (split(tokens), split(positions), split(segment_ids), jnp.arange(n, dtype=jnp.int32) * chunk)
+        )
         hidden = hidden.swapaxes(0, 1).reshape(k, p, -1)
         out_cache = cache
     else:
-        out = model(tokens, positions, segment_ids, cache=cache, write_idx=jnp.zeros((k,), jnp.int32),
-                    compute_logits=False, return_hidden=True)
+        out = model(
+            tokens,
+            positions,
+            segment_ids,
+            cache=cache,
+            write_idx=jnp.zeros((k,), jnp.int32),
+            compute_logits=False,
+            return_hidden=True,
+        )
         hidden, out_cache = out.hidden, out.cache
     h_last = hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
     logits = project(h_last, model.head_weight())
     return place(out_cache, rules), place({"logits": logits}, rules)["logits"]
 
 
-def empty_state_body(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int,
-                     rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+def empty_state_body(
+    cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int, rules: ShardingRules = DEFAULT_RULES
+) -> DecodeState:
     """A decode state of ``num_slots`` empty rows (none active), a cache of ``cache_len`` positions each and
     ``num_stop`` stop-id columns."""
     b = num_slots
     zi = jnp.zeros((b,), jnp.int32)
-    return place(DecodeState(
-        cache=init_cache(cfg, b, cache_len), logits=jnp.zeros((b, cfg.vocab_size), jnp.float32),
-        keys=jnp.zeros((b, 2), jnp.uint32), pos=zi, ngen=zi, max_new=zi, active=jnp.zeros((b,), bool),
-        stop_hit=jnp.zeros((b,), bool), temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
-        top_k=zi, stop_ids=jnp.full((b, num_stop), -1, jnp.int32)), rules)
+    return place(
+        DecodeState(
+            cache=init_cache(cfg, b, cache_len),
+            logits=jnp.zeros((b, cfg.vocab_size), jnp.float32),
+            keys=jnp.zeros((b, 2), jnp.uint32),
+            pos=zi,
+            ngen=zi,
+            max_new=zi,
+            active=jnp.zeros((b,), bool),
+            stop_hit=jnp.zeros((b,), bool),
+            temperature=jnp.ones((b,), jnp.float32),
+            top_p=jnp.ones((b,), jnp.float32),
+            top_k=zi,
+            stop_ids=jnp.full((b, num_stop), -1, jnp.int32),
+        ),
+        rules,
+    )
 
 
-def insert_body(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
-                temperature, top_p, top_k, stop_ids, *, rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+def insert_body(
+    ds: DecodeState,
+    src_cache,
+    src_logits,
+    src_rows,
+    dst,
+    lengths,
+    base_key,
+    req_ids,
+    copy_ids,
+    max_new,
+    temperature,
+    top_p,
+    top_k,
+    stop_ids,
+    *,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> DecodeState:
     """Copy prefilled rows ``src_rows`` of (src_cache, src_logits) into slots ``dst`` (dst == num_slots: dummy,
     dropped) and set those rows' sampling parameters; their sequences start now (active, ngen 0, pos = length).
 
@@ -224,18 +269,28 @@ def insert_body(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, 
     base = jax.random.wrap_key_data(base_key)
     seq_keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(base, r), c))(req_ids, copy_ids)
     ones = jnp.ones(dst.shape, bool)
-    return place(DecodeState(
-        cache=ds.cache._replace(k=put_kv(ds.cache.k, src_cache.k, 4), v=put_kv(ds.cache.v, src_cache.v, 3),
-                                segment_ids=put_row(ds.cache.segment_ids, src_cache.segment_ids),
-                                positions=put_row(ds.cache.positions, src_cache.positions)),
-        logits=put(ds.logits, src_logits),
-        keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
-        pos=ds.pos.at[dst].set(lengths, mode="drop"), ngen=ds.ngen.at[dst].set(0, mode="drop"),
-        max_new=ds.max_new.at[dst].set(max_new, mode="drop"), active=ds.active.at[dst].set(ones, mode="drop"),
-        stop_hit=ds.stop_hit.at[dst].set(~ones, mode="drop"),
-        temperature=ds.temperature.at[dst].set(temperature, mode="drop"),
-        top_p=ds.top_p.at[dst].set(top_p, mode="drop"), top_k=ds.top_k.at[dst].set(top_k, mode="drop"),
-        stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop")), rules)
+    return place(
+        DecodeState(
+            cache=ds.cache._replace(
+                k=put_kv(ds.cache.k, src_cache.k, 4),
+                v=put_kv(ds.cache.v, src_cache.v, 3),
+                segment_ids=put_row(ds.cache.segment_ids, src_cache.segment_ids),
+                positions=put_row(ds.cache.positions, src_cache.positions),
+            ),
+            logits=put(ds.logits, src_logits),
+            keys=ds.keys.at[dst].set(jax.random.key_data(seq_keys), mode="drop"),
+            pos=ds.pos.at[dst].set(lengths, mode="drop"),
+            ngen=ds.ngen.at[dst].set(0, mode="drop"),
+            max_new=ds.max_new.at[dst].set(max_new, mode="drop"),
+            active=ds.active.at[dst].set(ones, mode="drop"),
+            stop_hit=ds.stop_hit.at[dst].set(~ones, mode="drop"),
+            temperature=ds.temperature.at[dst].set(temperature, mode="drop"),
+            top_p=ds.top_p.at[dst].set(top_p, mode="drop"),
+            top_k=ds.top_k.at[dst].set(top_k, mode="drop"),
+            stop_ids=ds.stop_ids.at[dst].set(stop_ids, mode="drop"),
+        ),
+        rules,
+    )
 
 
 def project(hidden, head) -> jax.Array:
@@ -243,36 +298,51 @@ def project(hidden, head) -> jax.Array:
     return jnp.einsum("bh,hv->bv", hidden, head, preferred_element_type=jnp.float32)
 
 
-def decode_step(model, ds: DecodeState, *, filtered: bool,
-                head=None) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+def decode_step(
+    model, ds: DecodeState, *, filtered: bool, head=None
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
     """One step for every row: sample from ds.logits, stop check, feed the token.  Returns (new state, token,
     sampling logprob, raw logprob); rows inactive at entry return token -1.  ``head``: the model's
     ``head_weight()``, computed once by the caller for many steps (with norm_head it is a pass over [H, V])."""
     step_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(ds.keys), ds.ngen)
-    tok, lp, raw = sampling_rules.sample_tokens(ds.logits, step_keys, ds.temperature, ds.top_k, ds.top_p,
-                                                filtered=filtered)
+    tok, lp, raw = sampling_rules.sample_tokens(
+        ds.logits, step_keys, ds.temperature, ds.top_k, ds.top_p, filtered=filtered
+    )
     tok = jnp.where(ds.active, tok, -1)
     ngen = ds.ngen + ds.active.astype(jnp.int32)
     hit = ds.active & jnp.any(tok[:, None] == ds.stop_ids, axis=-1)
     still = ds.active & ~hit & (ngen < ds.max_new)
     feed = jnp.maximum(tok, 0)[:, None]
-    out = model(feed, ds.pos[:, None], still.astype(jnp.int32)[:, None], cache=ds.cache, write_idx=ds.pos,
-                compute_logits=False, return_hidden=True)
+    out = model(
+        feed,
+        ds.pos[:, None],
+        still.astype(jnp.int32)[:, None],
+        cache=ds.cache,
+        write_idx=ds.pos,
+        compute_logits=False,
+        return_hidden=True,
+    )
     logits = project(out.hidden[:, 0], model.head_weight() if head is None else head)
-    ds = ds._replace(cache=out.cache, logits=logits, pos=ds.pos + still.astype(jnp.int32), ngen=ngen,
-                     active=still, stop_hit=ds.stop_hit | hit)
+    ds = ds._replace(
+        cache=out.cache,
+        logits=logits,
+        pos=ds.pos + still.astype(jnp.int32),
+        ngen=ngen,
+        active=still,
+        stop_hit=ds.stop_hit | hit,
+    )
     return ds, tok, lp, raw
 
 
-def decode_body(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool,
-                rules: ShardingRules = DEFAULT_RULES) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+def decode_body(
+    graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool, rules: ShardingRules = DEFAULT_RULES
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Up to ``chunk`` decode steps; stops early once fewer than max(min_active, 1) rows are active.
     Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run)."""
     model = nnx.merge(graphdef, state)
     head = model.head_weight()  # once per call, outside the loop
     b = ds.pos.shape[0]
-    bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32),
-            jnp.zeros((b, chunk), jnp.float32))
+    bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32), jnp.zeros((b, chunk), jnp.float32))
     floor = jnp.maximum(min_active, 1)
 
     def cond(c):
@@ -289,40 +359,74 @@ def decode_body(graphdef, state, ds: DecodeState, min_active, *, chunk: int, fil
 
 
 # ------------------------------------------------------------------------------------------------ jitted
-_PREFILL = jax.jit(prefill_body, static_argnums=(0,),
-                   static_argnames=("cache_len", "chunk", "rules"))
+_PREFILL = jax.jit(prefill_body, static_argnums=(0,), static_argnames=("cache_len", "chunk", "rules"))
 _INSERT = jax.jit(insert_body, static_argnames=("rules",), donate_argnums=(0,))
-_DECODE = jax.jit(decode_body, static_argnums=(0,), static_argnames=("chunk", "filtered", "rules"),
-                  donate_argnums=(2,))
+_DECODE = jax.jit(decode_body, static_argnums=(0,), static_argnames=("chunk", "filtered", "rules"), donate_argnums=(2,))
 _EMPTY = jax.jit(empty_state_body, static_argnums=(0, 1, 2, 3), static_argnames=("rules",))
 
 
-def prefill(graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0,
-            rules: ShardingRules = DEFAULT_RULES) -> tuple[KVCache, jax.Array]:
+def prefill(
+    graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0, rules: ShardingRules = DEFAULT_RULES
+) -> tuple[KVCache, jax.Array]:
     """Jitted :func:`prefill_body` (one compilation per graphdef, prompt and cache bucket, chunk and rules)."""
     return _PREFILL(graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=rules)
 
 
-def insert(ds: DecodeState, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
-           temperature, top_p, top_k, stop_ids, *, rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+def insert(
+    ds: DecodeState,
+    src_cache,
+    src_logits,
+    src_rows,
+    dst,
+    lengths,
+    base_key,
+    req_ids,
+    copy_ids,
+    max_new,
+    temperature,
+    top_p,
+    top_k,
+    stop_ids,
+    *,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> DecodeState:
     """Jitted :func:`insert_body`; ``ds`` is donated (do not use it afterwards)."""
-    return _INSERT(ds, src_cache, src_logits, src_rows, dst, lengths, base_key, req_ids, copy_ids, max_new,
-                   temperature, top_p, top_k, stop_ids, rules=rules)
+    return _INSERT(
+        ds,
+        src_cache,
+        src_logits,
+        src_rows,
+        dst,
+        lengths,
+        base_key,
+        req_ids,
+        copy_ids,
+        max_new,
+        temperature,
+        top_p,
+        top_k,
+        stop_ids,
+        rules=rules,
+    )
 
 
-def decode(graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool,
-           rules: ShardingRules = DEFAULT_RULES) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+def decode(
+    graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool, rules: ShardingRules = DEFAULT_RULES
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Jitted :func:`decode_body`; ``ds`` is donated (do not use it afterwards)."""
     return _DECODE(graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=rules)
 
 
-def empty_state(cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int, *,
-                rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+def empty_state(
+    cfg: ModelConfig, num_slots: int, cache_len: int, num_stop: int, *, rules: ShardingRules = DEFAULT_RULES
+) -> DecodeState:
     """Jitted :func:`empty_state_body`."""
     return _EMPTY(cfg, num_slots, cache_len, num_stop, rules=rules)
 
 
 def compile_counts() -> dict[str, int]:
     """Compiled variants of each jitted function (one per shape bucket, model and rules), over all engines."""
-    return {name: fn._cache_size() for name, fn in
-            (("prefill", _PREFILL), ("insert", _INSERT), ("decode", _DECODE), ("empty", _EMPTY))}
+    return {
+        name: fn._cache_size()
+        for name, fn in (("prefill", _PREFILL), ("insert", _INSERT), ("decode", _DECODE), ("empty", _EMPTY))
+    }

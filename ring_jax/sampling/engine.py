@@ -14,7 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -22,8 +22,15 @@ from flax import nnx
 
 from ring_jax.config import ModelConfig
 from ring_jax.sampling import device
-from ring_jax.sampling.types import (FINISH_LENGTH, FINISH_STOP, Completion, DecodeState, SamplingError,
-                                     SamplingParams, pow2_bucket)
+from ring_jax.sampling.types import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    DecodeState,
+    SamplingError,
+    SamplingParams,
+    pow2_bucket,
+)
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules, use_rules
 
 
@@ -60,6 +67,7 @@ class _Group:
 @dataclasses.dataclass
 class _Call:
     """One ``generate`` call: its requests, the decode state and the host's view of the slots."""
+
     prompts: list[list[int]]
     params: list[SamplingParams]
     state: object  # the model parameters the device functions read
@@ -101,10 +109,22 @@ class SamplingEngine:
     ``admit_seconds``, ``decode_seconds``, ``seconds`` and ``cache_len`` (S).
     """
 
-    def __init__(self, graphdef, state, *, num_slots: int = 16, chunk: int = 32, prefill_batch: int | None = None,
-                 cache_len: int | None = None, min_prompt_bucket: int = device.MIN_PROMPT_BUCKET,
-                 min_cache_bucket: int = device.MIN_CACHE_BUCKET, moe_impl: str | None = None, mesh=None,
-                 prefill_chunk: int = device.PREFILL_CHUNK, rules: ShardingRules = DEFAULT_RULES):
+    def __init__(
+        self,
+        graphdef,
+        state,
+        *,
+        num_slots: int = 16,
+        chunk: int = 32,
+        prefill_batch: int | None = None,
+        cache_len: int | None = None,
+        min_prompt_bucket: int = device.MIN_PROMPT_BUCKET,
+        min_cache_bucket: int = device.MIN_CACHE_BUCKET,
+        moe_impl: str | None = None,
+        mesh=None,
+        prefill_chunk: int = device.PREFILL_CHUNK,
+        rules: ShardingRules = DEFAULT_RULES,
+    ):
         cfg: ModelConfig = nnx.merge(graphdef, state).config
         self.mesh = mesh if mesh is not None else device.mesh_of(state)
         self.rules = rules
@@ -127,7 +147,7 @@ class SamplingEngine:
         self.prefill_chunk = int(prefill_chunk)
 
     @classmethod
-    def from_model(cls, model, **kw) -> "SamplingEngine":
+    def from_model(cls, model, **kw) -> SamplingEngine:
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, **kw)
 
@@ -140,9 +160,16 @@ class SamplingEngine:
         """Compiled variants of each jitted function (one per shape bucket and model), over all engines."""
         return device.compile_counts()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams(),
-                 *, key=0, state=None, mode: str = "continuous",
-                 on_tokens: Callable[[int, int, list[int], bool], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] = SamplingParams(),
+        *,
+        key=0,
+        state=None,
+        mode: str = "continuous",
+        on_tokens: Callable[[int, int, list[int], bool], None] | None = None,
+    ) -> list[Completion]:
         """Generate for every prompt (``params.n`` samples each).  Returns completions ordered by (prompt, sample);
         the call's counters are in ``last_stats`` afterwards.
 
@@ -153,8 +180,9 @@ class SamplingEngine:
         on_tokens: optional callback ``(prompt_index, sample_index, new_token_ids, finished)`` after each chunk."""
         # the model's MoE block reads the rules when traced (sharding.active_rules): the engine's table, as placement
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext(), use_rules(self.rules):
-            return self._run(prompts, params, key=key, state=self.state if state is None else state, mode=mode,
-                             on_tokens=on_tokens)
+            return self._run(
+                prompts, params, key=key, state=self.state if state is None else state, mode=mode, on_tokens=on_tokens
+            )
 
     def validate(self, prompts: list[list[int]], params_list: list[SamplingParams]) -> int:
         """Checks every request; returns the cache length S for this call."""
@@ -168,13 +196,17 @@ class SamplingEngine:
             if min(p) < 0 or max(p) >= cfg.vocab_size:
                 raise SamplingError(f"prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})")
             if len(p) >= context:
-                raise SamplingError(f"prompt {i} has {len(p)} tokens: no room left in the context of {context} "
-                                    f"(max_position_embeddings)")
+                raise SamplingError(
+                    f"prompt {i} has {len(p)} tokens: no room left in the context of {context} "
+                    f"(max_position_embeddings)"
+                )
         if self.cache_len is not None:
             s = self.cache_len
         else:
-            need = max(device.prompt_bucket(len(p), self.min_prompt_bucket) + sp.max_new_tokens
-                       for p, sp in zip(prompts, params_list))
+            need = max(
+                device.prompt_bucket(len(p), self.min_prompt_bucket) + sp.max_new_tokens
+                for p, sp in zip(prompts, params_list)
+            )
             s = device.cache_bucket(need, context, self.min_cache_bucket)
         for i, p in enumerate(prompts):
             if len(p) >= s:
@@ -182,8 +214,16 @@ class SamplingEngine:
         return s
 
     # -------------------------------------------------------------------------------------------- scheduling
-    def _run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *, key, state, mode: str,
-             on_tokens) -> list[Completion]:
+    def _run(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        *,
+        key,
+        state,
+        mode: str,
+        on_tokens,
+    ) -> list[Completion]:
         if mode not in ("continuous", "static"):
             raise SamplingError(f"mode {mode!r}: 'continuous' or 'static'")
         prompts = [list(map(int, p)) for p in prompts]
@@ -192,21 +232,32 @@ class SamplingEngine:
             raise SamplingError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         s = self.validate(prompts, params_list)
         b = self.num_slots
-        stops = [tuple(dict.fromkeys((() if sp.ignore_eos else self.cfg.eos_ids) + tuple(sp.stop_token_ids)))
-                 for sp in params_list]
+        stops = [
+            tuple(dict.fromkeys((() if sp.ignore_eos else self.cfg.eos_ids) + tuple(sp.stop_token_ids)))
+            for sp in params_list
+        ]
         ns = device.stop_bucket(max(len(x) for x in stops))
         stop_rows = np.full((len(prompts), ns), -1, np.int32)
         for i, x in enumerate(stops):
-            stop_rows[i, :len(x)] = x
+            stop_rows[i, : len(x)] = x
         max_new = [min(sp.max_new_tokens, s - len(p)) for p, sp in zip(prompts, params_list)]
         filtered = any(sp.filtered for sp in params_list)
         base_key = _key_data(key)
 
         t0 = time.perf_counter()
-        call = _Call(prompts=prompts, params=params_list, state=state, cache_len=s, num_stop=ns, stop_rows=stop_rows,
-                     max_new=max_new, base_key=base_key, ds=device.empty_state(self.cfg, b, s, ns, rules=self.rules),
-                     pending=collections.deque((i, j) for i, sp in enumerate(params_list) for j in range(sp.n)),
-                     slots=[None] * b)
+        call = _Call(
+            prompts=prompts,
+            params=params_list,
+            state=state,
+            cache_len=s,
+            num_stop=ns,
+            stop_rows=stop_rows,
+            max_new=max_new,
+            base_key=base_key,
+            ds=device.empty_state(self.cfg, b, s, ns, rules=self.rules),
+            pending=collections.deque((i, j) for i, sp in enumerate(params_list) for j in range(sp.n)),
+            slots=[None] * b,
+        )
         stats = call.stats
         while call.pending or any(x is not None for x in call.slots):
             free = [i for i, x in enumerate(call.slots) if x is None]
@@ -231,14 +282,16 @@ class SamplingEngine:
         toks = np.zeros((kb, pb), np.int32)
         lens = np.zeros((kb,), np.int32)
         for row, r in enumerate(reqs):
-            toks[row, :len(prompts[r])] = prompts[r]
+            toks[row, : len(prompts[r])] = prompts[r]
             lens[row] = len(prompts[r])
         # a [kb, pb] cache: insert copies these P positions
-        cache, logits = device.prefill(self.graphdef, call.state, toks, lens, cache_len=pb, chunk=self.prefill_chunk,
-                                       rules=self.rules)
+        cache, logits = device.prefill(
+            self.graphdef, call.state, toks, lens, cache_len=pb, chunk=self.prefill_chunk, rules=self.rules
+        )
         gid = stats["prefill_calls"]
-        call.groups[gid] = _Group(cache, logits, {r: row for row, r in enumerate(reqs)},
-                                  sum(call.params[r].n for r in reqs))
+        call.groups[gid] = _Group(
+            cache, logits, {r: row for row, r in enumerate(reqs)}, sum(call.params[r].n for r in reqs)
+        )
         for r in reqs:
             call.where[r] = gid
         stats["prefill_calls"] += 1
@@ -257,7 +310,7 @@ class SamplingEngine:
                 if r not in where and r not in new:
                     new.append(r)
         for k in range(0, len(new), self.prefill_batch):
-            self._prefill_group(call, new[k:k + self.prefill_batch])
+            self._prefill_group(call, new[k : k + self.prefill_batch])
         by_group = collections.defaultdict(list)
         for (r, c), slot in zip(take, free):
             by_group[where[r]].append((r, c, slot))
@@ -265,18 +318,45 @@ class SamplingEngine:
         for gid, items in by_group.items():
             g = call.groups[gid]
             rb = pow2_bucket(len(items))
-            arr = lambda dt, fill=0: np.full((rb,), fill, dt)  # noqa: E731
-            src, dst, lens, reqs, copies, mx = (arr(np.int32), arr(np.int32, b), arr(np.int32), arr(np.int32),
-                                                arr(np.int32), arr(np.int32, 1))
+            arr = lambda dt, fill=0: np.full((rb,), fill, dt)  # noqa: B023 (called in this iteration)
+            src, dst, lens, reqs, copies, mx = (
+                arr(np.int32),
+                arr(np.int32, b),
+                arr(np.int32),
+                arr(np.int32),
+                arr(np.int32),
+                arr(np.int32, 1),
+            )
             temp, topp, topk = arr(np.float32, 1.0), arr(np.float32, 1.0), arr(np.int32)
             stop = np.full((rb, ns), -1, np.int32)
             for k, (r, c, slot) in enumerate(items):
                 sp = call.params[r]
-                src[k], dst[k], lens[k], reqs[k], copies[k], mx[k] = (g.rows[r], slot, len(call.prompts[r]), r, c,
-                                                                      call.max_new[r])
+                src[k], dst[k], lens[k], reqs[k], copies[k], mx[k] = (
+                    g.rows[r],
+                    slot,
+                    len(call.prompts[r]),
+                    r,
+                    c,
+                    call.max_new[r],
+                )
                 temp[k], topp[k], topk[k], stop[k] = sp.temperature, sp.top_p, sp.top_k, call.stop_rows[r]
-            call.ds = device.insert(call.ds, g.cache, g.logits, src, dst, lens, call.base_key, reqs, copies, mx, temp,
-                                    topp, topk, stop, rules=self.rules)
+            call.ds = device.insert(
+                call.ds,
+                g.cache,
+                g.logits,
+                src,
+                dst,
+                lens,
+                call.base_key,
+                reqs,
+                copies,
+                mx,
+                temp,
+                topp,
+                topk,
+                stop,
+                rules=self.rules,
+            )
             g.remaining -= len(items)
             if g.remaining == 0:
                 del call.groups[gid]
@@ -284,14 +364,26 @@ class SamplingEngine:
                     where.pop(r, None)
         call.stats["inserts"] += 1
 
-    def _decode_chunk(self, call: _Call, min_active: int, filtered: bool,
-                      on_tokens: Callable[[int, int, list[int], bool], None] | None) -> None:
+    def _decode_chunk(
+        self,
+        call: _Call,
+        min_active: int,
+        filtered: bool,
+        on_tokens: Callable[[int, int, list[int], bool], None] | None,
+    ) -> None:
         """One decode call (up to ``chunk`` steps, fewer once under ``min_active`` rows are active); streams the new
         tokens and moves the finished sequences to ``call.done``, freeing their slots."""
         stats = call.stats
         td = time.perf_counter()
-        call.ds, bt, bl, br, steps = device.decode(self.decode_graphdef, call.state, call.ds, np.int32(min_active),
-                                                   chunk=self.chunk, filtered=filtered, rules=self.rules)
+        call.ds, bt, bl, br, steps = device.decode(
+            self.decode_graphdef,
+            call.state,
+            call.ds,
+            np.int32(min_active),
+            chunk=self.chunk,
+            filtered=filtered,
+            rules=self.rules,
+        )
         ds = call.ds
         active, ngen, hit, bt, bl, br, steps = to_numpy((ds.active, ds.ngen, ds.stop_hit, bt, bl, br, steps))
         stats["decode_seconds"] += time.perf_counter() - td
@@ -309,8 +401,16 @@ class SamplingEngine:
             if on_tokens is not None and (cnt or finished):
                 on_tokens(seq.req, seq.copy, bt[slot, :cnt].tolist(), finished)
             if finished:
-                call.done.append(Completion(seq.req, seq.copy, call.prompts[seq.req], np.asarray(seq.ids, np.int32),
-                                            np.asarray(seq.lps, np.float32), np.asarray(seq.raws, np.float32),
-                                            FINISH_STOP if bool(hit[slot]) else FINISH_LENGTH))
+                call.done.append(
+                    Completion(
+                        seq.req,
+                        seq.copy,
+                        call.prompts[seq.req],
+                        np.asarray(seq.ids, np.int32),
+                        np.asarray(seq.lps, np.float32),
+                        np.asarray(seq.raws, np.float32),
+                        FINISH_STOP if bool(hit[slot]) else FINISH_LENGTH,
+                    )
+                )
                 stats["generated_tokens"] += len(seq.ids)
                 call.slots[slot] = None

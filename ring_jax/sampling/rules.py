@@ -19,6 +19,7 @@ from jax import lax
 
 NEG_INF = float("-inf")
 
+
 def first_argmax(x):
     """``jnp.argmax(x, axis=-1)`` (the first index of the maximum; the first NaN if any) as two plain reductions."""
     v = x.shape[-1]
@@ -36,6 +37,7 @@ def _ordered(x):
 def _threshold(pred, lo, hi):
     """Per row, the smallest ``t`` in (lo, hi] with ``pred(t)`` true, for a predicate monotone in t (false at lo,
     true at hi; uint32 keys of :func:`_ordered`).  32 bisection steps: exact over the whole uint32 range."""
+
     def body(_, c):
         lo, hi = c
         mid = lo + (hi - lo) // 2
@@ -53,8 +55,9 @@ def top_k_mask(logits, k):
     keys = _ordered(logits.astype(jnp.float32))
     lo = jnp.min(keys, axis=-1, keepdims=True)
     # the k-th largest key: the largest t with count(key >= t) >= k, i.e. one below the smallest t with count < k
-    fewer = _threshold(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) < kk, lo,
-                       jnp.max(keys, axis=-1, keepdims=True) + 1)
+    fewer = _threshold(
+        lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) < kk, lo, jnp.max(keys, axis=-1, keepdims=True) + 1
+    )
     return keys >= fewer - 1
 
 

@@ -66,6 +66,7 @@ def _slice_abstract(a):
 def unrolled_abstract(tree):
     """``tree`` (abstract, stacked layout) as it was written before the layers were stacked: every model node's
     ``first_layers`` i and stack slice j become ``layers`` i and ``layers`` k + j."""
+
     def one(node):
         if not _is_model_node(node):
             return node
@@ -73,8 +74,10 @@ def unrolled_abstract(tree):
         k = len(first)
         n = jax.tree.leaves(node["layers"])[0].shape[0]
         out = {key: v for key, v in node.items() if key not in ("first_layers", "layers")}
-        out["layers"] = {**{i: first[i] for i in range(k)},
-                         **{k + j: jax.tree.map(_slice_abstract, node["layers"]) for j in range(n)}}
+        out["layers"] = {
+            **{i: first[i] for i in range(k)},
+            **{k + j: jax.tree.map(_slice_abstract, node["layers"]) for j in range(n)},
+        }
         return out
 
     return jax.tree.map(one, tree, is_leaf=_is_model_node)
@@ -82,6 +85,7 @@ def unrolled_abstract(tree):
 
 def restack(restored, target):
     """Inverse of :func:`unrolled_abstract` on restored arrays, placed like ``target`` (abstract, stacked)."""
+
     def one(node, want):
         if not _is_model_node(want):
             return node
@@ -91,8 +95,11 @@ def restack(restored, target):
         out = {key: v for key, v in node.items() if key != "layers"}
         if "first_layers" in want:
             out["first_layers"] = {i: node["layers"][i] for i in range(k)}
-        out["layers"] = jax.tree.map(lambda w, *xs: jax.device_put(jnp.stack(xs), w.sharding),
-                                     want["layers"], *[node["layers"][k + j] for j in range(n)])
+        out["layers"] = jax.tree.map(
+            lambda w, *xs: jax.device_put(jnp.stack(xs), w.sharding),
+            want["layers"],
+            *[node["layers"][k + j] for j in range(n)],
+        )
         return out
 
     return jax.tree.map(one, restored, target, is_leaf=lambda x: _is_model_node(x) or x is None)
@@ -110,8 +117,9 @@ class Restored:
 def _abstract(tree, shardings=None):
     """ShapeDtypeStructs (with shardings when given) for a tree of arrays or ShapeDtypeStructs."""
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            tree)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+        )
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -154,6 +162,7 @@ def _quiet_abandoned_reads() -> None:
     records are kept."""
     previous = sys.unraisablehook
     if not getattr(previous, "ring_jax_quiet", False):
+
         def hook(unraisable):
             exc = unraisable.exc_value
             closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
@@ -172,9 +181,10 @@ def _keep_asyncio_record(record) -> bool:
     # orbax's wrapper reads "Encountered error while reading array index: ... See full TensorStore details": match
     # case-insensitively (a lowercase-only match let some of these through, depending on which read failed last)
     text = str(exc).lower() if exc is not None else ""
-    return not (("tensorstore" in text or text.startswith("encountered error while reading array index"))
-                and str(record.msg).startswith(("Future exception was never retrieved",
-                                                "Task exception was never retrieved")))
+    return not (
+        ("tensorstore" in text or text.startswith("encountered error while reading array index"))
+        and str(record.msg).startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
+    )
 
 
 def _checksums(tree) -> list[int]:
@@ -189,17 +199,28 @@ class Checkpointer:
     (arrays are written and read shard by shard); only process 0 moves corrupt steps aside.
     """
 
-    def __init__(self, directory: str, *, save_every: int = 0, keep: int | None = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int = 0,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
         self.read_only = read_only
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None, save_interval_steps=1,
-            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only)
+            max_to_keep=keep if keep and keep > 0 else None,
+            save_interval_steps=1,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     # ------------------------------------------------------------------------------------------ queries
@@ -214,8 +235,16 @@ class Checkpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, state: TrainState | None = None, data_state: dict | None = None,
-             meta: dict | None = None, *, params=None, wait: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        state: TrainState | None = None,
+        data_state: dict | None = None,
+        meta: dict | None = None,
+        *,
+        params=None,
+        wait: bool = False,
+    ) -> None:
         """Write checkpoint ``step`` (asynchronously unless ``wait``).  ``params`` alone (no ``state``) writes a
         parameters-only checkpoint (``ring-jax-import``); restoring it with :meth:`restore` is an error, with
         :meth:`restore_params` fine."""
@@ -224,8 +253,10 @@ class Checkpointer:
             return
         if state is not None:
             params = state.params
-            items = dict(opt_state=ocp.args.StandardSave(state.opt_state),
-                         train=ocp.args.StandardSave({"step": state.step, "skipped": state.skipped, "rng": state.rng}))
+            items = dict(
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                train=ocp.args.StandardSave({"step": state.step, "skipped": state.skipped, "rng": state.rng}),
+            )
         else:
             items = {}
         items["params"] = ocp.args.StandardSave(params)
@@ -236,14 +267,27 @@ class Checkpointer:
         # the state's own update count: == step, unless one loop step makes several updates (RL's
         # --updates_per_rollout); checked on restore
         extra = {"state_step": int(state.step)} if state is not None else {}
-        items["meta"] = ocp.args.JsonSave(dict(meta or {}, step=int(step), has_state=state is not None,
-                                               checksums=sums, param_layout=PARAM_LAYOUT, **extra))
+        items["meta"] = ocp.args.JsonSave(
+            dict(
+                meta or {},
+                step=int(step),
+                has_state=state is not None,
+                checksums=sums,
+                param_layout=PARAM_LAYOUT,
+                **extra,
+            )
+        )
         t0 = time.time()
         self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         if wait:
             self._mngr.wait_until_finished()
-        logging.info("checkpoint step %d %s in %.2fs -> %s", step, "written" if wait else "started",
-                     time.time() - t0, self.directory)
+        logging.info(
+            "checkpoint step %d %s in %.2fs -> %s",
+            step,
+            "written" if wait else "started",
+            time.time() - t0,
+            self.directory,
+        )
 
     def maybe_save(self, step: int, state: TrainState, data_state=None, meta=None) -> bool:
         if self.should_save(step):
@@ -258,7 +302,7 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         self._mngr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -298,29 +342,38 @@ class Checkpointer:
         as_written = unrolled_abstract if old else (lambda t: t)
         if abstract_state is not None:
             if not meta.get("has_state", False):
-                raise CheckpointError("parameters-only checkpoint (written by ring-jax-import); it has no optimizer "
-                                      "state to resume from: use it as --init_ckpt")
+                raise CheckpointError(
+                    "parameters-only checkpoint (written by ring-jax-import); it has no optimizer "
+                    "state to resume from: use it as --init_ckpt"
+                )
             train_abs = {"step": abstract_state.step, "skipped": abstract_state.skipped, "rng": abstract_state.rng}
-            r = self._mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(as_written(abstract_state.params)),
-                opt_state=ocp.args.StandardRestore(as_written(abstract_state.opt_state)),
-                train=ocp.args.StandardRestore(train_abs),
-                data=ocp.args.JsonRestore()))
+            r = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(as_written(abstract_state.params)),
+                    opt_state=ocp.args.StandardRestore(as_written(abstract_state.opt_state)),
+                    train=ocp.args.StandardRestore(train_abs),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
             self._verify(meta, "params", r.params)
             self._verify(meta, "opt_state", r.opt_state)
             params, opt_state = r.params, r.opt_state
             if old:
                 params = restack(params, abstract_state.params)
                 opt_state = restack(opt_state, abstract_state.opt_state)
-            state = TrainState(params=params, opt_state=opt_state, step=r.train["step"],
-                               skipped=r.train["skipped"], rng=r.train["rng"])
+            state = TrainState(
+                params=params, opt_state=opt_state, step=r.train["step"], skipped=r.train["skipped"], rng=r.train["rng"]
+            )
             want = int(meta.get("state_step", step))
             if int(state.step) != want:
-                raise CheckpointError(f"train.step={int(state.step)} does not match the recorded {want} (checkpoint "
-                                      f"{step})")
+                raise CheckpointError(
+                    f"train.step={int(state.step)} does not match the recorded {want} (checkpoint {step})"
+                )
             return Restored(step, state, state.params, r.data or None, meta)
-        r = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(as_written(abstract_params))))
+        r = self._mngr.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(as_written(abstract_params)))
+        )
         self._verify(meta, "params", r.params)
         params = restack(r.params, abstract_params) if old else r.params
         return Restored(step, None, params, None, meta)
@@ -333,8 +386,11 @@ class Checkpointer:
         got = _checksums(tree)
         if got != want:
             paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-            bad = [paths[i] if i < len(paths) else str(i) for i in range(max(len(got), len(want)))
-                   if i >= len(got) or i >= len(want) or got[i] != want[i]]
+            bad = [
+                paths[i] if i < len(paths) else str(i)
+                for i in range(max(len(got), len(want)))
+                if i >= len(got) or i >= len(want) or got[i] != want[i]
+            ]
             raise CheckpointError(f"{name}: checksum mismatch in {len(bad)} arrays, e.g. {bad[:3]}")
 
     def _restore(self, step, abstract_state, abstract_params) -> Restored:
@@ -351,29 +407,42 @@ class Checkpointer:
                     raise CheckpointError(f"checkpoint step {s} in {self.directory} is unreadable ({msg})") from e
                 if isinstance(e, CheckpointError) and "parameters-only" in msg:
                     raise
-                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one", s,
-                                self.directory, msg)
+                logging.warning(
+                    "checkpoint step %d in %s is unreadable (%s); trying the previous one", s, self.directory, msg
+                )
                 unreadable.append((s, msg))
                 continue
             for bad, msg in unreadable:
                 if jax.process_index() == 0:
-                    print(f"warning: checkpoint step {bad} in {self.directory} is unreadable ({msg}); "
-                          f"restored step {s} instead", flush=True)
+                    print(
+                        f"warning: checkpoint step {bad} in {self.directory} is unreadable ({msg}); "
+                        f"restored step {s} instead",
+                        flush=True,
+                    )
                 self._quarantine(bad)
             return restored
         if not unreadable:
             raise CheckpointError(f"no readable checkpoint in {self.directory} (it is empty)")
-        raise CheckpointError(f"no readable checkpoint in {self.directory}: all {len(unreadable)} steps fail to "
-                              "restore (nothing was moved); " + "; ".join(f"step {s}: {m}" for s, m in unreadable))
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}: all {len(unreadable)} steps fail to "
+            "restore (nothing was moved); " + "; ".join(f"step {s}: {m}" for s, m in unreadable)
+        )
 
-    def restore(self, abstract_state: TrainState, shardings: TrainState | None = None,
-                step: int | None = None) -> Restored:
+    def restore(
+        self, abstract_state: TrainState, shardings: TrainState | None = None, step: int | None = None
+    ) -> Restored:
         """The newest readable checkpoint (or exactly ``step``) as a TrainState placed like ``abstract_state``
         (ShapeDtypeStructs, e.g. ``abstract_train_state``; pass ``shardings`` to set where each leaf goes), plus
         the data iterator state and meta.  Unreadable newer steps are reported and, once an older step has restored,
         moved aside."""
-        abstract_state = TrainState(*[_abstract(a, s) for a, s in zip(
-            abstract_state, shardings if shardings is not None else [None] * len(TrainState._fields))])
+        abstract_state = TrainState(
+            *[
+                _abstract(a, s)
+                for a, s in zip(
+                    abstract_state, shardings if shardings is not None else [None] * len(TrainState._fields)
+                )
+            ]
+        )
         return self._restore(step, abstract_state, None)
 
     def restore_params(self, abstract_params, shardings=None, step: int | None = None) -> Restored:
@@ -388,8 +457,10 @@ class Checkpointer:
                 return self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             except Exception as e:  # noqa: BLE001
                 errors.append(f"step {s}: {type(e).__name__}: {e}"[:200])
-        raise CheckpointError(f"no readable checkpoint metadata in {self.directory}"
-                              + (f": {'; '.join(errors)}" if errors else " (it is empty)"))
+        raise CheckpointError(
+            f"no readable checkpoint metadata in {self.directory}"
+            + (f": {'; '.join(errors)}" if errors else " (it is empty)")
+        )
 
 
 def corrupt_dir(directory: str) -> str:
@@ -432,5 +503,15 @@ def data_state_json(it) -> dict | None:
     return jax.tree.map(lambda x: x.item() if isinstance(x, np.generic) else x, st)
 
 
-__all__ = ["CheckpointError", "Checkpointer", "ITEMS", "Restored", "corrupt_dir", "data_state_json",
-           "latest_step_in", "model_config_from_meta", "resolve_ckpt_dir", "tree_checksums"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "ITEMS",
+    "Restored",
+    "corrupt_dir",
+    "data_state_json",
+    "latest_step_in",
+    "model_config_from_meta",
+    "resolve_ckpt_dir",
+    "tree_checksums",
+]

@@ -19,7 +19,8 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,8 +70,9 @@ class SignalGuard:
             signal.raise_signal(signum)
             return
         self.received = signum
-        logging.warning("received %s: finishing the current step, then checkpointing and exiting",
-                        signal.Signals(signum).name)
+        logging.warning(
+            "received %s: finishing the current step, then checkpointing and exiting", signal.Signals(signum).name
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -92,10 +94,20 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
-def train_loop(step_fn: Callable, state, batches: Iterator, *, start_step: int, cfg: LoopConfig,
-               to_device: Callable = lambda b: b, checkpointer=None, writer=None,
-               meta: Callable[[int], dict] | dict | None = None, tokens_per_step: int | None = None,
-               on_metrics: Callable[[int, dict], None] | None = None) -> LoopResult:
+def train_loop(
+    step_fn: Callable,
+    state,
+    batches: Iterator,
+    *,
+    start_step: int,
+    cfg: LoopConfig,
+    to_device: Callable = lambda b: b,
+    checkpointer=None,
+    writer=None,
+    meta: Callable[[int], dict] | dict | None = None,
+    tokens_per_step: int | None = None,
+    on_metrics: Callable[[int, dict], None] | None = None,
+) -> LoopResult:
     """Run steps ``start_step + 1 .. cfg.total_steps``.
 
     Args:
@@ -109,6 +121,7 @@ def train_loop(step_fn: Callable, state, batches: Iterator, *, start_step: int, 
       tokens_per_step: token positions per step, logged as ``tokens`` (the writer turns it into tokens/s, MFU).
     Raises NonFiniteError after ``cfg.max_nonfinite`` consecutive skipped steps (no checkpoint of them is written).
     """
+
     def meta_for(step):
         return meta(step) if callable(meta) else dict(meta or {})
 
@@ -148,8 +161,13 @@ def train_loop(step_fn: Callable, state, batches: Iterator, *, start_step: int, 
                 last["tokens"] = tokens_per_step
             if last.get("skipped"):
                 consecutive += 1
-                logging.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
-                                step, last.get("loss"), last.get("grad_norm"), consecutive)
+                logging.warning(
+                    "step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
+                    step,
+                    last.get("loss"),
+                    last.get("grad_norm"),
+                    consecutive,
+                )
             else:
                 consecutive = 0
             if writer is not None and (step % cfg.log_every == 0 or step == cfg.total_steps):
@@ -157,15 +175,20 @@ def train_loop(step_fn: Callable, state, batches: Iterator, *, start_step: int, 
                 if step == start_step + 1 and hasattr(writer, "reset_clock"):
                     writer.reset_clock()  # keep compilation out of tokens/s
             elif writer is None and step % cfg.log_every == 0:
-                logging.info("step %d: loss %.5f grad_norm %.4f", step, last.get("loss", float("nan")),
-                             last.get("grad_norm", float("nan")))
+                logging.info(
+                    "step %d: loss %.5f grad_norm %.4f",
+                    step,
+                    last.get("loss", float("nan")),
+                    last.get("grad_norm", float("nan")),
+                )
             if on_metrics is not None:
                 on_metrics(step, last)
             if cfg.max_nonfinite and consecutive >= cfg.max_nonfinite:
                 raise NonFiniteError(
                     f"stopping at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
                     f"norm (updates skipped; raise --max_nonfinite or lower the learning rate)"
-                    + (f"; last checkpoint: step {saved_at}" if saved_at is not None else ""))
+                    + (f"; last checkpoint: step {saved_at}" if saved_at is not None else "")
+                )
             if multi and guard.received is None and _preemption_sync_point(step):
                 guard.received = signal.SIGTERM
             if checkpointer is not None and checkpointer.should_save(step) and guard.received is None:
@@ -206,5 +229,12 @@ def batches_with_state(it) -> Iterator:
         yield batch, data_state_json(it)
 
 
-__all__ = ["LoopConfig", "LoopResult", "NonFiniteError", "SignalGuard", "StepAborted", "batches_with_state",
-           "train_loop"]
+__all__ = [
+    "LoopConfig",
+    "LoopResult",
+    "NonFiniteError",
+    "SignalGuard",
+    "StepAborted",
+    "batches_with_state",
+    "train_loop",
+]

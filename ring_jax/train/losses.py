@@ -10,7 +10,7 @@ the backward pass holds more than one chunk of logits (needed for long sequences
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +79,9 @@ def sft_loss_fn(cfg: LossConfig = LossConfig()) -> Callable:
         seg, pos = mb["segment_ids"], mb["positions"]
         if cfg.ce_chunk > 0:
             out = model(mb["tokens"], pos, seg, return_hidden=True, compute_logits=False)
-            total, count = chunked_cross_entropy(out.hidden, model.head_weight(), mb["targets"], mb["loss_mask"],
-                                                 cfg.ce_chunk)
+            total, count = chunked_cross_entropy(
+                out.hidden, model.head_weight(), mb["targets"], mb["loss_mask"], cfg.ce_chunk
+            )
         else:
             out = model(mb["tokens"], pos, seg)
             total, count = token_cross_entropy(out.logits, mb["targets"], mb["loss_mask"])

@@ -29,7 +29,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -87,9 +88,19 @@ class MetricsWriter:
     ``tensorboard=False`` skips the event files.
     """
 
-    def __init__(self, log_dir: str, total_steps: int, peak_flops: float | None = None,
-                 flops_per_token: float | None = None, is_chief: bool = True, desc: str = "train", *,
-                 clock: Callable[[], float] = time.perf_counter, show_bar: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        log_dir: str,
+        total_steps: int,
+        peak_flops: float | None = None,
+        flops_per_token: float | None = None,
+        is_chief: bool = True,
+        desc: str = "train",
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        show_bar: bool = True,
+        tensorboard: bool = True,
+    ):
         self.log_dir = log_dir
         self.total_steps = int(total_steps)
         self.peak_flops = peak_flops
@@ -173,7 +184,7 @@ class MetricsWriter:
         if self._f is not None:
             self._f.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,7 +238,7 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) ->
         t0 = time.perf_counter()
         jax.block_until_ready(f(a, b))
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def numeric_keys(records: Iterable[dict]) -> list[str]:
@@ -240,5 +251,12 @@ def numeric_keys(records: Iterable[dict]) -> list[str]:
     return list(keys)
 
 
-__all__ = ["JSONL_NAME", "MetricsWriter", "flops_per_token", "is_number", "measure_matmul_peak", "numeric_keys",
-           "read_jsonl"]
+__all__ = [
+    "JSONL_NAME",
+    "MetricsWriter",
+    "flops_per_token",
+    "is_number",
+    "measure_matmul_peak",
+    "numeric_keys",
+    "read_jsonl",
+]

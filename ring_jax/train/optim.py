@@ -55,8 +55,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         return optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1), alpha=cfg.end_lr_ratio)
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=cfg.lr, warmup_steps=w, decay_steps=max(total_steps, w + 1),
-            end_value=cfg.lr * cfg.end_lr_ratio)
+            init_value=0.0,
+            peak_value=cfg.lr,
+            warmup_steps=w,
+            decay_steps=max(total_steps, w + 1),
+            end_value=cfg.lr * cfg.end_lr_ratio,
+        )
     if w == 0:
         return optax.constant_schedule(cfg.lr)
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), optax.constant_schedule(cfg.lr)], [w])
@@ -67,6 +71,7 @@ def decay_mask(param_state) -> dict:
     and for every 1-D parameter (norm weights, biases), counted per layer: the leading ``layers`` axis of the
     stacked decoder layers does not count.  ``param_state``: an nnx State of Variables (concrete or abstract)
     carrying ``logical_axes`` metadata."""
+
     def one(v):
         axes = v.get_metadata().get("logical_axes") or ()
         return not ("norm" in axes or len(v.get_value().shape) - ("layers" in axes) <= 1)
@@ -74,8 +79,9 @@ def decay_mask(param_state) -> dict:
     return nnx.to_pure_dict(jax.tree.map(one, param_state, is_leaf=is_variable))
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, mask=None) -> tuple[optax.GradientTransformation,
-                                                                           optax.Schedule]:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, mask=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, schedule).  ``mask``: a tree of bools like :func:`decay_mask`, or a callable
     params -> such a tree; None decays every parameter with more than one dimension."""
     if mask is None:
@@ -84,8 +90,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, mask=None) -> tuple[optax
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=mask))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
     return optax.chain(*parts), schedule
 
 

@@ -22,17 +22,19 @@ update runs under ``jax.lax.cond``; parameters and optimizer state pass through 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ring_jax.sharding import (DEFAULT_RULES, ShardingRules, batch_sharding, state_shardings as _var_shardings,
-                               use_rules)
+from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, use_rules
+from ring_jax.sharding import state_shardings as _var_shardings
 
 SUM_AUX_KEYS = ("expert_load", "ce_tokens")  # aux entries summed over micro-batches (the rest are averaged)
 MAX_AUX_KEYS = ()  # aux entries maximised over micro-batches (non-negative statistics such as a largest ratio)
@@ -60,12 +62,18 @@ def split_model(model) -> tuple[nnx.GraphDef, Any, Any]:
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """A fresh TrainState for a pure parameter tree (step 0, no skips, PRNG key from ``seed``)."""
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-                      skipped=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, shardings: TrainState,
-                       seed: int = 0) -> TrainState:
+def create_train_state(
+    params, optimizer: optax.GradientTransformation, shardings: TrainState, seed: int = 0
+) -> TrainState:
     """:func:`init_train_state` compiled with ``shardings`` as its output placement (optimizer moments are created
     directly in their shards).  ``params`` is not donated."""
     return jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=shardings)(params)
@@ -86,8 +94,9 @@ def _path_key(path) -> tuple:
     return tuple(out)
 
 
-def train_state_shardings(param_vars, abstract_state: TrainState, mesh: Mesh,
-                          rules: ShardingRules = DEFAULT_RULES) -> TrainState:
+def train_state_shardings(
+    param_vars, abstract_state: TrainState, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> TrainState:
     """NamedSharding for every leaf of a TrainState: parameters by the logical-axis rules table (from the
     ``logical_axes`` metadata of ``param_vars``, an nnx State of Variables, concrete or abstract); every optimizer
     leaf whose tree path ends with a parameter's path and has its shape (Adam moments) like that parameter;
@@ -124,10 +133,21 @@ def split_micro(x, num_micro: int):
     return x.reshape(b // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
 
 
-def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings: TrainState, num_micro: int, *, schedule: Callable | None = None,
-                    normalizer_fn: Callable = loss_token_count, sum_aux_keys=SUM_AUX_KEYS,
-                    max_aux_keys=MAX_AUX_KEYS, rules: ShardingRules = DEFAULT_RULES, donate: bool = True) -> Callable:
+def make_train_step(
+    graphdef,
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    num_micro: int,
+    *,
+    schedule: Callable | None = None,
+    normalizer_fn: Callable = loss_token_count,
+    sum_aux_keys=SUM_AUX_KEYS,
+    max_aux_keys=MAX_AUX_KEYS,
+    rules: ShardingRules = DEFAULT_RULES,
+    donate: bool = True,
+) -> Callable:
     """Build ``step(state, batch, normalizer=None) -> (new_state, metrics)``, jit-compiled.
 
     Args:
@@ -165,8 +185,9 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
 
     def core(state: TrainState, batch, normalizer):
         normalizer = jnp.asarray(normalizer, jnp.float32)
-        micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            split_micro(x, num_micro), leaf_sharding(x, micro=True)), batch)
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(split_micro(x, num_micro), leaf_sharding(x, micro=True)), batch
+        )
 
         def objective(params, mb):
             model = nnx.merge(graphdef, params)
@@ -179,15 +200,20 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         mb0 = jax.tree.map(lambda x: x[0], micro)
         aux_shape = jax.eval_shape(lambda p, b: objective(p, b)[1][1], state.params, mb0)
         zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
-        zeros_g = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
-                               state.params, state_shardings.params)
+        zeros_g = jax.tree.map(
+            lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
+            state.params,
+            state_shardings.params,
+        )
 
         def body(carry, mb):
             g_acc, obj_acc, tls_acc, aux_acc = carry
             (obj, (tls, aux)), g = grad_fn(state.params, mb)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            aux_acc = {k: (jnp.maximum if k in max_aux_keys else jnp.add)(aux_acc[k], jnp.asarray(v, jnp.float32))
-                       for k, v in aux.items()}
+            aux_acc = {
+                k: (jnp.maximum if k in max_aux_keys else jnp.add)(aux_acc[k], jnp.asarray(v, jnp.float32))
+                for k, v in aux.items()
+            }
             return (g_acc, obj_acc + obj, tls_acc + tls, aux_acc), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -195,6 +221,7 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
         # the guard as a cond (the update runs only when finite): measured 1.05x on the whole bench train step over
         # a jnp.where select of every parameter and moment after an unconditional update
         def apply_update(args):
@@ -202,11 +229,13 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
             updates, opt_state = optimizer.update(g, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        new_params, new_opt = jax.lax.cond(finite, apply_update, lambda args: (args[2], args[1]),
-                                           (grads, state.opt_state, state.params))
+        new_params, new_opt = jax.lax.cond(
+            finite, apply_update, lambda args: (args[2], args[1]), (grads, state.opt_state, state.params)
+        )
         skipped = (~finite).astype(jnp.int32)
-        new_state = TrainState(params=new_params, opt_state=new_opt, step=state.step + 1,
-                               skipped=state.skipped + skipped, rng=state.rng)
+        new_state = TrainState(
+            params=new_params, opt_state=new_opt, step=state.step + 1, skipped=state.skipped + skipped, rng=state.rng
+        )
         metrics = {
             "loss": loss,
             "token_loss": tls_sum / normalizer,
@@ -229,8 +258,10 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         leaves, treedef = jax.tree.flatten(batch)
         rows = {np.shape(x)[0] for x in leaves}
         if len(rows) != 1 or next(iter(rows)) % (dp * num_micro):
-            raise ValueError(f"batch rows {sorted(rows)}: every batch leaf needs the same leading dimension, divisible "
-                             f"by data-parallel size {dp} x num_micro {num_micro}")
+            raise ValueError(
+                f"batch rows {sorted(rows)}: every batch leaf needs the same leading dimension, divisible "
+                f"by data-parallel size {dp} x num_micro {num_micro}"
+            )
         key = (treedef, tuple(np.ndim(x) for x in leaves), not with_normalizer)
         if key not in compiled:
             b_sh = jax.tree.unflatten(treedef, [leaf_sharding(x) for x in leaves])
@@ -238,8 +269,9 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
                 fn, in_sh = (lambda s, b: core(s, b, normalizer_fn(b))), (state_shardings, b_sh)
             else:
                 fn, in_sh = core, (state_shardings, b_sh, repl)
-            compiled[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=(state_shardings, repl),
-                                    donate_argnums=(0,) if donate else ())
+            compiled[key] = jax.jit(
+                fn, in_shardings=in_sh, out_shardings=(state_shardings, repl), donate_argnums=(0,) if donate else ()
+            )
         return compiled[key]
 
     def step(state: TrainState, batch, normalizer=None):
@@ -273,6 +305,7 @@ def data_parallel_size(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> int:
 def global_batch(local_batch, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """This process's rows ``[B / process_count, ...]`` -> global jax.Arrays ``[B, ...]`` sharded by
     ``batch_sharding`` (rows over the data-like mesh axes)."""
+
     def one(x):
         x = np.asarray(x)
         spec = tuple(batch_sharding(mesh, max(x.ndim, 1), rules).spec)[: max(x.ndim, 1)]
@@ -281,6 +314,18 @@ def global_batch(local_batch, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     return jax.tree.map(one, local_batch)
 
 
-__all__ = ["MAX_AUX_KEYS", "SUM_AUX_KEYS", "TrainState", "abstract_train_state", "create_train_state",
-           "data_parallel_size", "global_batch", "init_train_state", "loss_token_count", "make_train_step",
-           "split_micro", "split_model", "train_state_shardings"]
+__all__ = [
+    "MAX_AUX_KEYS",
+    "SUM_AUX_KEYS",
+    "TrainState",
+    "abstract_train_state",
+    "create_train_state",
+    "data_parallel_size",
+    "global_batch",
+    "init_train_state",
+    "loss_token_count",
+    "make_train_step",
+    "split_micro",
+    "split_model",
+    "train_state_shardings",
+]

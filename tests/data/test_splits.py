@@ -25,7 +25,9 @@ def test_held_out_side_is_a_fixed_share_of_keys():
     share = sum(map(splits.is_held_out, keys)) / len(keys)
     assert abs(share - splits.HELD_OUT_FRACTION) < 0.015
     assert [splits.is_held_out(k) for k in keys[:200]] == [splits.is_held_out(k) for k in keys[:200]]
-    assert not any(splits.is_held_out(k, 0.0) for k in keys[:500]) and all(splits.is_held_out(k, 1.0) for k in keys[:500])
+    assert not any(splits.is_held_out(k, 0.0) for k in keys[:500]) and all(
+        splits.is_held_out(k, 1.0) for k in keys[:500]
+    )
 
 
 def test_countdown_key_is_the_number_multiset_and_target():
@@ -34,8 +36,10 @@ def test_countdown_key_is_the_number_multiset_and_target():
     c = {"task": "countdown", "gym": {"entry": {"metadata": {"numbers": [3, 7, 5], "target": 25}}}}
     assert splits.problem_key(a) == splits.problem_key(b) != splits.problem_key(c)
     assert splits.problem_key({"prompt": "  What IS 2+2? "}) == splits.problem_key({"prompt": "what is  2+2?"})
-    assert splits.problem_key({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant",
-                                                                                  "content": "x"}]}) == "text:hi"
+    assert (
+        splits.problem_key({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]})
+        == "text:hi"
+    )
 
 
 def test_generated_splits_are_disjoint_whatever_the_seeds():
@@ -62,11 +66,23 @@ def test_a_split_the_space_cannot_fill_names_the_family(monkeypatch):
 
 
 def test_overlap_finds_shared_problems_and_texts():
-    train = [{"prompt": "What is 2 + 2?"}, {"task": "countdown", "prompt": "Use 1 2 3 to make 6.",
-                                           "gym": {"entry": {"metadata": {"numbers": [1, 2, 3], "target": 6}}}}]
-    held = [{"prompt": "what is 2 +  2?"}, {"prompt": "What is 3 + 3?"},
-            {"task": "countdown", "prompt": "Use 3 2 1 to make 6.",
-             "gym": {"entry": {"metadata": {"numbers": [3, 2, 1], "target": 6}}}}]
+    train = [
+        {"prompt": "What is 2 + 2?"},
+        {
+            "task": "countdown",
+            "prompt": "Use 1 2 3 to make 6.",
+            "gym": {"entry": {"metadata": {"numbers": [1, 2, 3], "target": 6}}},
+        },
+    ]
+    held = [
+        {"prompt": "what is 2 +  2?"},
+        {"prompt": "What is 3 + 3?"},
+        {
+            "task": "countdown",
+            "prompt": "Use 3 2 1 to make 6.",
+            "gym": {"entry": {"metadata": {"numbers": [3, 2, 1], "target": 6}}},
+        },
+    ]
     assert splits.overlap(train, held) == [0, 2]
 
 

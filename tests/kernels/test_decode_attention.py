@@ -47,9 +47,14 @@ def test_kernel_reads_only_the_live_blocks():
 
 
 def test_kernel_lowers_to_triton():
-    q, k, v, qs, qp, kseg, kpos, lens = _case(np.random.default_rng(2), L=1, B=2, KVH=1, G=4, D=16, S=256,
-                                              lens=(3, 200))
+    q, k, v, qs, qp, kseg, kpos, lens = _case(
+        np.random.default_rng(2), L=1, B=2, KVH=1, G=4, D=16, S=256, lens=(3, 200)
+    )
     with lowering_target("gpu"):
-        text = jax.jit(lambda *a: decode_attention(*a[:3], 0, *a[3:], block=128)).trace(
-            q, k, v, qs, qp, kseg, kpos, jnp.asarray(lens)).lower(lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(lambda *a: decode_attention(*a[:3], 0, *a[3:], block=128))
+            .trace(q, k, v, qs, qp, kseg, kpos, jnp.asarray(lens))
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     assert len(re.findall(re.escape("__gpu$xla.gpu.triton"), text)) == 1

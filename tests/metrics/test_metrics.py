@@ -30,8 +30,11 @@ def _lines(path):
 # ------------------------------------------------------------------------------------------------ writer
 def test_jsonl_records_what_was_written(tmp_path):
     clock = FakeClock()
-    written = [(1, {"loss": 2.5, "lr": 1e-3}), (2, {"loss": np.float32(2.25), "lr": 1e-3, "acc": np.array(0.5)}),
-               (3, {"loss": 2.0, "lr": 5e-4, "count": 7})]
+    written = [
+        (1, {"loss": 2.5, "lr": 1e-3}),
+        (2, {"loss": np.float32(2.25), "lr": 1e-3, "acc": np.array(0.5)}),
+        (3, {"loss": 2.0, "lr": 5e-4, "count": 7}),
+    ]
     with MetricsWriter(str(tmp_path), total_steps=3, clock=clock, show_bar=False) as mw:
         for step, sc in written:
             clock.t += 1.5
@@ -51,8 +54,9 @@ def test_jsonl_records_what_was_written(tmp_path):
 
 def test_tokens_per_s_and_mfu_from_the_clock(tmp_path):
     clock = FakeClock(10.0)
-    mw = MetricsWriter(str(tmp_path), 10, peak_flops=4.0e9, flops_per_token=1.0e6, clock=clock, show_bar=False,
-                       tensorboard=False)
+    mw = MetricsWriter(
+        str(tmp_path), 10, peak_flops=4.0e9, flops_per_token=1.0e6, clock=clock, show_bar=False, tensorboard=False
+    )
     clock.t = 12.0  # 2 s since creation
     r1 = mw.write(1, {"loss": 1.0, "tokens": 4096})
     clock.t = 12.5  # 0.5 s since the previous write
@@ -171,12 +175,24 @@ def test_plot_cli(tmp_path):
     a = _write_run(tmp_path / "a", n=5)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "cli.png"
-    p = subprocess.run([sys.executable, "-m", "ring_jax.cli.plot", f"--jsonl={a}", "--keys=loss,reward_mean",
-                        f"--out={out}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "ring_jax.cli.plot", f"--jsonl={a}", "--keys=loss,reward_mean", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert out.stat().st_size > 0
-    p = subprocess.run([sys.executable, "-m", "ring_jax.cli.plot", f"--jsonl={a}", "--keys=bogus"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "ring_jax.cli.plot", f"--jsonl={a}", "--keys=bogus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert p.returncode == 1 and p.stderr.strip().startswith("error: unknown key(s) bogus")
     assert len(p.stderr.strip().splitlines()) == 1
 
@@ -189,15 +205,27 @@ def test_token_efficiency_table(tmp_path):
 
     def rl_log(name, steps, tokens, rewards):
         p = tmp_path / name
-        p.write_text("".join(json.dumps({"step": s, "tokens": tokens, "reward_mean": r}) + "\n"
-                             for s, r in zip(range(1, steps + 1), rewards)))
+        p.write_text(
+            "".join(
+                json.dumps({"step": s, "tokens": tokens, "reward_mean": r}) + "\n"
+                for s, r in zip(range(1, steps + 1), rewards)
+            )
+        )
         return name  # relative to the input file
 
     ckpts = [
-        {"name": "ep1", "sft_tokens": 1_000_000, "entropy": 0.62,
-         "rl_jsonl": rl_log("a.jsonl", 3, 500, [.1, .2, .3])},
-        {"name": "ep3", "sft_tokens": 3_000_000, "entropy": 0.41,
-         "rl_jsonl": rl_log("b.jsonl", 4, 1500, [.2, .4, .5, .6])},
+        {
+            "name": "ep1",
+            "sft_tokens": 1_000_000,
+            "entropy": 0.62,
+            "rl_jsonl": rl_log("a.jsonl", 3, 500, [0.1, 0.2, 0.3]),
+        },
+        {
+            "name": "ep3",
+            "sft_tokens": 3_000_000,
+            "entropy": 0.41,
+            "rl_jsonl": rl_log("b.jsonl", 4, 1500, [0.2, 0.4, 0.5, 0.6]),
+        },
         {"name": "ep5", "sft_tokens": 5_000_000},
     ]
     inp = tmp_path / "ckpts.json"
@@ -210,7 +238,7 @@ def test_token_efficiency_table(tmp_path):
     assert rows[1].token_efficiency == pytest.approx(6000 / 3_000_000)
     assert rows[2].token_efficiency is None
     assert [r.final_reward for r in rows] == [0.3, 0.6, None]
-    assert rows[1].curve == ((1500, .2), (3000, .4), (4500, .5), (6000, .6))
+    assert rows[1].curve == ((1500, 0.2), (3000, 0.4), (4500, 0.5), (6000, 0.6))
     md = markdown_table(rows)
     assert md.splitlines()[2] == "| ep1 | 1M | 0.620 | no | 1.5K | 0.0015 | 0.3000 |"
     assert md.splitlines()[3] == "| ep3 | 3M | 0.410 | yes | 6K | 0.002 | 0.6000 |"

@@ -22,21 +22,22 @@ def _reference(q, k, v, mask):
 
 
 def _value_and_grads(fn, q, k, v, mask, w):
-    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)) * w),
-                                      argnums=(0, 1, 2)))(q, k, v)
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)) * w), argnums=(0, 1, 2)))(
+        q, k, v
+    )
 
 
 def _masks(t):
     b = 4
     pos = np.broadcast_to(np.arange(t), (b, t)).copy()
     seg = np.ones((b, t), np.int32)
-    seg[0, 20:] = 2                     # two packed documents, then right padding from 50
+    seg[0, 20:] = 2  # two packed documents, then right padding from 50
     pos[0, 20:] = np.arange(t - 20)
     seg[0, 50:], pos[0, 50:] = 0, 0
-    seg[1, 10:], pos[1, 10:] = 0, 0     # padding rows in every block but the first
-    seg[2, :30], pos[2, :30] = 0, 0     # left padding (fully masked rows in blocks 0 and 1)
+    seg[1, 10:], pos[1, 10:] = 0, 0  # padding rows in every block but the first
+    seg[2, :30], pos[2, :30] = 0, 0  # left padding (fully masked rows in blocks 0 and 1)
     pos[2, 30:] = np.arange(t - 30)
-    seg[3], pos[3] = 0, 0               # a fully padded row
+    seg[3], pos[3] = 0, 0  # a fully padded row
     return jnp.asarray(seg), jnp.asarray(pos)
 
 

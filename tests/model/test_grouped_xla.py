@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from experiments.bench.moe_gather import moe_dispatch_gather
-from ring_jax.model.grouped_xla import (DEFAULT_TILE, FUSE_MIN_TILE, MAX_AUTO_TILE, auto_full_tile, combine, permute,
-                                       tile_levels)
+from ring_jax.model.grouped_xla import (
+    DEFAULT_TILE,
+    FUSE_MIN_TILE,
+    MAX_AUTO_TILE,
+    auto_full_tile,
+    combine,
+    permute,
+    tile_levels,
+)
 from ring_jax.model.grouping import group_metadata
 from ring_jax.model.moe import moe_dense, moe_dispatch, route
 
@@ -127,8 +134,10 @@ def test_permute_and_combine_are_gathers_with_exact_transposes():
     def ref_combine(ys, w):
         return jnp.einsum("nkh,nk->nh", ys[meta.inv].reshape(n, k, h), w)
 
-    for fn, ref, args in ((lambda x: permute(x, meta.order, meta.inv, k), ref_permute, (x,)),
-                          (lambda ys, w: combine(ys, w, meta.order, meta.inv), ref_combine, (ys, w))):
+    for fn, ref, args in (
+        (lambda x: permute(x, meta.order, meta.inv, k), ref_permute, (x,)),
+        (lambda ys, w: combine(ys, w, meta.order, meta.inv), ref_combine, (ys, w)),
+    ):
         out, vjp = jax.vjp(fn, *args)
         ref_out, ref_vjp = jax.vjp(ref, *args)
         np.testing.assert_allclose(out, ref_out, rtol=1e-6)

@@ -17,16 +17,31 @@ CASES = {
     # GQA, one dense layer first, one shared expert, renormalised top-k
     "gqa_dense_first_shared1": BASE,
     # MHA, two shared experts, no renormalisation, norm_head, biases
-    "mha_shared2_normhead_bias": BASE.replace(num_key_value_heads=4, num_shared_experts=2, norm_topk_prob=False,
-                                               norm_head=True, use_qkv_bias=True, use_bias=True,
-                                               first_k_dense_replace=0),
+    "mha_shared2_normhead_bias": BASE.replace(
+        num_key_value_heads=4,
+        num_shared_experts=2,
+        norm_topk_prob=False,
+        norm_head=True,
+        use_qkv_bias=True,
+        use_bias=True,
+        first_k_dense_replace=0,
+    ),
     # zero-width shared MLP, top-1, tied embeddings, linear rope scaling
-    "shared0_top1_tied_linear": BASE.replace(num_shared_experts=0, num_experts_per_tok=1, tie_word_embeddings=True,
-                                             rope_scaling={"type": "linear", "factor": 2.0}),
+    "shared0_top1_tied_linear": BASE.replace(
+        num_shared_experts=0,
+        num_experts_per_tok=1,
+        tie_word_embeddings=True,
+        rope_scaling={"type": "linear", "factor": 2.0},
+    ),
     # no shared MLP, head_dim with heads*head_dim != hidden, dynamic NTK past max_position_embeddings
-    "noshared_headdim_dynamic": BASE.replace(num_shared_experts=None, head_dim=12, max_position_embeddings=8,
-                                             rope_scaling={"type": "dynamic", "factor": 2.0}, num_experts=6,
-                                             num_experts_per_tok=3),
+    "noshared_headdim_dynamic": BASE.replace(
+        num_shared_experts=None,
+        head_dim=12,
+        max_position_embeddings=8,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        num_experts=6,
+        num_experts_per_tok=3,
+    ),
 }
 
 
@@ -68,8 +83,15 @@ def test_left_padding_matches_reference(tmp_path):
 
 def test_config_json_round_trips_unchanged(tmp_path):
     published = ModelConfig().to_hf_dict()
-    published.update({"embedding_dropout": 0.0, "output_dropout": 0.0, "torch_dtype": "bfloat16",
-                      "transformers_version": "4.36.0", "norm_softmax": False})
+    published.update(
+        {
+            "embedding_dropout": 0.0,
+            "output_dropout": 0.0,
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.36.0",
+            "norm_softmax": False,
+        }
+    )
     again = ModelConfig.from_hf_dict(json.loads(json.dumps(published))).to_hf_dict()
     assert again == published
 

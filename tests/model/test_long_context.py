@@ -29,8 +29,7 @@ def _packed(b, t):
     seg = np.where(np.arange(t) < cut, 1, 2)
     seg[-3:] = 0
     pos = np.where(np.arange(t) < cut, np.arange(t), np.arange(t) - cut)
-    return (jnp.asarray(np.broadcast_to(seg, (b, t)), jnp.int32),
-            jnp.asarray(np.broadcast_to(pos, (b, t)), jnp.int32))
+    return (jnp.asarray(np.broadcast_to(seg, (b, t)), jnp.int32), jnp.asarray(np.broadcast_to(pos, (b, t)), jnp.int32))
 
 
 @pytest.mark.parametrize("t,chunk", [(16, 4), (13, 5)])
@@ -49,8 +48,11 @@ def test_chunked_attention_equals_full(t, chunk):
     def chunked(q, k, v):
         return jnp.sum(jnp.sin(chunked_attention(q, k, v, seg, pos, seg, pos, chunk)) * w)
 
-    np.testing.assert_allclose(chunked_attention(q, k, v, seg, pos, seg, pos, chunk),
-                               dot_attention(q, k, v, attention_mask(seg, pos, seg, pos)), **TOL)
+    np.testing.assert_allclose(
+        chunked_attention(q, k, v, seg, pos, seg, pos, chunk),
+        dot_attention(q, k, v, attention_mask(seg, pos, seg, pos)),
+        **TOL,
+    )
     ref = jax.jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(q, k, v)
     got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(q, k, v)
     _close(got, ref)

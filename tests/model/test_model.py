@@ -54,8 +54,14 @@ def test_moe_paths_agree_values_and_grads(k, e):
     ref_v, ref_g = value_and_grad(moe_dense)
     # capacity: the default C (fits for k=6 e=16; overflows into the dense fallback for e=8, every token on the
     # same experts), C=8 (falls back for k=1 e=4: groups of ~9) and C >= n (no fallback compiled)
-    paths = ((moe_dispatch, (8,)), (moe_dispatch, (0,)), (moe_ragged, ()), (moe_capacity, ()), (moe_capacity, (8,)),
-             (moe_capacity, (64,)))
+    paths = (
+        (moe_dispatch, (8,)),
+        (moe_dispatch, (0,)),
+        (moe_ragged, ()),
+        (moe_capacity, ()),
+        (moe_capacity, (8,)),
+        (moe_capacity, (64,)),
+    )
     for fn, extra in paths:
         v, g = value_and_grad(fn, *extra)
         np.testing.assert_allclose(v, ref_v, rtol=1e-5)
@@ -99,8 +105,8 @@ def test_packed_segments_do_not_attend_across():
         """The document's logits as the only sequence (default positions and segments).  Zero-padded to the packed
         length, which causal attention makes equivalent, so that both documents share one compiled forward."""
         row = np.zeros(packed.shape, packed.dtype)
-        row[0, :len(doc)] = doc
-        return logits(model, row)[0, :len(doc)]
+        row[0, : len(doc)] = doc
+        return logits(model, row)[0, : len(doc)]
 
     np.testing.assert_allclose(got[:5], alone(a), atol=1e-5)
     np.testing.assert_allclose(got[5:11], alone(b), atol=1e-5)
@@ -150,6 +156,7 @@ def test_missing_tensor_is_named(saved_tiny, tmp_path):
 def test_unexpected_and_misshaped_tensors_are_named(saved_tiny, tmp_path):
     def add(t):
         t["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+
     d = _copy_with(saved_tiny, str(tmp_path / "x"), add)
     idx = json.load(open(os.path.join(d, "model.safetensors.index.json")))
     idx["weight_map"]["model.layers.0.extra.weight"] = next(iter(idx["weight_map"].values()))
@@ -159,13 +166,22 @@ def test_unexpected_and_misshaped_tensors_are_named(saved_tiny, tmp_path):
 
     def reshape(t):
         t["model.norm.weight"] = np.ones(7, np.float32)
+
     d2 = _copy_with(saved_tiny, str(tmp_path / "y"), reshape)
     with pytest.raises(CheckpointError, match=r"model.norm.weight.*\(7,\)"):
         load_pretrained(d2)
 
 
-@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("rope_scaling", {"type": "yarn", "factor": 2.0}),
-                                         ("use_sliding_window", True), ("num_key_value_heads", 3), ("num_key_value_heads", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("hidden_act", "gelu"),
+        ("rope_scaling", {"type": "yarn", "factor": 2.0}),
+        ("use_sliding_window", True),
+        ("num_key_value_heads", 3),
+        ("num_key_value_heads", 0),
+    ],
+)
 def test_config_fields_that_cannot_be_honoured(saved_tiny, tmp_path, field, value):
     d = _copy_with(saved_tiny, str(tmp_path / "x"), lambda t: None)
     c = json.load(open(os.path.join(d, "config.json")))

@@ -23,6 +23,7 @@ def _loss_and_grad(graphdef, state, tokens):
     def loss(s):
         out = nnx.merge(graphdef, s)(tokens)
         return jnp.mean(jnp.sin(out.logits)) + 0.1 * out.balance_loss + 0.01 * out.z_loss
+
     return jax.value_and_grad(loss)(state)
 
 
@@ -53,7 +54,11 @@ def test_scan_equals_unrolled(tokens, unrolled, over):
 def _hlo_ops(cfg):
     model = abstract_model(cfg)
     g, s = nnx.split(model)
-    text = jax.jit(lambda s, t: nnx.merge(g, s)(t).logits.sum()).lower(s, jax.ShapeDtypeStruct((2, 8), jnp.int32)).as_text()
+    text = (
+        jax.jit(lambda s, t: nnx.merge(g, s)(t).logits.sum())
+        .lower(s, jax.ShapeDtypeStruct((2, 8), jnp.int32))
+        .as_text()
+    )
     return text.count("\n")
 
 

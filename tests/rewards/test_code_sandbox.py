@@ -126,9 +126,15 @@ def test_tests_code_with_entry_point():
     assert code_reward(asserts, _response("def add(a, b):\n    return 3\n")) == 0.0
 
 
-@pytest.mark.parametrize("exit_call", ["exit(0)", "import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])
+@pytest.mark.parametrize(
+    "exit_call", ["exit(0)", "import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"]
+)
 def test_exiting_before_the_asserts_scores_0(exit_call):
-    rec = {"task": "code", "tests_code": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}
+    rec = {
+        "task": "code",
+        "tests_code": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+        "entry_point": "add",
+    }
     assert code_reward(rec, _response(f"def add(a, b):\n    return 0\n{exit_call}\n")) == 0.0
 
 
@@ -186,7 +192,9 @@ def test_cpu_limit():
 # ---------------------------------------------------------------- hostile programs
 
 
-@pytest.mark.parametrize("alloc", ["x = bytearray(4 * 1024**3)", "xs = []\nwhile True:\n    xs.append(bytearray(50 << 20))"])
+@pytest.mark.parametrize(
+    "alloc", ["x = bytearray(4 * 1024**3)", "xs = []\nwhile True:\n    xs.append(bytearray(50 << 20))"]
+)
 def test_memory_hog_is_stopped(alloc):
     res = run_python(alloc + "\nprint('allocated')\n", limits=SandboxLimits(memory_mb=256, wall_s=5))
     assert res.returncode != 0 and res.killed_reason == "memory", res
@@ -303,7 +311,8 @@ def test_no_network(isolation):
                     if kind == "tcp":
                         socket.create_connection(("127.0.0.1", {tcp.getsockname()[1]}), timeout=0.5).sendall(b"hi")
                     elif kind == "udp":
-                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"hi", ("127.0.0.1", {udp.getsockname()[1]}))
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(
+                            b"hi", ("127.0.0.1", {udp.getsockname()[1]}))
                     else:
                         socket.getaddrinfo("pypi.org", 443)
                     print(kind, "sent")
@@ -441,7 +450,10 @@ def test_unprivileged_caller(outside_dirs):
 
     py = "/usr/bin/python3"
     module = os.path.join(os.path.dirname(ring_jax.rewards.__file__), "code_sandbox.py")
-    if not os.path.exists(py) or subprocess.run([py, "-c", "pass"], user=65534, group=65534, extra_groups=[], cwd="/").returncode:
+    if (
+        not os.path.exists(py)
+        or subprocess.run([py, "-c", "pass"], user=65534, group=65534, extra_groups=[], cwd="/").returncode
+    ):
         pytest.skip("no interpreter usable by uid 65534")
     d = outside_dirs[0]
     tcp = socket.socket()
@@ -451,8 +463,14 @@ def test_unprivileged_caller(outside_dirs):
     try:
         out = subprocess.run(
             [py, "-I", "-c", _UNPRIVILEGED_CALLER, module, d, str(os.getpid()), str(tcp.getsockname()[1])],
-            user=65534, group=65534, extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin"},
-            capture_output=True, text=True, timeout=30,
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout.strip().splitlines()[-1])

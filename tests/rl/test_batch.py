@@ -10,8 +10,9 @@ def test_rows_place_each_response_token_where_it_is_predicted():
     responses = [rng.integers(5, 50, n) for n in (5, 2, 6)]
     lps = [rng.normal(size=len(r)).astype(np.float32) for r in responses]
     keep = [5, 2, 4]  # the last one truncated
-    rows, used = build_rows(prompts, responses, lps, [0.5, -1.0, 2.0], keep, [1.0, 1.0, 1.0], seq_len=12,
-                            row_multiple=4)
+    rows, used = build_rows(
+        prompts, responses, lps, [0.5, -1.0, 2.0], keep, [1.0, 1.0, 1.0], seq_len=12, row_multiple=4
+    )
     assert rows["tokens"].shape == (4, 12) and used == 2
     # oracle: walk every segment and check the per-token arrays against the inputs
     seen = 0
@@ -19,12 +20,12 @@ def test_rows_place_each_response_token_where_it_is_predicted():
         for s in range(1, rows["segment_ids"][i].max() + 1):
             idx = np.nonzero(rows["segment_ids"][i] == s)[0]
             j = seen
-            p, r = prompts[j], responses[j][:keep[j]]
+            p, r = prompts[j], responses[j][: keep[j]]
             np.testing.assert_array_equal(rows["tokens"][i, idx], np.concatenate([p, r]))
             np.testing.assert_array_equal(rows["positions"][i, idx], np.arange(len(idx)))
             trained = idx[rows["weights"][i, idx] > 0]
             np.testing.assert_array_equal(rows["targets"][i, trained], r)  # exactly the kept response tokens
-            np.testing.assert_allclose(rows["old_logp"][i, trained], lps[j][:keep[j]])
+            np.testing.assert_allclose(rows["old_logp"][i, trained], lps[j][: keep[j]])
             assert np.all(rows["advantages"][i, trained] == [0.5, -1.0, 2.0][j])
             seen += 1
     assert seen == 3

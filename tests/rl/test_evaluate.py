@@ -48,9 +48,17 @@ class FakeEngine:
             for j in range(sp.n):
                 text = self.scripts[which][i][j]
                 ids = np.array([ord(c) for c in text], np.int32)
-                out.append(Completion(prompt_index=i, sample_index=j, prompt_ids=np.array(prompts[i], np.int32), token_ids=ids,
-                                      logprobs=np.zeros(len(ids), np.float32),
-                                      raw_logprobs=np.zeros(len(ids), np.float32), finish_reason="stop"))
+                out.append(
+                    Completion(
+                        prompt_index=i,
+                        sample_index=j,
+                        prompt_ids=np.array(prompts[i], np.int32),
+                        token_ids=ids,
+                        logprobs=np.zeros(len(ids), np.float32),
+                        raw_logprobs=np.zeros(len(ids), np.float32),
+                        finish_reason="stop",
+                    )
+                )
         return out
 
 
@@ -59,12 +67,19 @@ def test_evaluate_counts_against_a_scripted_engine(monkeypatch):
 
     recs = make_task_records("chain_sum_1d", 3, seed=2, split="eval", distinct=True)
     recs += make_task_records("countdown_15", 2, seed=2, split="eval", distinct=True)
-    right = [f"<answer>{r['answer'] if r['task'] != 'countdown' else r['gym']['entry']['metadata']['expression']}"
-             "</answer>" for r in recs]
+    right = [
+        f"<answer>{r['answer'] if r['task'] != 'countdown' else r['gym']['entry']['metadata']['expression']}</answer>"
+        for r in recs
+    ]
     wrong, unfinished = "<answer>1000</answer>", "1 + 2 = 3"
     FakeEngine.scripts = {
-        "sampled": [[right[0]] * 4, [right[1], wrong, unfinished, unfinished], [wrong] * 4,
-                    [right[3], right[3], wrong, wrong], [unfinished] * 4],
+        "sampled": [
+            [right[0]] * 4,
+            [right[1], wrong, unfinished, unfinished],
+            [wrong] * 4,
+            [right[3], right[3], wrong, wrong],
+            [unfinished] * 4,
+        ],
         "greedy": [[right[0]], [wrong], [wrong], [right[3]], [right[4]]],
     }
     monkeypatch.setattr(ev, "SamplingEngine", FakeEngine)
@@ -75,8 +90,7 @@ def test_evaluate_counts_against_a_scripted_engine(monkeypatch):
     assert cs.greedy.value == pytest.approx(1 / 3) and cd.greedy.value == pytest.approx(1.0)
     assert cs.unfinished.value == pytest.approx(2 / 12) and cd.unfinished.value == pytest.approx(4 / 8)
     assert res.pass_at_1 == pytest.approx(7 / 20) and res.overall.greedy.value == pytest.approx(3 / 5)
-    assert cs.response_len == pytest.approx(np.mean([[len(t) for t in s] for s in
-                                                     FakeEngine.scripts["sampled"][:3]]))
+    assert cs.response_len == pytest.approx(np.mean([[len(t) for t in s] for s in FakeEngine.scripts["sampled"][:3]]))
     assert len(res.per_prompt) == 5 and sorted(v["greedy"] for v in res.per_prompt.values()) == [0, 0, 1, 1, 1]
 
 
@@ -89,11 +103,14 @@ def test_report_table_pairs_before_and_after_by_prompt(tmp_path):
         r = ev.mean_interval([p1] * 4).as_dict()
         return {"pass_at_1": r, "pass_at_k": r, "greedy": r, "response_len": 20.0, "unfinished": r, "num_prompts": 4}
 
-    evals = [{"tag": t, "n": 8, "families": {"a": fam(v)}, "overall": fam(v)} for t, v in (("before", 0.25),
-                                                                                            ("after", 0.5))]
+    evals = [
+        {"tag": t, "n": 8, "families": {"a": fam(v)}, "overall": fam(v)} for t, v in (("before", 0.25), ("after", 0.5))
+    ]
     before = {f"a|k{i}": {"family": "a", "solved": 0.25, "any": 0, "greedy": 0, "unfinished": 0.5} for i in range(4)}
-    after = {f"a|k{i}": {"family": "a", "solved": 0.25 + 0.25 * (i % 2) * 2, "any": 1, "greedy": i % 2,
-                         "unfinished": 0.0} for i in range(4)}
+    after = {
+        f"a|k{i}": {"family": "a", "solved": 0.25 + 0.25 * (i % 2) * 2, "any": 1, "greedy": i % 2, "unfinished": 0.0}
+        for i in range(4)
+    }
     for t, d in (("before", before), ("after", after)):
         (tmp_path / f"eval_{t}_prompts.json").write_text(json.dumps(d))
     text = "\n".join(held_out_table(str(tmp_path), evals))

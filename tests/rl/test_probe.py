@@ -63,8 +63,12 @@ def test_sampled_nll_estimates_the_entropy(sampled):
 
 
 def test_pick_rule_in_band_nearest_and_errors():
-    ck = [{"name": "a", "sft_tokens": 1e5, "entropy": 0.55}, {"name": "b", "sft_tokens": 2e5, "entropy": 0.45},
-          {"name": "c", "sft_tokens": 3e5, "entropy": 0.35}, {"name": "d", "sft_tokens": 4e5, "entropy": 0.2}]
+    ck = [
+        {"name": "a", "sft_tokens": 1e5, "entropy": 0.55},
+        {"name": "b", "sft_tokens": 2e5, "entropy": 0.45},
+        {"name": "c", "sft_tokens": 3e5, "entropy": 0.35},
+        {"name": "d", "sft_tokens": 4e5, "entropy": 0.2},
+    ]
     got, why = pick_checkpoint(ck)
     assert got["name"] == "c" and "in the band" in why  # the most trained of those in band, not the highest entropy
     got, why = pick_checkpoint([ck[0], ck[3]])  # none in band: 0.55 is 0.05 above, 0.2 is 0.1 below
@@ -82,9 +86,19 @@ def test_sft_tokens_are_cumulative_loss_tokens_of_the_logged_steps(tmp_path):
 
     p = tmp_path / "metrics.jsonl"
     # out of order, one step without a token count, and a non-step record (the run's metadata line)
-    p.write_text("\n".join(json.dumps(r) for r in [{"step": 2, "ce_tokens": 30.0}, {"step": 1, "ce_tokens": 10.0},
-                                                    {"step": 3, "loss": 1.0}, {"step": 4, "num_tokens": 5},
-                                                    {"meta": 1}]) + "\n")
+    p.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 2, "ce_tokens": 30.0},
+                {"step": 1, "ce_tokens": 10.0},
+                {"step": 3, "loss": 1.0},
+                {"step": 4, "num_tokens": 5},
+                {"meta": 1},
+            ]
+        )
+        + "\n"
+    )
     assert sft_tokens_by_step(str(p)) == {1: 10.0, 2: 40.0, 4: 45.0}
     with pytest.raises(FileNotFoundError, match="no SFT metrics"):
         sft_tokens_by_step(str(tmp_path / "none.jsonl"))
@@ -93,11 +107,21 @@ def test_sft_tokens_are_cumulative_loss_tokens_of_the_logged_steps(tmp_path):
 def test_report_lists_each_checkpoint_and_marks_the_pick():
     from ring_jax.cli.report import sft_checkpoint_table
 
-    rows = [{"name": f"step{s}", "sft_tokens": 1000.0 * s, "entropy": e, "sampled_nll": e + 0.01, "mean_length": 20.0}
-            for s, e in ((200, 0.31), (400, 0.12))]
+    rows = [
+        {"name": f"step{s}", "sft_tokens": 1000.0 * s, "entropy": e, "sampled_nll": e + 0.01, "mean_length": 20.0}
+        for s, e in ((200, 0.31), (400, 0.12))
+    ]
     picked, why = pick_checkpoint(rows)
-    lines = sft_checkpoint_table({"checkpoints": rows, "picked": picked["name"], "rule": why,
-                                  "entropy_band": [0.3, 0.5], "prompts": 64, "samples": 4})
+    lines = sft_checkpoint_table(
+        {
+            "checkpoints": rows,
+            "picked": picked["name"],
+            "rule": why,
+            "entropy_band": [0.3, 0.5],
+            "prompts": 64,
+            "samples": 4,
+        }
+    )
     assert lines[4] == "| step200 (picked) | 200000 | 0.3100 | 0.3200 | 20.0 |"
     assert lines[5] == "| step400 | 400000 | 0.1200 | 0.1300 | 20.0 |"
     assert "in the band" in lines[-2]
@@ -110,8 +134,10 @@ def test_sft_entropy_cli_bad_input_is_one_line(tmp_path, case):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"task": "chain_sum", "prompt": "1 + 2 =", "answer": "3"}) + "\n")
     (tmp_path / "empty").mkdir()
-    args = {"no_dir": [f"--sft_dir={tmp_path}/none", f"--prompts_jsonl={prompts}"],
-            "no_prompts_file": [f"--sft_dir={tmp_path}/empty", f"--prompts_jsonl={tmp_path}/none.jsonl"]}[case]
+    args = {
+        "no_dir": [f"--sft_dir={tmp_path}/none", f"--prompts_jsonl={prompts}"],
+        "no_prompts_file": [f"--sft_dir={tmp_path}/empty", f"--prompts_jsonl={tmp_path}/none.jsonl"],
+    }[case]
     want = {"no_dir": "no such directory", "no_prompts_file": "no such file"}[case]
     rc, _, err = finish(cli("ring_jax.cli.sft_entropy", args, cli_env(str(tmp_path / "cache"))), timeout=120)
     lines = error_lines(err)

@@ -12,8 +12,8 @@ from flax import nnx
 
 from ring_jax.config import get_preset
 from ring_jax.data import train_bpe
-from ring_jax.rewards import general, registry
 from ring_jax.model.reward_head import build_reward_net
+from ring_jax.rewards import general, registry
 from ring_jax.rl.reward_model import LearnedRewardModel, RewardModelError
 from ring_jax.rl.reward_trainer import RewardModelTrainer, pairwise_accuracy
 from ring_jax.sharding import make_mesh
@@ -69,8 +69,10 @@ def rm(cfg, tok):
 
 
 def _texts():  # 3 rows (bucket 4) of at most 64 tokens (bucket 64); lengths ~12, ~20 and ~45
-    return (["Hi", "Tell me about the stone.", "Tell me about the river and the light and the cloud."],
-            ["", "apple thanks river", "music " * 6])
+    return (
+        ["Hi", "Tell me about the stone.", "Tell me about the river and the light and the cloud."],
+        ["", "apple thanks river", "music " * 6],
+    )
 
 
 def test_score_is_head_on_last_token_of_unpadded_forward(rm):
@@ -83,7 +85,7 @@ def test_score_is_head_on_last_token_of_unpadded_forward(rm):
     b = float(np.asarray(params["value_head"]["bias"])[0])
     for p, r, g in zip(prompts, responses, got):
         ids = rm.encode(p, r)
-        assert ids[-len(rm.renderer.stop_ids):] == rm.renderer.stop_ids  # read at the end-of-turn marker
+        assert ids[-len(rm.renderer.stop_ids) :] == rm.renderer.stop_ids  # read at the end-of-turn marker
         h = hidden(jnp.asarray([ids], jnp.int32))  # one unpadded row, default positions and segments
         want = np.asarray(h[0, -1], np.float64) @ w + b
         assert abs(g - want) < 1e-5, (g, want)
@@ -96,15 +98,16 @@ def test_score_independent_of_partners_and_padding(rm):
     seqs = [rm.encode(p, r) for p, r in zip(prompts, responses)]
     assert len(seqs[0]) <= 32 < len(seqs[2]) <= 64  # alone, row 0 is padded to 32 tokens; in the batch to 64
     for i in (0, 2):
-        alone = rm.score_batch(prompts[i:i + 1], responses[i:i + 1])[0]
+        alone = rm.score_batch(prompts[i : i + 1], responses[i : i + 1])[0]
         assert abs(batch[i] - alone) < 1e-5, (i, batch[i], alone)
 
 
 def test_dispatch_path_same_scores(rm, cfg, tok):
     disp = LearnedRewardModel(cfg.replace(moe_impl="dispatch"), tok, mesh=ONE, params=rm.params, min_len=32)
     prompts, responses = _texts()
-    np.testing.assert_allclose(disp.score_batch(prompts, responses), rm.score_batch(prompts, responses),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        disp.score_batch(prompts, responses), rm.score_batch(prompts, responses), atol=1e-5, rtol=0
+    )
 
 
 def test_scores_same_on_sharded_mesh(rm, cfg, tok):
@@ -114,15 +117,18 @@ def test_scores_same_on_sharded_mesh(rm, cfg, tok):
     emb = big.params["backbone"]["word_embeddings"].sharding.spec
     assert "fsdp" in str(emb)  # parameters really are sharded
     prompts, responses = _texts()
-    np.testing.assert_allclose(big.score_batch(prompts, responses), rm.score_batch(prompts, responses), atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(
+        big.score_batch(prompts, responses), rm.score_batch(prompts, responses), atol=1e-5, rtol=0
+    )
 
 
 def test_registered_model_scores_reward_model_task(rm):
     general.register_reward_model(rm)
     try:
-        recs = [{"task": "reward_model", "prompt": "Tell me about the stone."},
-                {"task": "ifeval", "prompt": "x", "constraints": [{"type": "lowercase"}]}]
+        recs = [
+            {"task": "reward_model", "prompt": "Tell me about the stone."},
+            {"task": "ifeval", "prompt": "x", "constraints": [{"type": "lowercase"}]},
+        ]
         results, stats = registry.score_batch(recs, ["apple thanks river", "ok"])
         want = rm.score_batch([recs[0]["prompt"]], ["apple thanks river"])[0]
         assert results[0].ok and abs(results[0].reward - want) < 1e-6
@@ -145,13 +151,14 @@ def test_bradley_terry_learns_preference(rm, cfg, tok):
     rm = LearnedRewardModel(cfg, tok, mesh=ONE, params=rm.params, min_len=32)  # same start, own parameters
     train, test = _pairs(64, 1), _pairs(64, 2)
     before = pairwise_accuracy(rm, *test)
-    opt, _ = make_optimizer(OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0),
-                            100, decay_mask(rm.param_vars))
+    opt, _ = make_optimizer(
+        OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0), 100, decay_mask(rm.param_vars)
+    )
     trainer = RewardModelTrainer(rm, opt, alpha_bal=1e-5)
     losses = []
     for step in range(8):  # 2 passes over 64 pairs, 16 per step (measured: 100% held-out accuracy after 4 steps)
         i = (step % 4) * 16
-        m = trainer.step(*(x[i:i + 16] for x in train))
+        m = trainer.step(*(x[i : i + 16] for x in train))
         losses.append(m["loss"])
         assert m["skipped"] == 0
     after = pairwise_accuracy(rm, *test)
@@ -166,8 +173,7 @@ def test_policy_init_and_save_load(tmp_path, cfg, tok, rm):
     base = jax.device_get(rm.params)
     policy = dict(base["backbone"], lm_head=np.ones((cfg.hidden_size, cfg.vocab_size), np.float32))
     with Checkpointer(str(tmp_path / "sft" / "ckpt")) as c:
-        c.save(5, params=policy, meta={"model_config": cfg.to_hf_dict(), "runtime": {"moe_impl": "dense"}},
-               wait=True)
+        c.save(5, params=policy, meta={"model_config": cfg.to_hf_dict(), "runtime": {"moe_impl": "dense"}}, wait=True)
     tok.save(str(tmp_path / "sft" / "tokenizer"))
     from_policy = LearnedRewardModel.from_policy_checkpoint(str(tmp_path / "sft"))
     got = jax.device_get(from_policy.params)

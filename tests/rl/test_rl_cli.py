@@ -11,14 +11,34 @@ import pytest
 from tests.train.cli_run import cli, cli_env, finish, kill_at_checkpoint, records
 
 PHI, STEPS, UPDATES = 48, 4, 2
-# one 16-row MoE tile (the session SFT run of tests/train keeps the automatic ladder end to end); no --tokenizer: the run trains one on the prompts (the module docstring's example relies on it); two updates per
+# one 16-row MoE tile (the session SFT run of tests/train keeps the automatic ladder end to end); no --tokenizer:
+# the run trains one on the prompts (the module docstring's example relies on it); two updates per
 # rollout at top-p 0.9 (clip and TIS weights in play), beta > 0 (a KL reference to keep across the resume); updates
 # without signal are taken, so the KL moves even though the untrained model never solves a task
-BASE = ["--preset=tiny", "--moe_tile=16", "--tasks=chain_sum", "--num_prompts=200", "--eval_tasks=chain_sum", "--eval_prompts=4",
-        "--eval_n=1", f"--steps={STEPS}", f"--budget={PHI}", f"--updates_per_rollout={UPDATES}",
-        "--prompts_per_step=2", "--samples_per_prompt=4", "--max_new_tokens=16", "--seq_len=64", "--num_slots=8",
-        "--lr=1e-3", "--beta=1e-3", "--top_p=0.9", "--skip_no_signal=false", "--ckpt_every=2", "--keep=10",
-        "--progress_bar=false"]
+BASE = [
+    "--preset=tiny",
+    "--moe_tile=16",
+    "--tasks=chain_sum",
+    "--num_prompts=200",
+    "--eval_tasks=chain_sum",
+    "--eval_prompts=4",
+    "--eval_n=1",
+    f"--steps={STEPS}",
+    f"--budget={PHI}",
+    f"--updates_per_rollout={UPDATES}",
+    "--prompts_per_step=2",
+    "--samples_per_prompt=4",
+    "--max_new_tokens=16",
+    "--seq_len=64",
+    "--num_slots=8",
+    "--lr=1e-3",
+    "--beta=1e-3",
+    "--top_p=0.9",
+    "--skip_no_signal=false",
+    "--ckpt_every=2",
+    "--keep=10",
+    "--progress_bar=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +133,10 @@ def test_bad_input_fails_in_one_line(uninterrupted, env, tmp_path):
         (common + ["--tasks=chain_sum", "--max_new_tokens=64"], 2, "leaves no room for a prompt"),
         (BASE + [f"--out_dir={uninterrupted[0]}"], 2, "pass --resume"),
     ]
-    procs = [(rl(a + ([] if any(x.startswith("--out_dir") for x in a) else [f"--out_dir={tmp_path}/o{i}"]), env),
-              code, want) for i, (a, code, want) in enumerate(cases)]
+    procs = [
+        (rl(a + ([] if any(x.startswith("--out_dir") for x in a) else [f"--out_dir={tmp_path}/o{i}"]), env), code, want)
+        for i, (a, code, want) in enumerate(cases)
+    ]
     errs = []
     for p, code, want in procs:
         rc, out, err = finish(p, 200)

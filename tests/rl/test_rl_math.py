@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ring_jax.rl.advantages import binarize_rewards, group_advantages
 from ring_jax.rl.losses import PolicyLossConfig, policy_loss_sum, token_logprobs, token_weights
@@ -36,15 +37,20 @@ def test_group_advantages_leave_out_failed_rewards():
 
 
 def test_binarize_rewards_keeps_reward_model_scores():
-    r = binarize_rewards([1.0, 0.99, 0.05, 0.0, 0.37, -2.5, 1.0],
-                         ["countdown", "arithmetic", "countdown", "ifeval", "reward_model", "reward_model", "ifeval"])
+    r = binarize_rewards(
+        [1.0, 0.99, 0.05, 0.0, 0.37, -2.5, 1.0],
+        ["countdown", "arithmetic", "countdown", "ifeval", "reward_model", "reward_model", "ifeval"],
+    )
     np.testing.assert_array_equal(r, np.float32([1.0, 0.0, 0.0, 0.0, 0.37, -2.5, 1.0]))
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 50), min_size=1, max_size=40), st.integers(1, 400),
-       st.sampled_from(["random", "rollout", "shortest_first", "longest_first", "informative_first"]),
-       st.integers(0, 3))
+@given(
+    st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    st.integers(1, 400),
+    st.sampled_from(["random", "rollout", "shortest_first", "longest_first", "informative_first"]),
+    st.integers(0, 3),
+)
 def test_budget_selection_properties(lengths, budget, order, seed):
     adv = np.random.default_rng(seed + len(lengths)).choice([0.0, 0.0, 1.5, -0.7], len(lengths))
     sel = select_budget(lengths, budget, order, seed, advantages=adv)
@@ -78,8 +84,13 @@ def test_budget_selection_properties(lengths, budget, order, seed):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(0, 30), min_size=1, max_size=40), st.integers(1, 120), st.integers(1, 4),
-       st.sampled_from(["random", "rollout", "informative_first"]), st.integers(0, 3))
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=40),
+    st.integers(1, 120),
+    st.integers(1, 4),
+    st.sampled_from(["random", "rollout", "informative_first"]),
+    st.integers(0, 3),
+)
 def test_disjoint_budgets_properties(lengths, budget, num, order, seed):
     rng = np.random.default_rng(seed)
     adv = rng.choice([0.0, 1.0, -1.0], len(lengths))
@@ -149,8 +160,9 @@ def test_policy_loss_against_numpy():
     tis = rng.uniform(0.3, 2.0, (b, t)).astype(np.float32)
     logp, ent = token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
     got, stats = policy_loss_sum(logp, ent, old, adv, w, ref, c, tis=jnp.asarray(tis))
-    np.testing.assert_allclose(float(got), _np_loss(logits.astype(np.float64), targets, old, ref, adv, w, c, tis),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(got), _np_loss(logits.astype(np.float64), targets, old, ref, adv, w, c, tis), rtol=1e-5
+    )
     assert float(stats["token_count"]) == w.sum()
     lp = np.asarray(logp, np.float64)
     r = np.exp(lp - old)

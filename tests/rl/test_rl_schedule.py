@@ -18,8 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _run(args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return subprocess.run([sys.executable, "-m", "ring_jax.cli.rl_schedule", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ring_jax.cli.rl_schedule", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _params(ckpt_dir, step, cfg):
@@ -50,8 +56,9 @@ def test_two_stage_schedule_chains_checkpoints_and_resumes(tmp_path):
     # an "SFT" run to start from: tokenizer + a parameters-only checkpoint (numpy init: no compilation here)
     recs = make_task_records("chain_sum", 200, seed=1)
     ifeval = make_ifeval_records(8, seed=0, max_constraints=1)
-    tok = train_bpe([r["prompt"] + "\n" + r["solution"] for r in recs] + [r["prompt"] for r in ifeval] * 4,
-                    vocab_size=300)
+    tok = train_bpe(
+        [r["prompt"] + "\n" + r["solution"] for r in recs] + [r["prompt"] for r in ifeval] * 4, vocab_size=300
+    )
     tok.save(str(tmp_path / "sft" / "tokenizer"))
     cfg = get_preset("tiny").replace(vocab_size=320, moe_impl="dense")
     _, _, abstract = split_model(abstract_model(cfg))
@@ -61,13 +68,29 @@ def test_two_stage_schedule_chains_checkpoints_and_resumes(tmp_path):
     with open(tmp_path / "ifeval.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in ifeval)
 
-    stages = {"init_ckpt": str(tmp_path / "sft"),
-              "common": {"sampling_moe_impl": "dense", "beta": 0, "steps": 1, "budget": 32, "prompts_per_step": 2,
-                         "samples_per_prompt": 2, "max_new_tokens": 8, "seq_len": 128, "num_slots": 4,
-                         "num_prompts": 8, "lr": 1e-2, "progress_bar": False, "skip_no_signal": False,
-                         "warmup_steps": 0},
-              "stages": [{"name": "reasoning", "flags": {"tasks": ["chain_sum"]}},
-                         {"name": "general", "flags": {"prompts_jsonl": str(tmp_path / "ifeval.jsonl")}}]}
+    stages = {
+        "init_ckpt": str(tmp_path / "sft"),
+        "common": {
+            "sampling_moe_impl": "dense",
+            "beta": 0,
+            "steps": 1,
+            "budget": 32,
+            "prompts_per_step": 2,
+            "samples_per_prompt": 2,
+            "max_new_tokens": 8,
+            "seq_len": 128,
+            "num_slots": 4,
+            "num_prompts": 8,
+            "lr": 1e-2,
+            "progress_bar": False,
+            "skip_no_signal": False,
+            "warmup_steps": 0,
+        },
+        "stages": [
+            {"name": "reasoning", "flags": {"tasks": ["chain_sum"]}},
+            {"name": "general", "flags": {"prompts_jsonl": str(tmp_path / "ifeval.jsonl")}},
+        ],
+    }
     (tmp_path / "stages.json").write_text(json.dumps(stages))
     out = tmp_path / "sched"
     args = [f"--stages={tmp_path / 'stages.json'}", f"--out_dir={out}"]
@@ -115,8 +138,9 @@ def test_bad_stages_files_fail_in_one_line(tmp_path):
 
 
 def test_shipped_two_stage_config_parses():
-    r = _run(["--stages=experiments/flags/rl_two_stage_small_cpu.json", "--out_dir=/nonexistent/x", "--dry_run"],
-             timeout=60)
+    r = _run(
+        ["--stages=experiments/flags/rl_two_stage_small_cpu.json", "--out_dir=/nonexistent/x", "--dry_run"], timeout=60
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and "--init_ckpt=/nonexistent/x/reasoning/ckpt:40" in lines[1]

@@ -14,13 +14,18 @@ from flax import nnx
 from ring_jax.config import get_preset
 from ring_jax.rewards.registry import register
 from ring_jax.rl.losses import PolicyLossConfig
-from ring_jax.rl.step import RLConfig, RLStep, RewardFailureError, make_rl_train_step
+from ring_jax.rl.step import RewardFailureError, RLConfig, RLStep, make_rl_train_step
 from ring_jax.sharding import make_mesh
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
-from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, split_model,
-                                 train_state_shardings)
-from tests.sampling.models import random_model
+from ring_jax.train.step import (
+    abstract_train_state,
+    create_train_state,
+    global_batch,
+    split_model,
+    train_state_shardings,
+)
 from tests.rl.oracle import policy_loss_and_dlogits
+from tests.sampling.models import random_model
 
 # The RL step's compile time is most of this file's cost, and most of that is the dispatch MoE's tile ladder (17 tile
 # sizes at the default automatic tile, each a loop forward and backward).  A full tile of 16 rows keeps the dispatch
@@ -48,8 +53,9 @@ def _setup(mesh, num_micro=1, lr=1e-2, seed=0, sgd=None, rl=None):
     AdamW, so the update is minus lr times the gradient (Adam's first step is ~sign(g), which hides nothing)."""
     model = random_model(CFG, seed=seed + 1, scale=0.1)  # NumPy values: building it compiles nothing
     graphdef, pvars, params = split_model(model)
-    opt, sched = make_optimizer(OptimConfig(lr=lr, schedule="constant", warmup_steps=0, clip_norm=0.0,
-                                            weight_decay=0.0), 10, decay_mask(pvars))
+    opt, sched = make_optimizer(
+        OptimConfig(lr=lr, schedule="constant", warmup_steps=0, clip_norm=0.0, weight_decay=0.0), 10, decay_mask(pvars)
+    )
     if sgd is not None:
         opt, sched = optax.sgd(sgd), None
     sh = train_state_shardings(pvars, abstract_train_state(params, opt), mesh)
@@ -61,12 +67,14 @@ def _setup(mesh, num_micro=1, lr=1e-2, seed=0, sgd=None, rl=None):
 def _recording(step, log):
     """Wrap a train step to keep, per call, the parameters before and after (host copies: the state is donated),
     the batch and the normaliser."""
+
     def run(state, batch, normaliser):
         before = jax.tree.map(np.array, state.params)
         host = {k: np.array(v) for k, v in batch.items()}
         new, m = step(state, batch, normaliser)
-        log.append({"before": before, "batch": host, "phi": float(normaliser),
-                    "after": jax.tree.map(np.array, new.params)})
+        log.append(
+            {"before": before, "batch": host, "phi": float(normaliser), "after": jax.tree.map(np.array, new.params)}
+        )
         return new, m
 
     return run
@@ -86,13 +94,18 @@ def _pullback(graphdef, params, tokens, positions, segment_ids, dlogits):
 
 def _logits_np(graphdef, params, batch):
     """float32 logits of the batch's rows (one forward, no split), as NumPy."""
-    return np.asarray(_logits(graphdef, params, *(jnp.asarray(batch[k]) for k in ("tokens", "positions",
-                                                                                  "segment_ids"))))
+    return np.asarray(
+        _logits(graphdef, params, *(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")))
+    )
 
 
 def _grad_np(graphdef, params, batch, dlogits):
-    return _pullback(graphdef, params, *(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")),
-                     jnp.asarray(dlogits, jnp.float32))
+    return _pullback(
+        graphdef,
+        params,
+        *(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")),
+        jnp.asarray(dlogits, jnp.float32),
+    )
 
 
 def _np_advantages(rewards, groups):
@@ -115,13 +128,29 @@ def test_two_updates_per_rollout_see_exact_budgets_and_match_the_numpy_objective
       normaliser fails."""
     mesh = make_mesh("data:1", devices=jax.devices()[:1])
     lr, phi, eps, beta, ent = 2.0, 40, 0.1, 0.05, 0.01
-    rl = RLConfig(samples_per_prompt=4, budget=phi, updates_per_rollout=2, max_new_tokens=12, seq_len=32,
-                  num_slots=16, top_p=0.9, alpha_bal=0.0, alpha_z=0.0,
-                  policy=PolicyLossConfig(clip_eps=eps, beta=beta, alpha_ent=ent))
+    rl = RLConfig(
+        samples_per_prompt=4,
+        budget=phi,
+        updates_per_rollout=2,
+        max_new_tokens=12,
+        seq_len=32,
+        num_slots=16,
+        top_p=0.9,
+        alpha_bal=0.0,
+        alpha_z=0.0,
+        policy=PolicyLossConfig(clip_eps=eps, beta=beta, alpha_ent=ent),
+    )
     graphdef, state, step = _setup(mesh, sgd=lr, rl=rl)
     log = []
-    rls = RLStep(graphdef, _recording(step, log), rl, encode_prompt=lambda r: r["prompt_ids"],
-                 decode=lambda ids: " ".join(map(str, ids)), ref_params=jax.tree.map(jnp.copy, state.params), seed=3)
+    rls = RLStep(
+        graphdef,
+        _recording(step, log),
+        rl,
+        encode_prompt=lambda r: r["prompt_ids"],
+        decode=lambda ids: " ".join(map(str, ids)),
+        ref_params=jax.tree.map(jnp.copy, state.params),
+        seed=3,
+    )
     records = [{"task": "first_even", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
     state, m = rls(state, records)
     comps = rls.last_completions
@@ -137,12 +166,17 @@ def test_two_updates_per_rollout_see_exact_budgets_and_match_the_numpy_objective
             for s in range(1, b["segment_ids"][i].max() + 1):
                 idx = np.nonzero((b["segment_ids"][i] == s) & (b["weights"][i] > 0))[0]
                 seq = b["targets"][i, idx]
-                match = [k for k, c in enumerate(comps) if k not in used and len(c.token_ids) >= len(seq)
-                         and np.array_equal(c.token_ids[:len(seq)], seq)
-                         and np.allclose(b["advantages"][i, idx], adv[k], atol=1e-5)]
+                match = [
+                    k
+                    for k, c in enumerate(comps)
+                    if k not in used
+                    and len(c.token_ids) >= len(seq)
+                    and np.array_equal(c.token_ids[: len(seq)], seq)
+                    and np.allclose(b["advantages"][i, idx], adv[k], atol=1e-5)
+                ]
                 assert match, "a trained segment matches no unused completion"
                 used.add(match[0])
-                np.testing.assert_allclose(b["old_logp"][i, idx], comps[match[0]].raw_logprobs[:len(seq)], atol=1e-6)
+                np.testing.assert_allclose(b["old_logp"][i, idx], comps[match[0]].raw_logprobs[: len(seq)], atol=1e-6)
         assert np.any(b["advantages"][b["weights"] > 0] != 0)
         assert np.all(b["tis"][b["weights"] > 0] <= rl.tis_cap) and np.any(b["tis"][b["weights"] > 0] < 0.999)
         # the objective and its gradient against the NumPy oracle
@@ -157,8 +191,17 @@ def test_two_updates_per_rollout_see_exact_budgets_and_match_the_numpy_objective
     assert m["update/2/approx_kl"] > 1e-4 and m["update/2/ratio_max"] > 1 + eps
     assert m["tokens"] == 2 * phi and m["budget_shortfall"] == 0
     assert m["kept_tokens"] + m["discarded_tokens"] == sum(len(c.token_ids) for c in comps)
-    for k in ("time/rollout_s", "time/reward_s", "time/reference_s", "time/train_s", "reward/first_even/mean",
-              "tis/weight_mean", "tis/weight_min", "tis/weight_max", "tis/truncated_frac"):
+    for k in (
+        "time/rollout_s",
+        "time/reward_s",
+        "time/reference_s",
+        "time/train_s",
+        "reward/first_even/mean",
+        "tis/weight_mean",
+        "tis/weight_min",
+        "tis/weight_max",
+        "tis/truncated_frac",
+    ):
         assert k in m
 
 
@@ -166,12 +209,25 @@ def test_failed_rewards_leave_groups_and_budgets_and_abort_past_the_threshold():
     """A reward that raises for some responses: those are kept out of their group's statistics and of the budget
     and counted per task; past max_reward_fail_frac the step raises before touching the state."""
     mesh = make_mesh("data:1", devices=jax.devices()[:1])
-    rl = RLConfig(samples_per_prompt=4, budget=24, max_new_tokens=8, seq_len=32, num_slots=16, max_reward_fail_frac=0.9,
-                  policy=PolicyLossConfig(beta=0.0))
+    rl = RLConfig(
+        samples_per_prompt=4,
+        budget=24,
+        max_new_tokens=8,
+        seq_len=32,
+        num_slots=16,
+        max_reward_fail_frac=0.9,
+        policy=PolicyLossConfig(beta=0.0),
+    )
     graphdef, state, step = _setup(mesh, rl=rl)
     log = []
-    rls = RLStep(graphdef, _recording(step, log), rl, encode_prompt=lambda r: r["prompt_ids"],
-                 decode=lambda ids: " ".join(map(str, ids)), seed=4)
+    rls = RLStep(
+        graphdef,
+        _recording(step, log),
+        rl,
+        encode_prompt=lambda r: r["prompt_ids"],
+        decode=lambda ids: " ".join(map(str, ids)),
+        seed=4,
+    )
 
     @register("flaky_even", overwrite=True)
     def _flaky(record, response):  # first_even, but the verifier breaks on some second tokens
@@ -202,8 +258,14 @@ def test_failed_rewards_leave_groups_and_budgets_and_abort_past_the_threshold():
     got = set(np.round(b["advantages"][b["weights"] > 0].astype(np.float64), 3).tolist())
     assert got == set(np.round(want[sel.index], 3).tolist())
     strict = dataclasses.replace(rl, max_reward_fail_frac=0.05)
-    rls2 = RLStep(graphdef, step, strict, encode_prompt=lambda r: r["prompt_ids"],
-                  decode=lambda ids: " ".join(map(str, ids)), seed=4)
+    rls2 = RLStep(
+        graphdef,
+        step,
+        strict,
+        encode_prompt=lambda r: r["prompt_ids"],
+        decode=lambda ids: " ".join(map(str, ids)),
+        seed=4,
+    )
     before = int(state.step)
     with pytest.raises(RewardFailureError, match="flaky_even"):
         rls2(state, records)
@@ -223,32 +285,43 @@ def test_update_without_signal_is_skipped():
 
     records = [{"task": "never", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
     before = jax.tree.map(np.array, state.params)
-    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"],
-                 decode=lambda ids: " ".join(map(str, ids)))
+    rls = RLStep(
+        graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=lambda ids: " ".join(map(str, ids))
+    )
     state, m = rls(state, records)
     assert m["skipped_no_signal"] == 1 and m["updates"] == 0 and int(state.step) == 1 and int(state.skipped) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    rls = RLStep(graphdef, step, dataclasses.replace(rl, skip_no_signal=False), encode_prompt=lambda r: r["prompt_ids"],
-                 decode=lambda ids: " ".join(map(str, ids)))
+    rls = RLStep(
+        graphdef,
+        step,
+        dataclasses.replace(rl, skip_no_signal=False),
+        encode_prompt=lambda r: r["prompt_ids"],
+        decode=lambda ids: " ".join(map(str, ids)),
+    )
     state, m = rls(state, records)
     assert m["updates"] == 1 and m["skipped_no_signal"] == 0 and int(state.step) == 2
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before),
-                                                                   jax.tree.leaves(state.params)))
+    assert any(
+        not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
+    )
 
 
 def _rows(seed, n_rows=16, t=16):
     rng = np.random.default_rng(seed)
     seg = np.ones((n_rows, t), np.int32)
-    seg[:, t // 2:] = 2
+    seg[:, t // 2 :] = 2
     pos = np.concatenate([np.arange(t // 2), np.arange(t // 2)])[None].repeat(n_rows, 0).astype(np.int32)
     w = (rng.random((n_rows, t)) > 0.4).astype(np.float32)
-    return {"tokens": rng.integers(0, CFG.vocab_size, (n_rows, t)).astype(np.int32),
-            "targets": rng.integers(0, CFG.vocab_size, (n_rows, t)).astype(np.int32),
-            "positions": pos, "segment_ids": seg, "weights": w,
-            "old_logp": (rng.normal(size=(n_rows, t)) * 0.1 - 4.8).astype(np.float32),
-            "advantages": rng.normal(size=(n_rows, t)).astype(np.float32),
-            "ref_logp": (rng.normal(size=(n_rows, t)) * 0.1 - 4.8).astype(np.float32)}
+    return {
+        "tokens": rng.integers(0, CFG.vocab_size, (n_rows, t)).astype(np.int32),
+        "targets": rng.integers(0, CFG.vocab_size, (n_rows, t)).astype(np.int32),
+        "positions": pos,
+        "segment_ids": seg,
+        "weights": w,
+        "old_logp": (rng.normal(size=(n_rows, t)) * 0.1 - 4.8).astype(np.float32),
+        "advantages": rng.normal(size=(n_rows, t)).astype(np.float32),
+        "ref_logp": (rng.normal(size=(n_rows, t)) * 0.1 - 4.8).astype(np.float32),
+    }
 
 
 _REF = {}
@@ -271,8 +344,9 @@ def test_loss_and_update_independent_of_split(num_micro, mesh_spec):
         graphdef, s0, _ = _setup(make_mesh("data:1", devices=jax.devices()[:1]), 1, sgd=1.0, rl=_SPLIT_RL)
         p0 = jax.tree.map(np.array, s0.params)
         pol = _SPLIT_RL.policy
-        loss, dz = policy_loss_and_dlogits(_logits_np(graphdef, p0, rows), rows, phi, pol.clip_eps, pol.beta,
-                                           pol.alpha_ent)
+        loss, dz = policy_loss_and_dlogits(
+            _logits_np(graphdef, p0, rows), rows, phi, pol.clip_eps, pol.beta, pol.alpha_ent
+        )
         grad = _grad_np(graphdef, p0, rows, dz)
         _REF["ref"] = (loss, jax.tree.map(lambda p, g: p - np.asarray(g), p0, grad))
     loss_np, p_np = _REF["ref"]
@@ -292,11 +366,19 @@ def test_c3po_steps_raise_the_reward():
     rollouts; a sign error anywhere in advantages, selection, row building or the loss makes it fall instead."""
     mesh = make_mesh("data:1", devices=jax.devices()[:1])
     graphdef, state, step = _setup(mesh, lr=3e-2)
-    rl = RLConfig(samples_per_prompt=8, budget=160, max_new_tokens=8, seq_len=64, num_slots=32, binary_reward=False,
-                  selection_order="informative_first", policy=RLConfig().policy.__class__(beta=0.0, alpha_ent=0.0))
-    rls = RLStep(graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"],
-                 decode=lambda ids: " ".join(map(str, ids)),
-                 seed=5)
+    rl = RLConfig(
+        samples_per_prompt=8,
+        budget=160,
+        max_new_tokens=8,
+        seq_len=64,
+        num_slots=32,
+        binary_reward=False,
+        selection_order="informative_first",
+        policy=RLConfig().policy.__class__(beta=0.0, alpha_ent=0.0),
+    )
+    rls = RLStep(
+        graphdef, step, rl, encode_prompt=lambda r: r["prompt_ids"], decode=lambda ids: " ".join(map(str, ids)), seed=5
+    )
     records = [{"task": "likes_seven", "prompt_ids": [3, 4, 5 + i]} for i in range(4)]
     means = []
     for _ in range(12):

@@ -29,18 +29,35 @@ _sampling_logprobs = jax.jit(sampling_logprobs, static_argnames="filtered")
 
 def _q_logp(logits, temperature, top_p):
     lg = jnp.asarray(logits, jnp.float32)[None]
-    return np.asarray(_sampling_logprobs(lg, jnp.array([temperature], jnp.float32), jnp.array([0], jnp.int32),
-                                         jnp.array([top_p], jnp.float32), filtered=top_p < 1.0)[0], np.float64)
+    return np.asarray(
+        _sampling_logprobs(
+            lg,
+            jnp.array([temperature], jnp.float32),
+            jnp.array([0], jnp.int32),
+            jnp.array([top_p], jnp.float32),
+            filtered=top_p < 1.0,
+        )[0],
+        np.float64,
+    )
 
 
 def _surrogate_grad(theta, seq, reward, tis):
     """-d loss / d theta at theta for one sampled sequence (theta = (step-1 logits [V], step-2 table [V, V]))."""
+
     def loss(th):
-        logits = [th[0]] + [th[1][seq[0]]][:len(seq) - 1]
+        logits = [th[0]] + [th[1][seq[0]]][: len(seq) - 1]
         logp = jnp.stack([jax.nn.log_softmax(lg)[y] for lg, y in zip(logits, seq)])[None]
         ones = jnp.ones_like(logp)
-        return policy_loss_sum(logp, 0 * logp, jax.lax.stop_gradient(logp), reward * ones, ones, None, CFG,
-                               tis=jnp.asarray(tis, jnp.float32)[None])[0]
+        return policy_loss_sum(
+            logp,
+            0 * logp,
+            jax.lax.stop_gradient(logp),
+            reward * ones,
+            ones,
+            None,
+            CFG,
+            tis=jnp.asarray(tis, jnp.float32)[None],
+        )[0]
 
     return jax.tree.map(lambda g: -np.asarray(g, np.float64), jax.grad(loss)(theta))
 
@@ -51,14 +68,14 @@ def _expected(theta, rewards, temperature, top_p, length, mode, cap=1e9):
     v = theta[0].shape[0]
     acc = jax.tree.map(lambda t: np.zeros(t.shape), theta)
     for seq in itertools.product(range(v), repeat=length):
-        ctx = [theta[0]] + [theta[1][seq[0]]][:length - 1]
+        ctx = [theta[0]] + [theta[1][seq[0]]][: length - 1]
         q = [_q_logp(lg, temperature, top_p)[y] for lg, y in zip(ctx, seq)]
         if not np.all(np.isfinite(q)):
             continue  # never sampled
         p = [np.asarray(jax.nn.log_softmax(lg), np.float64)[y] for lg, y in zip(ctx, seq)]
         w = np.ones(length) if mode is None else tis_weights(p, q, cap, mode)[0]
         g = _surrogate_grad(theta, seq, rewards[seq], w)
-        acc = jax.tree.map(lambda a, b: a + np.exp(np.sum(q)) * b, acc, g)
+        acc = jax.tree.map(lambda a, b: a + np.exp(np.sum(q)) * b, acc, g)  # noqa: B023 (called in this iteration)
     return acc
 
 
@@ -67,7 +84,7 @@ def _exact(theta, rewards, length, support=None):
     v = theta[0].shape[0]
 
     def logp_seq(th, seq):
-        ctx = [th[0]] + [th[1][seq[0]]][:length - 1]
+        ctx = [th[0]] + [th[1][seq[0]]][: length - 1]
         return sum(jax.nn.log_softmax(lg)[y] for lg, y in zip(ctx, seq))
 
     acc = jax.tree.map(lambda t: np.zeros(t.shape), theta)
@@ -75,7 +92,7 @@ def _exact(theta, rewards, length, support=None):
         if support is not None and seq not in support:
             continue
         lp, g = jax.value_and_grad(logp_seq)(theta, seq)
-        acc = jax.tree.map(lambda a, b: a + float(np.exp(lp)) * rewards[seq] * np.asarray(b, np.float64), acc, g)
+        acc = jax.tree.map(lambda a, b: a + float(np.exp(lp)) * rewards[seq] * np.asarray(b, np.float64), acc, g)  # noqa: B023 (called in this iteration)
     return acc
 
 
@@ -85,8 +102,7 @@ def _flat(tree):
 
 def _theta(v, seed):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.normal(size=v) * 1.5, jnp.float32), jnp.asarray(rng.normal(size=(v, v)) * 1.5,
-                                                                            jnp.float32))
+    return (jnp.asarray(rng.normal(size=v) * 1.5, jnp.float32), jnp.asarray(rng.normal(size=(v, v)) * 1.5, jnp.float32))
 
 
 def _rel(a, b):
@@ -127,7 +143,8 @@ def test_two_token_sequence_weight_is_exact_where_token_weight_is_not():
     rewards = {}
     for seq in itertools.product(range(v), repeat=2):
         ok = np.isfinite(_q_logp(theta[0], temperature, top_p)[seq[0]]) and np.isfinite(
-            _q_logp(theta[1][seq[0]], temperature, top_p)[seq[1]])
+            _q_logp(theta[1][seq[0]], temperature, top_p)[seq[1]]
+        )
         rewards[seq] = float(rng.normal()) if ok else 0.0
     exact = _exact(theta, rewards, 2)
     assert _rel(_expected(theta, rewards, temperature, top_p, 2, "sequence"), exact) < 1e-4

@@ -44,9 +44,17 @@ def run_all(model, slots_list=SLOTS, cases=None, **engine_kw) -> dict:
             if cases is not None and name not in cases:
                 continue
             comps = eng.generate(PROMPTS, SamplingParams(**kw), key=11)
-            out[f"{slots}/{name}"] = [dict(prompt=c.prompt_index, sample=c.sample_index, tokens=c.token_ids.tolist(),
-                                           logprobs=c.logprobs.tolist(), raw_logprobs=c.raw_logprobs.tolist(),
-                                           finish=c.finish_reason) for c in comps]
+            out[f"{slots}/{name}"] = [
+                dict(
+                    prompt=c.prompt_index,
+                    sample=c.sample_index,
+                    tokens=c.token_ids.tolist(),
+                    logprobs=c.logprobs.tolist(),
+                    raw_logprobs=c.raw_logprobs.tolist(),
+                    finish=c.finish_reason,
+                )
+                for c in comps
+            ]
     return out
 
 

@@ -38,5 +38,5 @@ def full_logits(model, ids):
     """Logits [len(ids), V] of the uncached full forward of ``ids`` (at most T_REF tokens): the engines' oracle."""
     g, s = nnx.split(model)
     toks = np.zeros(T_REF, np.int32)
-    toks[:len(ids)] = ids
-    return np.asarray(_full_logits(g, s, toks, len(ids)))[:len(ids)]
+    toks[: len(ids)] = ids
+    return np.asarray(_full_logits(g, s, toks, len(ids)))[: len(ids)]

@@ -2,7 +2,6 @@
 static batching, parameter sharing and compilation counts.  One tiny model and one engine for the module, so the
 jitted functions compile once."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ def greedy_reference(model, prompt, n):
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(np.argmax(full_logits(model, ids)[-1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def log_softmax(x):
@@ -49,20 +48,32 @@ def test_greedy_equals_repeated_argmax_of_full_forward(model, engine):
         assert np.all(c.logprobs == 0.0)
 
 
-@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True),
-                                SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=8,
-                                               ignore_eos=True)], ids=["t1", "t07_k20_p09"])
+@pytest.mark.parametrize(
+    "sp",
+    [
+        SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=8, ignore_eos=True),
+    ],
+    ids=["t1", "t07_k20_p09"],
+)
 def test_logprobs_equal_full_forward_recomputation(model, engine, sp):
     out = engine.generate(PROMPTS[:3], sp, key=7)
     for c in out:
         ids = c.prompt_ids + c.token_ids.tolist()
-        lg = full_logits(model, ids)[len(c.prompt_ids) - 1:-1]  # logits that produced each generated token
+        lg = full_logits(model, ids)[len(c.prompt_ids) - 1 : -1]  # logits that produced each generated token
         g = np.arange(len(c.token_ids))
         raw = log_softmax(lg.astype(np.float64))[g, c.token_ids]
         np.testing.assert_allclose(c.raw_logprobs, raw, atol=1e-4)
         n = len(g)
-        samp = np.asarray(sampling_logprobs(jnp.asarray(lg), jnp.full((n,), sp.temperature), jnp.full((n,), sp.top_k),
-                                            jnp.full((n,), sp.top_p), filtered=sp.filtered))[g, c.token_ids]
+        samp = np.asarray(
+            sampling_logprobs(
+                jnp.asarray(lg),
+                jnp.full((n,), sp.temperature),
+                jnp.full((n,), sp.top_k),
+                jnp.full((n,), sp.top_p),
+                filtered=sp.filtered,
+            )
+        )[g, c.token_ids]
         np.testing.assert_allclose(c.logprobs, samp, atol=1e-4)
         if not sp.filtered and sp.temperature == 1.0:
             np.testing.assert_allclose(c.logprobs, raw, atol=1e-4)
@@ -79,8 +90,7 @@ def test_output_independent_of_batch_companions(engine):
 
 def test_top_k_1_equals_greedy(engine):
     greedy = engine.generate(PROMPTS, GREEDY)
-    topk1 = engine.generate(PROMPTS, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, ignore_eos=True),
-                            key=3)
+    topk1 = engine.generate(PROMPTS, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, ignore_eos=True), key=3)
     for a, b in zip(greedy, topk1):
         assert a.token_ids.tolist() == b.token_ids.tolist()
         np.testing.assert_allclose(b.logprobs, 0.0, atol=1e-6)
@@ -105,10 +115,11 @@ def test_stop_tokens(model, engine):
     ref = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids.tolist()
     stop = ref[3]
     first = ref.index(stop)
-    out = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True,
-                                                       stop_token_ids=(stop,)))[0]
+    out = engine.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, stop_token_ids=(stop,))
+    )[0]
     assert out.finish_reason == "stop"
-    assert out.token_ids.tolist() == ref[:first + 1]  # the stop token is included
+    assert out.token_ids.tolist() == ref[: first + 1]  # the stop token is included
     # the config's eos (tiny: id 1) stops unless ignore_eos: find prompts whose greedy continuation contains it
     eos = CFG.eos_ids[0]
     cands = [[(7 * i + 3 * j) % 120 + 2 for j in range(1 + i % 5)] for i in range(24)]
@@ -116,8 +127,8 @@ def test_stop_tokens(model, engine):
     hits = [(p, c.token_ids.tolist()) for p, c in zip(cands, free) if eos in c.token_ids.tolist()]
     assert hits, "no greedy continuation reaches eos; change the candidate prompts"
     stopped = engine.generate([p for p, _ in hits], SamplingParams(temperature=0.0, max_new_tokens=8))
-    for (p, ref_ids), c in zip(hits, stopped):
-        assert c.finish_reason == "stop" and c.token_ids.tolist() == ref_ids[:ref_ids.index(eos) + 1]
+    for (_, ref_ids), c in zip(hits, stopped):
+        assert c.finish_reason == "stop" and c.token_ids.tolist() == ref_ids[: ref_ids.index(eos) + 1]
     assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for c in free)
 
 

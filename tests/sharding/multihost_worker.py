@@ -21,10 +21,14 @@ def main(pid: int, port: int, out: str):
 
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_default_matmul_precision", "highest")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                               initialization_timeout=int(os.environ.get("RING_JAX_TEST_INIT_TIMEOUT_S", "60")),
-                               heartbeat_timeout_seconds=20,
-                               shutdown_timeout_seconds=10)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=pid,
+        initialization_timeout=int(os.environ.get("RING_JAX_TEST_INIT_TIMEOUT_S", "60")),
+        heartbeat_timeout_seconds=20,
+        shutdown_timeout_seconds=10,
+    )
     from tests.sharding.multihost_common import run_step
 
     loss = run_step(process_index=pid, process_count=2)

@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 from ring_jax.config import get_preset
-from ring_jax.model import abstract_model
-from ring_jax.model import moe_ep
+from ring_jax.model import abstract_model, moe_ep
 from ring_jax.model.moe import MoEBlock, moe_dense, route
 from ring_jax.sharding import LOGICAL_RULES, ShardingRules, batch_sharding, make_mesh, shard_model, use_rules
 from tests.helpers import randomize_np
@@ -76,7 +75,8 @@ def test_config_capacity_factor_reaches_the_block():
     w, ids, _ = route(flat @ block.gate[...], cfg.num_experts_per_tok, cfg.norm_topk_prob)
     with jax.set_mesh(mesh):
         _, want = jax.jit(lambda *a: moe_ep.moe_expert_parallel(*a, capacity_factor=0.5))(
-            flat, w, ids, block.experts_gate[...], block.experts_up[...], block.experts_down[...])
+            flat, w, ids, block.experts_gate[...], block.experts_up[...], block.experts_down[...]
+        )
     assert drops == [int(want)] and drops[0] > 0
     with pytest.raises(ValueError, match="moe_capacity_factor"):
         get_preset("tiny", moe_capacity_factor=0.0)
@@ -101,7 +101,9 @@ def test_config_platform_and_active_rules_reach_the_block(monkeypatch):
         with use_rules(rules):
             MoEBlock(cfg.replace(ep_platform="tpu", ep_auto_ragged=False), nnx.Rngs(params=0))(x, mask)
     assert [(kw["platform"], kw["auto_ragged"], kw["rules"].rules["batch"]) for kw in seen] == [
-        (None, True, ("data", "fsdp", "expert")), ("tpu", False, ("data", "expert"))]
+        (None, True, ("data", "fsdp", "expert")),
+        ("tpu", False, ("data", "expert")),
+    ]
     assert moe_ep.token_axes(make_mesh("data:2,expert:4"), rules) == ("data", "expert")
 
 
@@ -184,8 +186,9 @@ def test_ragged_path_with_emulated_collective(spec):
     grad = lambda fn: jax.jit(jax.value_and_grad(loss(fn), argnums=range(5)))(x, w, wg, wu, wd)
     ref = grad(moe_dense)
     with jax.set_mesh(make_mesh(spec)):
-        got = grad(lambda *a: moe_ep.moe_expert_parallel(
-            *a, impl="ragged", ragged_a2a=moe_ep.ragged_all_to_all_emulated)[0])
+        got = grad(
+            lambda *a: moe_ep.moe_expert_parallel(*a, impl="ragged", ragged_a2a=moe_ep.ragged_all_to_all_emulated)[0]
+        )
     _close(got, ref)
 
 

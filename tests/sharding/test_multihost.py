@@ -25,9 +25,17 @@ def _free_port():
 def _launch(tmp_path, extra_env=None):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, **(extra_env or {}))
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(tmp_path / f"out{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(i), str(port), str(tmp_path / f"out{i}.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
     t0 = time.time()
     try:
         while any(p.poll() is None for p in procs):
@@ -62,13 +70,19 @@ def test_a_dead_peer_fails_fast(tmp_path):
     # a short initialization timeout: the peer never comes, so the survivor waits all of it (the test's cost, idle
     # wall time on one of the suite's two workers)
     env = dict(os.environ, PYTHONPATH=ROOT, RING_JAX_TEST_INIT_TIMEOUT_S="2")
-    p0 = subprocess.Popen([sys.executable, WORKER, "0", str(port), str(tmp_path / "o0.json")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p0 = subprocess.Popen(
+        [sys.executable, WORKER, "0", str(port), str(tmp_path / "o0.json")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     t0 = time.time()
     try:
         p0.wait(timeout=150)  # initialization_timeout=2 s: it must give up by itself
     except subprocess.TimeoutExpired:
         os.killpg(p0.pid, signal.SIGKILL)
         p0.wait()
-        raise AssertionError("process 0 hung waiting for a dead peer")
+        raise AssertionError("process 0 hung waiting for a dead peer") from None
     assert p0.returncode != 0 and time.time() - t0 < 150

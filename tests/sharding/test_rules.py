@@ -7,8 +7,15 @@ from jax.sharding import PartitionSpec as P
 
 from ring_jax.config import get_preset
 from ring_jax.model import abstract_model
-from ring_jax.sharding import (DEFAULT_RULES, LOGICAL_RULES, ShardingError, ShardingRules, make_mesh,
-                               parse_mesh_spec, state_shardings)
+from ring_jax.sharding import (
+    DEFAULT_RULES,
+    LOGICAL_RULES,
+    ShardingError,
+    ShardingRules,
+    make_mesh,
+    parse_mesh_spec,
+    state_shardings,
+)
 
 
 def test_parse_mesh_spec():

@@ -12,9 +12,20 @@ import time
 from tests.flags import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BASE = ["--preset=tiny", "--synthetic_corpus=300", "--seq_len=128", "--global_batch=4", "--micro_batches=2",
-        "--steps=8", "--ckpt_every=2", "--keep=10", "--lr=3e-3", "--warmup_steps=2", "--peak_flops=0",
-        "--progress_bar=false"]
+BASE = [
+    "--preset=tiny",
+    "--synthetic_corpus=300",
+    "--seq_len=128",
+    "--global_batch=4",
+    "--micro_batches=2",
+    "--steps=8",
+    "--ckpt_every=2",
+    "--keep=10",
+    "--lr=3e-3",
+    "--warmup_steps=2",
+    "--peak_flops=0",
+    "--progress_bar=false",
+]
 # an absl INFO / WARNING record ("I1202 20:16:29.361458 140405477485440 sft.py:100] ..."): not an error line
 _LOG_RECORD = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 
@@ -23,16 +34,28 @@ def cli_env(cache_dir: str) -> dict:
     """One CPU device, fast compiles, and a persistent compilation cache in ``cache_dir`` (a program compiled by
     one run is loaded, not compiled, by the next)."""
     e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=FAST_COMPILE,
+        PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return e
 
 
 def cli(module: str, args, env, **kw) -> subprocess.Popen:
     """``python -m <module> <args>`` started in the repository root, stdout and stderr captured as text."""
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def sft(args, env, **kw) -> subprocess.Popen:
@@ -65,8 +88,9 @@ def wait_for(cond, timeout, proc=None, what=""):
     t0 = time.time()
     while not cond():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited early ({proc.returncode}) waiting for {what}: "
-                                 f"{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"process exited early ({proc.returncode}) waiting for {what}: {proc.stderr.read()[-3000:]}"
+            )
         if time.time() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)

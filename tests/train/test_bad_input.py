@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from ring_jax.config import get_preset
-from ring_jax.hf import load_pretrained, save_pretrained
 from ring_jax.data.synthetic import arithmetic_records
+from ring_jax.hf import load_pretrained, save_pretrained
 from tests.sampling.models import random_model
 from tests.train.cli_run import BASE, cli, error_lines, finish, sft
 from tests.train.test_checkpoint import damage
@@ -63,8 +63,9 @@ def test_sft_without_tokenizer_skips_bad_messages(uninterrupted, env, tmp_path):
     bad_lines = write_records(data, 300, bad=2)
     run = tmp_path / "run"
     args = [a for a in BASE if not a.startswith(("--synthetic_corpus", "--ckpt_every"))]  # same compiled program
-    rc, out, err = finish(sft(args + [f"--train_jsonl={data}", "--max_bad_fraction=0.2", "--ckpt_every=0",
-                                      f"--out_dir={run}"], env))
+    rc, out, err = finish(
+        sft(args + [f"--train_jsonl={data}", "--max_bad_fraction=0.2", "--ckpt_every=0", f"--out_dir={run}"], env)
+    )
     assert rc == 0 and error_lines(err) == [] and "done: step 8" in out, err[-3000:]
     for n in bad_lines:
         assert f"skipping bad record {data}:{n}: bad_messages" in err, err[-3000:]
@@ -74,8 +75,15 @@ def test_sft_without_tokenizer_skips_bad_messages(uninterrupted, env, tmp_path):
 def test_sft_without_tokenizer_too_many_bad_is_one_line(env, tmp_path):
     data = tmp_path / "train.jsonl"
     write_records(data, 10, bad=10)
-    [(rc, _, err)] = run_all([("ring_jax.cli.sft", ["--preset=tiny", f"--train_jsonl={data}", "--peak_flops=0",
-                                                    f"--out_dir={tmp_path / 'run'}"])], env)
+    [(rc, _, err)] = run_all(
+        [
+            (
+                "ring_jax.cli.sft",
+                ["--preset=tiny", f"--train_jsonl={data}", "--peak_flops=0", f"--out_dir={tmp_path / 'run'}"],
+            )
+        ],
+        env,
+    )
     assert_one_error_line(rc, err, 1, "error: data: ", "'bad_messages': 10", f"{data}:2")
     assert steps_in(tmp_path / "run" / "ckpt") == []
 
@@ -86,8 +94,10 @@ def hf_pair(tmp_path_factory):
     """Two tiny HF directories of different models whose config.json files differ too."""
     root = tmp_path_factory.mktemp("hf")
     cfg = get_preset("tiny")
-    return [save_pretrained(random_model(c, seed=i), str(root / name), dtype="float32")
-            for i, (name, c) in enumerate([("a", cfg), ("b", cfg.replace(rms_norm_eps=1e-5))])]
+    return [
+        save_pretrained(random_model(c, seed=i), str(root / name), dtype="float32")
+        for i, (name, c) in enumerate([("a", cfg), ("b", cfg.replace(rms_norm_eps=1e-5))])
+    ]
 
 
 def test_damaged_hf_directory_names_the_file(hf_pair, env, tmp_path):
@@ -100,12 +110,23 @@ def test_damaged_hf_directory_names_the_file(hf_pair, env, tmp_path):
         f.write("{not json")
     shard = next(os.path.join(cut, n) for n in sorted(os.listdir(cut)) if n.endswith(".safetensors"))
     os.truncate(shard, os.path.getsize(shard) // 2)
-    cases = [("ring_jax.cli.import_ckpt", [f"--hf_dir={bad_cfg}", f"--out_dir={tmp_path}/o1"],
-              (os.path.join(bad_cfg, "config.json"), "not valid JSON")),
-             ("ring_jax.cli.import_ckpt", [f"--hf_dir={cut}", f"--out_dir={tmp_path}/o2"],
-              (shard, "unreadable safetensors file")),
-             ("ring_jax.cli.sample", [f"--hf_dir={cut}", "--prompt_ids=1,2", "--max_new_tokens=1"],
-              (shard, "unreadable safetensors file"))]
+    cases = [
+        (
+            "ring_jax.cli.import_ckpt",
+            [f"--hf_dir={bad_cfg}", f"--out_dir={tmp_path}/o1"],
+            (os.path.join(bad_cfg, "config.json"), "not valid JSON"),
+        ),
+        (
+            "ring_jax.cli.import_ckpt",
+            [f"--hf_dir={cut}", f"--out_dir={tmp_path}/o2"],
+            (shard, "unreadable safetensors file"),
+        ),
+        (
+            "ring_jax.cli.sample",
+            [f"--hf_dir={cut}", "--prompt_ids=1,2", "--max_new_tokens=1"],
+            (shard, "unreadable safetensors file"),
+        ),
+    ]
     for (_, _, phrases), (rc, _, err) in zip(cases, run_all([c[:2] for c in cases], env)):
         assert_one_error_line(rc, err, 1, *phrases)
     assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")  # nothing half-written
@@ -139,8 +160,7 @@ def test_import_refuses_a_non_empty_out_dir_unless_overwrite(hf_pair, env, tmp_p
     assert_one_error_line(rc, err, 2, "is not empty", "--overwrite")
     meta, config = imported(out)
     assert meta["source"] == a and config["rms_norm_eps"] == 1e-6  # untouched
-    [(rc, _, err)] = run_all([("ring_jax.cli.import_ckpt", [f"--hf_dir={b}", f"--out_dir={out}", "--overwrite"])],
-                             env)
+    [(rc, _, err)] = run_all([("ring_jax.cli.import_ckpt", [f"--hf_dir={b}", f"--out_dir={out}", "--overwrite"])], env)
     assert rc == 0, err[-3000:]
     meta, config = imported(out)
     assert meta["source"] == b and config["rms_norm_eps"] == meta["model_config"]["rms_norm_eps"] == 1e-5
@@ -175,8 +195,7 @@ def test_resume_over_only_quarantined_checkpoints_refuses(uninterrupted, env, tm
     for s in steps_in(run / "ckpt"):
         os.rename(run / "ckpt" / str(s), run / "ckpt.corrupt" / f"{s}-1")
     metrics = (run / "metrics.jsonl").read_text()
-    results = run_all([("ring_jax.cli.sft", BASE + [f"--out_dir={run}", *flag]) for flag in (["--resume"], [])],
-                      env)
+    results = run_all([("ring_jax.cli.sft", BASE + [f"--out_dir={run}", *flag]) for flag in (["--resume"], [])], env)
     for code, (rc, _, err) in zip((1, 2), results):
         assert_one_error_line(rc, err, code, "refusing to start from scratch", f"{run}/ckpt.corrupt")
     assert steps_in(run / "ckpt") == [] and (run / "metrics.jsonl").read_text() == metrics

@@ -19,8 +19,13 @@ from ring_jax.rl.step import RLConfig, make_rl_train_step
 from ring_jax.sampling import SamplingEngine, SamplingParams
 from ring_jax.sharding import make_mesh
 from ring_jax.train.losses import LossConfig, sft_loss_fn
-from ring_jax.train.step import (abstract_train_state, create_train_state, make_train_step, split_model,
-                                 train_state_shardings)
+from ring_jax.train.step import (
+    abstract_train_state,
+    create_train_state,
+    make_train_step,
+    split_model,
+    train_state_shardings,
+)
 from tests.sampling.models import random_model
 from tests.train.test_step import make_batch
 
@@ -55,8 +60,9 @@ def test_sft_step_bf16_close_to_f32():
     batch = make_batch(4, 16, CFG.vocab_size)
 
     def make(graphdef, opt, sh):
-        return make_train_step(graphdef, sft_loss_fn(LossConfig()), opt, MESH, sh, 1,
-                               schedule=optax.constant_schedule(1.0))
+        return make_train_step(
+            graphdef, sft_loss_fn(LossConfig()), opt, MESH, sh, 1, schedule=optax.constant_schedule(1.0)
+        )
 
     _close(*_grad_of_step("bfloat16", make, batch), *_grad_of_step("float32", make, batch))
 
@@ -64,11 +70,17 @@ def test_sft_step_bf16_close_to_f32():
 def test_rl_step_bf16_close_to_f32():
     rng = np.random.default_rng(0)
     b = make_batch(4, 16, CFG.vocab_size)
-    rows = {"tokens": b["tokens"], "targets": b["targets"], "positions": b["positions"],
-            "segment_ids": b["segment_ids"], "weights": b["loss_mask"].astype(np.float32),
-            "old_logp": -rng.uniform(3, 6, (4, 16)).astype(np.float32),
-            "advantages": rng.standard_normal((4, 16)).astype(np.float32), "tis": np.ones((4, 16), np.float32),
-            "ref_logp": -rng.uniform(3, 6, (4, 16)).astype(np.float32)}
+    rows = {
+        "tokens": b["tokens"],
+        "targets": b["targets"],
+        "positions": b["positions"],
+        "segment_ids": b["segment_ids"],
+        "weights": b["loss_mask"].astype(np.float32),
+        "old_logp": -rng.uniform(3, 6, (4, 16)).astype(np.float32),
+        "advantages": rng.standard_normal((4, 16)).astype(np.float32),
+        "tis": np.ones((4, 16), np.float32),
+        "ref_logp": -rng.uniform(3, 6, (4, 16)).astype(np.float32),
+    }
 
     def make(graphdef, opt, sh):
         step = make_rl_train_step(graphdef, RLConfig(), opt, MESH, sh, schedule=optax.constant_schedule(1.0))

@@ -13,7 +13,7 @@ from flax import nnx
 from ring_jax.config import get_preset
 from ring_jax.model import abstract_model
 from ring_jax.sharding import make_mesh
-from ring_jax.train.checkpoint import CheckpointError, Checkpointer
+from ring_jax.train.checkpoint import Checkpointer, CheckpointError
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
 from ring_jax.train.step import abstract_train_state, create_train_state, train_state_shardings
 from tests.train.test_step import random_params
@@ -39,13 +39,15 @@ def states(setup, steps):
 
 
 def assert_same(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-                 jax.device_get(a), jax.device_get(b))
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), jax.device_get(a), jax.device_get(b)
+    )
 
 
 def damage(step_dir, how):
-    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
-             if os.path.isfile(f)]
+    files = [
+        f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True) if os.path.isfile(f)
+    ]
     assert files, os.listdir(step_dir)
     big = max(files, key=os.path.getsize)
     if how == "truncate":

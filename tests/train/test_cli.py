@@ -40,8 +40,9 @@ def test_sigterm_writes_a_checkpoint(env, tmp_path):
     p = sft(args + [f"--out_dir={run}", "--ckpt_every=0", "--step_delay_s=0.4"], env)
     metrics = os.path.join(run, "metrics.jsonl")
     try:
-        wait_for(lambda: os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2, 240, p,
-                 "two logged steps")
+        wait_for(
+            lambda: os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2, 240, p, "two logged steps"
+        )
         p.send_signal(signal.SIGTERM)
         rc, out, err = finish(p, 120)
     finally:
@@ -110,16 +111,31 @@ def test_sample_cli_reads_an_orbax_checkpoint(uninterrupted, env, tmp_path):
     from ring_jax.cli.export import restore_model
 
     out = tmp_path / "s.jsonl"
-    r = subprocess.run([sys.executable, "-m", "ring_jax.cli.sample", f"--checkpoint_dir={uninterrupted}",
-                        "--prompt_ids=5,6,7,8", "--temperature=0", "--max_new_tokens=5", "--ignore_eos",
-                        "--stream=false", f"--output_jsonl={out}"], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ring_jax.cli.sample",
+            f"--checkpoint_dir={uninterrupted}",
+            "--prompt_ids=5,6,7,8",
+            "--temperature=0",
+            "--max_new_tokens=5",
+            "--ignore_eos",
+            "--stream=false",
+            f"--output_jsonl={out}",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text().splitlines()[0])["ids"]
     model, _, _ = restore_model(uninterrupted)
     ids = [5, 6, 7, 8]
     for _ in range(5):  # oracle: repeated argmax over the full uncached forward (zero-padded to one shape: causal)
         row = np.zeros((1, 9), np.int32)
-        row[0, :len(ids)] = ids
+        row[0, : len(ids)] = ids
         ids.append(int(np.argmax(jit_logits(model, row)[0, len(ids) - 1])))
     assert got == ids[4:]

@@ -63,8 +63,12 @@ def test_streamed_checkpoint_has_orbax_metadata_and_restores_bit_equal(pair):
         for v in t["tree_metadata"].values():
             v["value_metadata"].pop("write_shape")
     assert tb == ta
-    names = lambda d: [m["array_metadata"]["param_name"] for m in _json(d / "params/array_metadatas/process_0")[  # noqa: E731
-        "array_metadatas"]]
+    names = lambda d: [
+        m["array_metadata"]["param_name"]
+        for m in _json(d / "params/array_metadatas/process_0")[  # noqa: E731
+            "array_metadatas"
+        ]
+    ]
     assert names(b) == names(a)
     # the zarr headers: equal but for the chunk grid (one layer per chunk in the stack)
     kv = lambda d: ts.KvStore.open({"driver": "ocdbt", "base": f"file://{d}/params/"}).result()  # noqa: E731
@@ -99,8 +103,12 @@ def test_streamed_export_writes_the_bytes_save_pretrained_writes(pair, tmp_path)
     assert set(got["weight_map"]) == set(src["weight_map"])
     from safetensors.numpy import load_file
 
-    load_dir = lambda d: {k: v for f in os.listdir(d) if f.endswith(".safetensors")  # noqa: E731
-                          for k, v in load_file(str(d / f)).items()}
+    load_dir = lambda d: {
+        k: v
+        for f in os.listdir(d)
+        if f.endswith(".safetensors")  # noqa: E731
+        for k, v in load_file(str(d / f)).items()
+    }
     s, g = load_dir(root / "hf"), load_dir(out_b)
     for k in s:
         np.testing.assert_array_equal(g[k].view(np.uint16), s[k].view(np.uint16), err_msg=k)
@@ -132,8 +140,10 @@ def test_a_damaged_array_is_refused_by_export_and_restore(pair, tmp_path):
     shutil.copytree(root / "stream", run)
     cfg = get_preset("tiny", **CASES[case][0])
     leaf = next(leaf for leaf in leaves(cfg) if leaf.name == "layers.mlp.experts_up")
-    arr = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{run}/ckpt/0/params/",
-                                                 "path": leaf.name}}, open=True).result()
+    arr = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{run}/ckpt/0/params/", "path": leaf.name}},
+        open=True,
+    ).result()
     slab = arr[1].read().result()
     arr[1].write(slab * 2).result()  # a decodable file with wrong values: only the checksum can tell
     with pytest.raises(CheckpointError, match="checksum mismatch in 1 arrays.*experts_up"):

@@ -16,8 +16,14 @@ from ring_jax.sharding import LOGICAL_RULES, ShardingRules, active_rules, make_m
 from ring_jax.train.loop import LoopConfig, NonFiniteError, train_loop
 from ring_jax.train.losses import LossConfig, chunked_cross_entropy, sft_loss_fn, token_cross_entropy
 from ring_jax.train.optim import OptimConfig, cosine_closed_form, decay_mask, make_optimizer, make_schedule
-from ring_jax.train.step import (abstract_train_state, create_train_state, global_batch, make_train_step,
-                                 split_model, train_state_shardings)
+from ring_jax.train.step import (
+    abstract_train_state,
+    create_train_state,
+    global_batch,
+    make_train_step,
+    split_model,
+    train_state_shardings,
+)
 from tests.helpers import numpy_params
 
 
@@ -28,13 +34,17 @@ def one_device_mesh():
 def make_batch(b, t, vocab, seed=0):
     rng = np.random.default_rng(seed)
     seg = np.ones((b, t), np.int32)
-    seg[:, t // 2:] = 2  # two packed documents per row
+    seg[:, t // 2 :] = 2  # two packed documents per row
     seg[0, -3:] = 0  # some padding
     pos = np.where(seg == 2, np.arange(t) - t // 2, np.arange(t)).astype(np.int32)
     mask = (rng.random((b, t)) < 0.7).astype(np.int32) * (seg != 0)
-    return {"tokens": rng.integers(0, vocab, (b, t)).astype(np.int32),
-            "targets": rng.integers(0, vocab, (b, t)).astype(np.int32),
-            "loss_mask": mask.astype(np.int32), "segment_ids": seg, "positions": pos}
+    return {
+        "tokens": rng.integers(0, vocab, (b, t)).astype(np.int32),
+        "targets": rng.integers(0, vocab, (b, t)).astype(np.int32),
+        "loss_mask": mask.astype(np.int32),
+        "segment_ids": seg,
+        "positions": pos,
+    }
 
 
 def random_params(cfg, seed=0, scale=0.2):
@@ -97,7 +107,8 @@ def test_weight_decay_mask(tiny):
     # zero gradients: decayed parameters shrink by lr * wd * p, masked ones do not move
     opt, _ = make_optimizer(OptimConfig(lr=0.1, schedule="constant", warmup_steps=0, weight_decay=0.5), 10, mask)
     new = jax.jit(lambda p: optax.apply_updates(p, opt.update(jax.tree.map(jnp.zeros_like, p), opt.init(p), p)[0]))(
-        params)
+        params
+    )
     np.testing.assert_array_equal(new["norm"]["weight"], params["norm"]["weight"])
     np.testing.assert_allclose(new["lm_head"], params["lm_head"] * (1 - 0.1 * 0.5), rtol=1e-6)
 
@@ -122,6 +133,7 @@ def test_schedule_closed_form(schedule, warmup):
 # ------------------------------------------------------------------------------------------------ the step
 def _oracle(graphdef, params, batch, optimizer):
     """Direct full-batch computation: mean CE over all loss tokens, its gradient, one optimizer update."""
+
     def loss(p):
         out = nnx.merge(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
         s, n = token_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
@@ -147,8 +159,15 @@ def check_against_oracle(tiny, oracle, mesh, num_micro):
     cfg, graphdef, pvars, params = tiny
     opt, batch, want_loss, want_params = oracle
     sh = train_state_shardings(pvars, abstract_train_state(params, opt), mesh)
-    step = make_train_step(graphdef, sft_loss_fn(LossConfig(alpha_bal=0.0, alpha_z=0.0)), opt, mesh, sh, num_micro,
-                           schedule=optax.constant_schedule(1.0))
+    step = make_train_step(
+        graphdef,
+        sft_loss_fn(LossConfig(alpha_bal=0.0, alpha_z=0.0)),
+        opt,
+        mesh,
+        sh,
+        num_micro,
+        schedule=optax.constant_schedule(1.0),
+    )
     state, met = step(new_state(params, opt, sh), global_batch(batch, mesh))
     assert float(met["loss"]) == pytest.approx(want_loss, rel=2e-6), num_micro
     assert float(met["num_tokens"]) == batch["loss_mask"].sum() == float(met["normalizer"])
@@ -156,8 +175,11 @@ def check_against_oracle(tiny, oracle, mesh, num_micro):
     assert met["expert_load"].shape == (cfg.num_experts,)
     # k assignments per real token, summed over micro-batches, mean over the MoE layers
     assert float(met["expert_load"].sum()) == cfg.num_experts_per_tok * (batch["segment_ids"] != 0).sum()
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=2e-6),
-                 jax.device_get(state.params), want_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=2e-6),
+        jax.device_get(state.params),
+        want_params,
+    )
     return state
 
 
@@ -209,16 +231,24 @@ def test_nonfinite_guard_skips_and_loop_stops(tiny):
     state, met = step(state, global_batch(clean, mesh))
     assert int(met["skipped"]) == 0 and int(state.skipped) == 1
     # MoE aux terms: weighted (alpha_bal 1e-5, alpha_z 1e-7), averaged over the 2 micro-batches, added to the loss
-    assert float(met["aux_loss"]) == pytest.approx(1e-5 * float(met["balance_loss"]) + 1e-7 * float(met["z_loss"]),
-                                                   rel=1e-5)
+    assert float(met["aux_loss"]) == pytest.approx(
+        1e-5 * float(met["balance_loss"]) + 1e-7 * float(met["z_loss"]), rel=1e-5
+    )
     assert float(met["loss"]) == pytest.approx(float(met["token_loss"]) + float(met["aux_loss"]), rel=1e-6)
     assert not np.array_equal(jax.device_get(state.params["lm_head"]), before[0]["lm_head"])
     # a clean step after a skip resets the count; max_nonfinite consecutive skips stop the loop
     batches = iter([(clean, None), (bad, None), (bad, None), (clean, None)] + [(bad, None)] * 5)
     seen = []
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        train_loop(step, state, batches, start_step=0, cfg=LoopConfig(total_steps=20, max_nonfinite=3),
-                   to_device=lambda b: global_batch(b, mesh), on_metrics=lambda s, m: seen.append(m["skipped"]))
+        train_loop(
+            step,
+            state,
+            batches,
+            start_step=0,
+            cfg=LoopConfig(total_steps=20, max_nonfinite=3),
+            to_device=lambda b: global_batch(b, mesh),
+            on_metrics=lambda s, m: seen.append(m["skipped"]),
+        )
     assert seen == [0, 1, 1, 0, 1, 1, 1]
 
 

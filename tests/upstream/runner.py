@@ -28,8 +28,9 @@ def _with_code(upstream_dir, hf_dir):
 
 def logits(upstream_dir, hf_dir, inp, out):
     d = _with_code(upstream_dir, hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, torch_dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        d, trust_remote_code=True, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     data = np.load(inp)
     ids, mask = torch.tensor(data["ids"]), torch.tensor(data["mask"])
     res = {}
@@ -38,9 +39,16 @@ def logits(upstream_dir, hf_dir, inp, out):
         res["logits"] = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float().numpy()
         n = int(data["generate"])
         if n:
-            g = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0, eos_token_id=None)
-            res["generated"] = g[:, ids.shape[1]:].numpy()
+            g = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            res["generated"] = g[:, ids.shape[1] :].numpy()
     np.savez(out, **res)
 
 

@@ -66,7 +66,8 @@ def test_upstream_loads_our_export(tmp_path, name):
 
     prompts = [[int(t) for t, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
     comps = SamplingEngine.from_model(loaded, num_slots=2).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    )
     np.testing.assert_array_equal(np.stack([c.token_ids for c in comps]), want["generated"])
 
 

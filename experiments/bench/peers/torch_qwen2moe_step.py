@@ -18,9 +18,22 @@ import time
 
 def main():
     p = argparse.ArgumentParser()
-    for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 2),
-                          ("experts", 8), ("topk", 2), ("moe_ffn", 256), ("shared_ffn", 0), ("batch", 8),
-                          ("seq", 256), ("threads", 2), ("seed", 0), ("warmup", 2)):
+    for name, default in (
+        ("vocab", 1024),
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv_heads", 2),
+        ("experts", 8),
+        ("topk", 2),
+        ("moe_ffn", 256),
+        ("shared_ffn", 0),
+        ("batch", 8),
+        ("seq", 256),
+        ("threads", 2),
+        ("seed", 0),
+        ("warmup", 2),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--rope_theta", type=float, default=10000.0)
     p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
@@ -33,12 +46,29 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = Qwen2MoeConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.moe_ffn, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max(1024, a.seq),
-        rope_theta=a.rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-        decoder_sparse_step=1, moe_intermediate_size=a.moe_ffn, shared_expert_intermediate_size=a.shared_ffn,
-        num_experts_per_tok=a.topk, num_experts=a.experts, norm_topk_prob=True, output_router_logits=False,
-        mlp_only_layers=[], initializer_range=0.02, attn_implementation=a.attn, torch_dtype=torch.float32)
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.moe_ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=max(1024, a.seq),
+        rope_theta=a.rope_theta,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        decoder_sparse_step=1,
+        moe_intermediate_size=a.moe_ffn,
+        shared_expert_intermediate_size=a.shared_ffn,
+        num_experts_per_tok=a.topk,
+        num_experts=a.experts,
+        norm_topk_prob=True,
+        output_router_logits=False,
+        mlp_only_layers=[],
+        initializer_range=0.02,
+        attn_implementation=a.attn,
+        torch_dtype=torch.float32,
+    )
     model = Qwen2MoeForCausalLM(cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(a.seed)
@@ -56,9 +86,17 @@ def main():
     n_params = sum(t.numel() for t in model.parameters())
     expert = 3 * a.hidden * a.moe_ffn
     active = n_params - a.layers * (a.experts - a.topk) * expert
-    send({"ready": True, "params": n_params, "active_params": active, "torch": torch.__version__,
-          "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-          "attn": model.config._attn_implementation})
+    send(
+        {
+            "ready": True,
+            "params": n_params,
+            "active_params": active,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "attn": model.config._attn_implementation,
+        }
+    )
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "time":
@@ -78,7 +116,7 @@ def main():
                 t0 = time.perf_counter()
                 torch.mm(x, y)
                 best = min(best, time.perf_counter() - t0)
-            send({"flops": 2.0 * n ** 3 / best})
+            send({"flops": 2.0 * n**3 / best})
         elif cmd["cmd"] == "quit":
             break
 

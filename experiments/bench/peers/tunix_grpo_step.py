@@ -44,9 +44,29 @@ from tunix_sampler import EOS, IdTokenizer  # noqa: E402
 
 def main():
     a = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    a = dict(dict(layers=4, hidden=256, heads=8, kv_heads=2, experts=8, top_k=2, expert_width=256, vocab=1024,
-                  steps=6, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=64, prompt_len=16,
-                  stop_ids=[], beta=1e-3, lr=1e-5, temperature=1.0, seed=0), **a)
+    a = dict(
+        dict(
+            layers=4,
+            hidden=256,
+            heads=8,
+            kv_heads=2,
+            experts=8,
+            top_k=2,
+            expert_width=256,
+            vocab=1024,
+            steps=6,
+            prompts_per_step=4,
+            samples_per_prompt=4,
+            max_new_tokens=64,
+            prompt_len=16,
+            stop_ids=[],
+            beta=1e-3,
+            lr=1e-5,
+            temperature=1.0,
+            seed=0,
+        ),
+        **a,
+    )
     if a["steps"] < 4:
         raise ValueError("need >= 4 steps: the first compiles and >= 3 are averaged")
     v = versions()
@@ -61,9 +81,17 @@ def main():
     from tunix.rl.rollout import base_rollout
     from tunix.utils import mesh as mesh_lib
 
-    cfg_args = types.SimpleNamespace(layers=a["layers"], vocab=a["vocab"], hidden=a["hidden"],
-                                     moe_ffn=a["expert_width"], heads=a["heads"], kv_heads=a["kv_heads"],
-                                     rope_theta=10000.0, experts=a["experts"], topk=a["top_k"])
+    cfg_args = types.SimpleNamespace(
+        layers=a["layers"],
+        vocab=a["vocab"],
+        hidden=a["hidden"],
+        moe_ffn=a["expert_width"],
+        heads=a["heads"],
+        kv_heads=a["kv_heads"],
+        rope_theta=10000.0,
+        experts=a["experts"],
+        topk=a["top_k"],
+    )
     cfg = qwen3_config(cfg_args)
     policy = qwen3.Qwen3(cfg, rngs=nnx.Rngs(params=a["seed"]))
     reference = qwen3.Qwen3(cfg, rngs=nnx.Rngs(params=a["seed"])) if a["beta"] else None  # same init: a copy
@@ -73,17 +101,29 @@ def main():
     n_rows = a["prompts_per_step"] * a["samples_per_prompt"]
     cluster_config = rl_cluster_lib.ClusterConfig(
         role_to_mesh={roles.ACTOR: mesh, roles.REFERENCE: mesh, roles.ROLLOUT: mesh},
-        rollout_engine="vanilla", offload_to_cpu=False,
+        rollout_engine="vanilla",
+        offload_to_cpu=False,
         training_config=rl_cluster_lib.RLTrainingConfig(
-            actor_optimizer=optax.adamw(a["lr"], b1=0.9, b2=0.95, weight_decay=0.1), eval_every_n_steps=10 ** 9,
-            max_steps=a["steps"], mini_batch_size=a["prompts_per_step"], checkpoint_root_directory=None,
-            pbar_description=None),
+            actor_optimizer=optax.adamw(a["lr"], b1=0.9, b2=0.95, weight_decay=0.1),
+            eval_every_n_steps=10**9,
+            max_steps=a["steps"],
+            mini_batch_size=a["prompts_per_step"],
+            checkpoint_root_directory=None,
+            pbar_description=None,
+        ),
         rollout_config=base_rollout.RolloutConfig(
-            max_tokens_to_generate=a["max_new_tokens"], max_prompt_length=a["prompt_len"],
-            kv_cache_size=a["prompt_len"] + a["max_new_tokens"], temperature=a["temperature"], top_p=1.0,
-            top_k=None, eos_tokens=[EOS, *a["stop_ids"]]))
-    cluster = rl_cluster_lib.RLCluster(actor=policy, reference=reference, tokenizer=IdTokenizer(),
-                                       cluster_config=cluster_config)
+            max_tokens_to_generate=a["max_new_tokens"],
+            max_prompt_length=a["prompt_len"],
+            kv_cache_size=a["prompt_len"] + a["max_new_tokens"],
+            temperature=a["temperature"],
+            top_p=1.0,
+            top_k=None,
+            eos_tokens=[EOS, *a["stop_ids"]],
+        ),
+    )
+    cluster = rl_cluster_lib.RLCluster(
+        actor=policy, reference=reference, tokenizer=IdTokenizer(), cluster_config=cluster_config
+    )
 
     reward_calls, lengths = [], []
 
@@ -97,9 +137,12 @@ def main():
         return out
 
     learner = grpo_learner.GRPOLearner(
-        rl_cluster=cluster, reward_fns=[even_fraction],
-        algo_config=grpo_learner.GRPOConfig(num_generations=a["samples_per_prompt"], num_iterations=1,
-                                            beta=a["beta"], epsilon=0.2))
+        rl_cluster=cluster,
+        reward_fns=[even_fraction],
+        algo_config=grpo_learner.GRPOConfig(
+            num_generations=a["samples_per_prompt"], num_iterations=1, beta=a["beta"], epsilon=0.2
+        ),
+    )
     rng = np.random.default_rng(a["seed"] + 1)
     pulls = []
 
@@ -116,17 +159,30 @@ def main():
     steps_done = cluster.actor_trainer.train_steps
     if steps_done != a["steps"]:
         raise RuntimeError(f"GRPOLearner ran {steps_done} optimiser steps, expected {a['steps']}")
-    marks = pulls[:a["steps"]] + [end]
+    marks = pulls[: a["steps"]] + [end]
     step_s = [marks[i + 1] - marks[i] for i in range(a["steps"])]
     gaps = [reward_calls[i + 1] - reward_calls[i] for i in range(len(reward_calls) - 1)]
     timed = step_s[1:]
-    print("RESULT " + json.dumps({
-        "step_s_mean": statistics.fmean(timed), "step_s_median": statistics.median(timed), "first_step_s": step_s[0],
-        "step_s": step_s, "reward_gap_s": gaps, "setup_s": pulls[0] - t0, "rows_per_step": n_rows,
-        "mean_response_len": statistics.fmean(lengths) if lengths else None, "params": n_params,
-        "active_params": active, **v,
-        "api": "tunix.rl.grpo.grpo_learner.GRPOLearner.train (RLCluster, vanilla rollout)"}),
-        flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "step_s_mean": statistics.fmean(timed),
+                "step_s_median": statistics.median(timed),
+                "first_step_s": step_s[0],
+                "step_s": step_s,
+                "reward_gap_s": gaps,
+                "setup_s": pulls[0] - t0,
+                "rows_per_step": n_rows,
+                "mean_response_len": statistics.fmean(lengths) if lengths else None,
+                "params": n_params,
+                "active_params": active,
+                **v,
+                "api": "tunix.rl.grpo.grpo_learner.GRPOLearner.train (RLCluster, vanilla rollout)",
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -52,10 +52,21 @@ def qwen3_config(a):
     from tunix.models.qwen3 import model as qwen3
 
     return qwen3.ModelConfig(
-        num_layers=a.layers, vocab_size=a.vocab, embed_dim=a.hidden, hidden_dim=a.moe_ffn, num_heads=a.heads,
-        head_dim=a.hidden // a.heads, num_kv_heads=a.kv_heads, rope_theta=int(a.rope_theta), norm_eps=1e-6,
-        use_tied_embedding=False, num_experts=a.experts, num_experts_per_tok=a.topk, dtype=jnp.float32,
-        param_dtype=jnp.float32)
+        num_layers=a.layers,
+        vocab_size=a.vocab,
+        embed_dim=a.hidden,
+        hidden_dim=a.moe_ffn,
+        num_heads=a.heads,
+        head_dim=a.hidden // a.heads,
+        num_kv_heads=a.kv_heads,
+        rope_theta=int(a.rope_theta),
+        norm_eps=1e-6,
+        use_tied_embedding=False,
+        num_experts=a.experts,
+        num_experts_per_tok=a.topk,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    )
 
 
 def param_counts(model, a) -> tuple[int, int]:
@@ -68,9 +79,20 @@ def param_counts(model, a) -> tuple[int, int]:
 
 def main():
     p = argparse.ArgumentParser()
-    for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 2),
-                          ("experts", 8), ("topk", 2), ("moe_ffn", 256), ("batch", 8), ("seq", 256), ("seed", 0),
-                          ("warmup", 2)):
+    for name, default in (
+        ("vocab", 1024),
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv_heads", 2),
+        ("experts", 8),
+        ("topk", 2),
+        ("moe_ffn", 256),
+        ("batch", 8),
+        ("seq", 256),
+        ("seed", 0),
+        ("warmup", 2),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--rope_theta", type=float, default=10000.0)
     a = p.parse_args()
@@ -90,13 +112,18 @@ def main():
     try:
         model = qwen3.Qwen3(qwen3_config(a), rngs=nnx.Rngs(params=a.seed))
         trainer = peft_trainer.PeftTrainer(
-            model, optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1),
-            peft_trainer.TrainingConfig(eval_every_n_steps=10 ** 9, max_steps=10 ** 9, pbar_description=None))
+            model,
+            optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1),
+            peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=10**9, pbar_description=None),
+        )
 
         def gen_model_input(x):
-            return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
-                    "positions": sft_utils.build_positions_from_mask(x.input_mask),
-                    "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
+            return {
+                "input_tokens": x.input_tokens,
+                "input_mask": x.input_mask,
+                "positions": sft_utils.build_positions_from_mask(x.input_mask),
+                "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask),
+            }
 
         trainer = trainer.with_gen_model_input_fn(gen_model_input)
         train_step, _ = trainer.jit_train_and_eval_step()
@@ -111,9 +138,17 @@ def main():
         for _ in range(a.warmup):
             jax.block_until_ready(step())
         n_params, active = param_counts(model, a)
-        send({"ready": True, "params": n_params, "active_params": active, **versions(),
-              "devices": str(jax.devices()), "step": "PeftTrainer.jit_train_and_eval_step()",
-              "moe_path": "Tunix MoELayer dense CPU fallback (all experts on every token)"})
+        send(
+            {
+                "ready": True,
+                "params": n_params,
+                "active_params": active,
+                **versions(),
+                "devices": str(jax.devices()),
+                "step": "PeftTrainer.jit_train_and_eval_step()",
+                "moe_path": "Tunix MoELayer dense CPU fallback (all experts on every token)",
+            }
+        )
     except Exception as e:  # noqa: BLE001
         send({"error": f"Tunix train step failed: {type(e).__name__}: {e}", "versions": versions()})
         raise
@@ -138,7 +173,7 @@ def main():
                 t0 = time.perf_counter()
                 jax.block_until_ready(f(x, x))
                 best = min(best, time.perf_counter() - t0)
-            send({"flops": 2.0 * n ** 3 / best})
+            send({"flops": 2.0 * n**3 / best})
         elif cmd["cmd"] == "quit":
             break
 

@@ -56,8 +56,24 @@ class IdTokenizer:
 
 def main():
     a = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    a = dict(dict(layers=4, hidden=256, heads=8, kv_heads=2, experts=8, top_k=2, expert_width=256, vocab=1024,
-                  batch=16, prompt=32, new=128, repeats=2, seed=0), **a)
+    a = dict(
+        dict(
+            layers=4,
+            hidden=256,
+            heads=8,
+            kv_heads=2,
+            experts=8,
+            top_k=2,
+            expert_width=256,
+            vocab=1024,
+            batch=16,
+            prompt=32,
+            new=128,
+            repeats=2,
+            seed=0,
+        ),
+        **a,
+    )
     v = versions()
     print("versions " + json.dumps(v), flush=True)
     import jax
@@ -66,22 +82,42 @@ def main():
     from tunix.generate import sampler as sampler_lib
     from tunix.models.qwen3 import model as qwen3
 
-    cfg_args = types.SimpleNamespace(layers=a["layers"], vocab=a["vocab"], hidden=a["hidden"],
-                                     moe_ffn=a["expert_width"], heads=a["heads"], kv_heads=a["kv_heads"],
-                                     rope_theta=10000.0, experts=a["experts"], topk=a["top_k"])
+    cfg_args = types.SimpleNamespace(
+        layers=a["layers"],
+        vocab=a["vocab"],
+        hidden=a["hidden"],
+        moe_ffn=a["expert_width"],
+        heads=a["heads"],
+        kv_heads=a["kv_heads"],
+        rope_theta=10000.0,
+        experts=a["experts"],
+        topk=a["top_k"],
+    )
     cfg = qwen3_config(cfg_args)
     model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(params=a["seed"]))
     n_params, active = param_counts(model, cfg_args)
     sampler = sampler_lib.Sampler(
-        model, IdTokenizer(),
-        sampler_lib.CacheConfig(cache_size=a["prompt"] + a["new"], num_layers=cfg.num_layers,
-                                num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+        model,
+        IdTokenizer(),
+        sampler_lib.CacheConfig(
+            cache_size=a["prompt"] + a["new"],
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+        ),
+    )
     rng = np.random.default_rng(a["seed"])
     prompts = [" ".join(map(str, row)) for row in rng.integers(3, a["vocab"], (a["batch"], a["prompt"]))]
 
     def run():
-        out = sampler(prompts, max_generation_steps=a["new"], max_prompt_length=a["prompt"], temperature=0.0,
-                      eos_tokens=[EOS], forbidden_tokens=[EOS])
+        out = sampler(
+            prompts,
+            max_generation_steps=a["new"],
+            max_prompt_length=a["prompt"],
+            temperature=0.0,
+            eos_tokens=[EOS],
+            forbidden_tokens=[EOS],
+        )
         jax.block_until_ready(out.tokens)
         return out
 
@@ -98,10 +134,23 @@ def main():
     if lens != [a["new"]] * a["batch"]:
         raise RuntimeError(f"expected {a['new']} generated tokens per row, got lengths {sorted(set(lens))}")
     best = min(times)
-    print("RESULT " + json.dumps({"seconds": best, "tokens_per_s": a["batch"] * a["new"] / best,
-                                  "cpu_s": cpu[times.index(best)], "first_call_s": compile_s, "seconds_all": times,
-                                  "params": n_params, "active_params": active, **v,
-                                  "api": "tunix.generate.sampler.Sampler (greedy)"}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": best,
+                "tokens_per_s": a["batch"] * a["new"] / best,
+                "cpu_s": cpu[times.index(best)],
+                "first_call_s": compile_s,
+                "seconds_all": times,
+                "params": n_params,
+                "active_params": active,
+                **v,
+                "api": "tunix.generate.sampler.Sampler (greedy)",
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -32,16 +32,20 @@ mesh = make_mesh("data:1", devices=jax.devices()[:1])
 sh = train_state_shardings(pvars, abstract_train_state(params, opt), mesh)
 state = create_train_state(params, opt, sh)
 rng = np.random.default_rng(11)
-state = state._replace(opt_state=jax.tree.map(
-    lambda x: (rng.standard_normal(x.shape) if x.dtype == np.float32 else x).astype(x.dtype), state.opt_state),
-    step=np.int32(5))
+state = state._replace(
+    opt_state=jax.tree.map(
+        lambda x: (rng.standard_normal(x.shape) if x.dtype == np.float32 else x).astype(x.dtype), state.opt_state
+    ),
+    step=np.int32(5),
+)
 shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
 ck = Checkpointer(os.path.join(out, "ckpt"))
 ck.save(5, state, {"next_index": 7}, {"model_config": cfg.to_hf_dict()}, wait=True)
 ck.close()
 tokens = (np.arange(2 * 9).reshape(2, 9) * 7) % cfg.vocab_size
-logits = np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)(jax.tree.map(jax.numpy.asarray, params),
-                                                                            tokens))
+logits = np.asarray(
+    jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)(jax.tree.map(jax.numpy.asarray, params), tokens)
+)
 leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
 np.savez(os.path.join(out, "expected.npz"), tokens=tokens, logits=logits, **{"opt" + k: v for k, v in leaves.items()})
 print(sorted(leaves)[:6])
