@@ -39,7 +39,7 @@ replicated, so every process of a multi-host mesh can read them.
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,7 @@ def decode_moe_impl(cfg: ModelConfig, num_slots: int, backend: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ placement
-def mesh_of(state: nnx.State) -> jax.sharding.Mesh | None:
+def mesh_of(state: nnx.State | dict[str, Any]) -> jax.sharding.Mesh | None:
     """The mesh the arrays of ``state`` are sharded over when it has more than one device, else None."""
     for x in jax.tree.leaves(state):
         sh = getattr(x, "sharding", None)
@@ -158,7 +158,7 @@ def _replicated(x):
 # ------------------------------------------------------------------------------------------------ jitted bodies
 def prefill_body(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state: nnx.State | dict[str, Any],
     tokens: jax.Array,
     lengths: jax.Array,
     *,
@@ -348,7 +348,7 @@ def decode_step(
 
 def decode_body(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state: nnx.State | dict[str, Any],
     ds: DecodeState,
     min_active: jax.Array,
     *,
@@ -386,7 +386,7 @@ _EMPTY = jax.jit(empty_state_body, static_argnums=(0, 1, 2, 3), static_argnames=
 
 def prefill(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state: nnx.State | dict[str, Any],
     tokens: ArrayLike,
     lengths: ArrayLike,
     *,
@@ -438,7 +438,7 @@ def insert(
 
 def decode(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
+    state: nnx.State | dict[str, Any],
     ds: DecodeState,
     min_active: ArrayLike,
     *,

@@ -114,7 +114,7 @@ class SamplingEngine:
     def __init__(
         self,
         graphdef: nnx.GraphDef,
-        state: nnx.State,
+        state: nnx.State | dict[str, Any],
         *,
         num_slots: int = 16,
         chunk: int = 32,
@@ -153,7 +153,7 @@ class SamplingEngine:
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, **kw)
 
-    def update_params(self, state: nnx.State) -> None:
+    def update_params(self, state: nnx.State | dict[str, Any]) -> None:
         """Use ``state`` (same structure as at construction, e.g. the trainer's updated parameters) from now on."""
         self.state = state
 
@@ -168,7 +168,7 @@ class SamplingEngine:
         params: SamplingParams | list[SamplingParams] = SamplingParams(),
         *,
         key: int | jax.Array | np.ndarray = 0,
-        state: nnx.State | None = None,
+        state: nnx.State | dict[str, Any] | None = None,
         mode: str = "continuous",
         on_tokens: Callable[[int, int, list[int], bool], None] | None = None,
     ) -> list[Completion]:
