@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
@@ -55,6 +54,8 @@ from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
 
 if TYPE_CHECKING:
+    import optax
+
     from ring_jax.model.transformer import BailingMoeForCausalLM, Output
     from ring_jax.train.step import TrainState
 
