@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 # Fields of config.json that ring_jax interprets.  Order = the order they are written.
@@ -263,7 +264,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **runtime) -> ModelConfig:
+    def from_hf_dict(cls, d: dict[str, Any], **runtime: Any) -> ModelConfig:
         """Build from a parsed config.json.  Missing fields take the upstream class defaults, as transformers does."""
         mt = d.get("model_type", "bailing_moe")
         if mt != "bailing_moe":
@@ -292,11 +293,11 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_json_file(cls, path, **runtime) -> ModelConfig:
+    def from_json_file(cls, path: str | os.PathLike[str], **runtime: Any) -> ModelConfig:
         with open(path) as f:
             return cls.from_hf_dict(json.load(f), **runtime)
 
-    def replace(self, **kw) -> ModelConfig:
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ parameter counting
@@ -374,7 +375,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def get_preset(name: str, **overrides) -> ModelConfig:
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

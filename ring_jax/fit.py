@@ -21,18 +21,21 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numpy.typing import DTypeLike
 
 from ring_jax.config import ModelConfig
-from ring_jax.model.transformer import build_model
+from ring_jax.model.transformer import KVCache, build_model
 from ring_jax.rl.step import RLConfig, make_rl_train_step, policy_logprobs
 from ring_jax.sampling import device
+from ring_jax.sampling.types import DecodeState
 from ring_jax.sharding import batch_sharding
 from ring_jax.train.losses import LossConfig, sft_loss_fn
 from ring_jax.train.optim import OptimConfig, decay_mask, make_optimizer
@@ -53,7 +56,7 @@ def _is_sharding(x):
     return isinstance(x, jax.sharding.Sharding)
 
 
-def shard_bytes(tree, shardings) -> int:
+def shard_bytes(tree: Any, shardings: Any) -> int:
     """Per-device bytes of the arrays of ``tree`` (abstract or concrete) placed by ``shardings`` (same structure)."""
     xs = jax.tree.leaves(tree)
     ss = jax.tree.leaves(shardings, is_leaf=_is_sharding)
@@ -175,7 +178,7 @@ class Setup:
     def opt_bytes(self) -> int:
         return shard_bytes(self.state.opt_state, self.shardings.opt_state)
 
-    def rows(self, shape, dtype=jnp.int32):
+    def rows(self, shape: tuple[int, ...], dtype: DTypeLike = jnp.int32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     def row_sharding(self, ndim: int = 2) -> NamedSharding:
@@ -183,7 +186,7 @@ class Setup:
         return NamedSharding(self.mesh, P(*spec))
 
 
-def make_setup(cfg: ModelConfig, mesh, optim: OptimConfig = OptimConfig()) -> Setup:
+def make_setup(cfg: ModelConfig, mesh: Mesh, optim: OptimConfig = OptimConfig()) -> Setup:
     """Abstract model, AdamW state and their shardings on ``mesh`` (nothing allocated)."""
     graphdef, pvars, params = split_model(nnx.eval_shape(lambda: build_model(cfg)))
     optimizer, schedule = make_optimizer(optim, 1000, decay_mask(pvars))
@@ -267,7 +270,7 @@ def ref_logp(setup: Setup, rows: int, seq_len: int, logit_chunk: int = 0) -> Rep
     )
 
 
-def decode_state_shardings(ds, mesh):
+def decode_state_shardings(ds: DecodeState | KVCache, mesh: Mesh) -> DecodeState | KVCache:
     """NamedShardings of a DecodeState / KVCache as the sampling engine places it (``device.decode_state_specs``:
     cache and logits over the slots, per-slot scalars replicated)."""
     return jax.tree.map(
@@ -275,7 +278,7 @@ def decode_state_shardings(ds, mesh):
     )
 
 
-def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype=None) -> int:
+def kv_cache_bytes(cfg: ModelConfig, slots: int, cache_len: int, dtype: DTypeLike | None = None) -> int:
     """Global bytes of the KV cache: layers x 2 (k, v) x slots x cache_len x kv_heads x head_dim x itemsize."""
     item = np.dtype(dtype or cfg.dtype).itemsize
     return cfg.num_hidden_layers * 2 * slots * cache_len * cfg.kv_heads * cfg.head_size * item

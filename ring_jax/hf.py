@@ -15,18 +15,23 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from numpy.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ring_jax.config import ConfigError, ModelConfig
 from ring_jax.model.transformer import BailingMoeForCausalLM, DecoderLayer, build_model
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -42,7 +47,7 @@ def _np(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def as_dtype(arr: np.ndarray, dtype) -> np.ndarray:
+def as_dtype(arr: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     """``arr`` in ``dtype``, rounding once: float32 and ``dtype`` itself convert directly, anything else goes
     through float32 (so e.g. bfloat16 -> float16 rounds as bfloat16 -> float32 -> float16 always did)."""
     if arr.dtype == dtype or arr.dtype == np.float32:
@@ -51,7 +56,7 @@ def as_dtype(arr: np.ndarray, dtype) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ name mapping
-def layer_to_hf(cfg: ModelConfig, i: int, layer) -> Iterator[tuple[str, np.ndarray]]:
+def layer_to_hf(cfg: ModelConfig, i: int, layer: DecoderLayer) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in the parameter's dtype) of decoder layer ``i`` (a ring_jax DecoderLayer)."""
     p = f"model.layers.{i}."
     h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size
@@ -149,7 +154,11 @@ def _parse_size(s) -> int:
 
 
 def save_pretrained(
-    model: BailingMoeForCausalLM, out_dir: str, tokenizer=None, dtype: str = "bfloat16", max_shard_size="2GB"
+    model: BailingMoeForCausalLM,
+    out_dir: str,
+    tokenizer: Tokenizer | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: int | str = "2GB",
 ) -> str:
     """Write ``config.json``, safetensors shards and ``model.safetensors.index.json`` (and the tokenizer, if given:
     anything with ``save(dir)``).  Only JAX process 0 writes; the others return after the gathers."""
@@ -160,9 +169,9 @@ def write_pretrained(
     cfg: ModelConfig,
     tensors: Iterator[tuple[str, np.ndarray]],
     out_dir: str,
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
     dtype: str = "bfloat16",
-    max_shard_size="2GB",
+    max_shard_size: int | str = "2GB",
 ) -> str:
     """:func:`save_pretrained` from ``(HF name, array)`` pairs in :func:`model_to_hf`'s order (consumed one shard at
     a time, so a caller may produce them lazily: ``ring_jax.hf_stream``)."""
@@ -339,7 +348,7 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable) -> None:
+def fill_layer(cfg: ModelConfig, i: int, layer: DecoderLayer, read: Callable, put: Callable) -> None:
     """Read decoder layer ``i``'s tensors with ``read(hf_name, shape)`` and hand each to ``put(variable, array)``
     in ring_jax's layout (``layer`` is a DecoderLayer, abstract or concrete, whose Variables name the targets)."""
     p = f"model.layers.{i}."
@@ -379,12 +388,12 @@ def fill_layer(cfg: ModelConfig, i: int, layer, read: Callable, put: Callable) -
             put(getattr(mlp, f"{n}_proj"), r(f"mlp.{n}_proj.weight").T)
 
 
-def module_variables(module) -> dict:
+def module_variables(module: nnx.Module) -> dict:
     """{path: Variable} of a module (the module's own Variable objects)."""
     return {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
 
 
-def load_config(hf_dir: str, **runtime) -> ModelConfig:
+def load_config(hf_dir: str, **runtime: Any) -> ModelConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{hf_dir}: no config.json")
@@ -392,7 +401,11 @@ def load_config(hf_dir: str, **runtime) -> ModelConfig:
 
 
 def load_pretrained(
-    hf_dir: str, dtype: str | None = None, param_dtype: str | None = None, shardings=None, **runtime
+    hf_dir: str,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    shardings: Callable[[Sequence[str | None], Sequence[int]], jax.sharding.Sharding] | None = None,
+    **runtime: Any,
 ) -> tuple[BailingMoeForCausalLM, ModelConfig]:
     """Model and config from an HF directory written by ``save_pretrained`` or by the upstream code.
 

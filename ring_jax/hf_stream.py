@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import ml_dtypes
@@ -49,6 +50,9 @@ from ring_jax.hf import (
 )
 from ring_jax.model.transformer import DecoderLayer, build_model
 from ring_jax.train.checkpoint import PARAM_LAYOUT, CheckpointError
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 _STD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 _JSON_HANDLER = "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"
@@ -84,7 +88,7 @@ class Leaf:
         return (1,) + w[1:] if self.stacked else w
 
 
-def leaves(cfg: ModelConfig, mesh=None) -> list[Leaf]:
+def leaves(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> list[Leaf]:
     """The model's parameter arrays in the order of ``jax.tree.leaves`` (the checksum order), placed like
     ``Checkpointer`` saves them on ``mesh`` (one device when None)."""
     from ring_jax.sharding import state_shardings
@@ -316,7 +320,7 @@ def import_hf_streaming(
     ckpt_dir: str,
     step: int = 0,
     param_dtype: str = "bfloat16",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     meta: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
@@ -432,7 +436,12 @@ def _checkpoint_parts(cfg: ModelConfig, arrays: dict, sums: dict) -> Iterator[tu
 
 
 def export_streaming(
-    ckpt_dir: str, step: int | None, out_dir: str, dtype: str = "bfloat16", tokenizer=None, max_shard_size="2GB"
+    ckpt_dir: str,
+    step: int | None,
+    out_dir: str,
+    dtype: str = "bfloat16",
+    tokenizer: Tokenizer | None = None,
+    max_shard_size: int | str = "2GB",
 ) -> tuple[str, int]:
     """The parameters of checkpoint ``step`` (newest when None) as an HF directory, one layer at a time, every
     array's checksum checked against the checkpoint's meta.  Returns (out_dir, step)."""

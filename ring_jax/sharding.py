@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -30,6 +31,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ring_jax.utils import is_variable, log_once
+
+_M = TypeVar("_M", bound=nnx.Module)
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -147,7 +150,9 @@ class ShardingRules:
             out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
         return P(*out)
 
-    def sharding(self, mesh: Mesh, logical_axes, shape=None) -> NamedSharding:
+    def sharding(
+        self, mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+    ) -> NamedSharding:
         return NamedSharding(mesh, self.spec(logical_axes, shape, mesh))
 
 
@@ -171,7 +176,7 @@ def active_rules() -> ShardingRules:
     return _ACTIVE_RULES.get()
 
 
-def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> nnx.State:
     """NamedSharding for every Variable of an nnx State (parameters carry ``logical_axes``; anything without
     it, e.g. optimizer step counters, is replicated).  Works on abstract states too."""
 
@@ -185,7 +190,7 @@ def state_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=is_variable)
 
 
-def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+def shard_model(model: _M, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> _M:
     """Place every parameter of ``model`` according to the rules (in place; returns the model)."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
@@ -199,6 +204,8 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: ShardingRules = DEFAULT_RUL
     return rules.sharding(mesh, ("batch",) + ("length",) + (None,) * (ndim - 2) if ndim >= 2 else ("batch",))
 
 
-def param_sharding_fn(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+def param_sharding_fn(
+    mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> Callable[[Sequence[str | None], Sequence[int]], NamedSharding]:
     """``(logical_axes, shape) -> Sharding``, the form ``ring_jax.hf.load_pretrained(shardings=...)`` takes."""
     return lambda axes, shape: rules.sharding(mesh, axes, shape)

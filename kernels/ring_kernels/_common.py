@@ -11,11 +11,16 @@ Portability rules followed by every kernel in this package (so one kernel body s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+if TYPE_CHECKING:
+    from jax.experimental.pallas import triton as plt
 
 _TARGET: str | None = None
 
@@ -26,7 +31,7 @@ def backend() -> str:
 
 
 @contextlib.contextmanager
-def lowering_target(platform: str):
+def lowering_target(platform: str) -> Iterator[None]:
     """Build the kernels for ``platform`` ('gpu' or 'tpu', compiled, not interpreted) while tracing on this host,
     e.g. ``with lowering_target('gpu'): jax.jit(f).trace(x).lower(lowering_platforms=('cuda',))`` -- checks the
     Pallas -> Triton / Mosaic lowering without the hardware (the backend compiler itself is not run)."""
@@ -38,14 +43,14 @@ def lowering_target(platform: str):
         _TARGET = prev
 
 
-def resolve_interpret(interpret) -> bool:
+def resolve_interpret(interpret: bool | None) -> bool:
     """``None`` -> interpret exactly when there is no accelerator (CPU)."""
     if interpret is None:
         return backend() == "cpu"
     return bool(interpret)
 
 
-def compiler_params(interpret: bool):
+def compiler_params(interpret: bool) -> plt.CompilerParams | None:
     """On GPU force the Triton lowering (jax may default to Mosaic GPU, which these kernels are not written for)."""
     if interpret or backend() != "gpu":
         return None
@@ -54,7 +59,9 @@ def compiler_params(interpret: bool):
     return plt.CompilerParams(num_warps=4, num_stages=2)
 
 
-def scalar_spec(interpret: bool, block_shape=None, index_map=None):
+def scalar_spec(
+    interpret: bool, block_shape: Sequence[int] | None = None, index_map: Callable[..., Any] | None = None
+) -> pl.BlockSpec:
     """BlockSpec for a small int32/f32 table read with scalar loads: SMEM on TPU, default memory elsewhere (Triton:
     a global pointer).  Without a block shape it is the whole table."""
     if not interpret and backend() == "tpu":
@@ -79,7 +86,7 @@ def next_pow2(n: int) -> int:
     return p
 
 
-def pad_to(x, shape, value=0):
+def pad_to(x: jax.Array, shape: Sequence[int], value: float = 0) -> jax.Array:
     pads = [(0, s - d) for d, s in zip(x.shape, shape)]
     if all(p == (0, 0) for p in pads):
         return x
@@ -93,7 +100,7 @@ def fit_tile(t: int, dim: int, lo: int = 8) -> int:
     return max(lo, min(t, next_pow2(max(dim, 1))))
 
 
-def dot_precision():
+def dot_precision() -> lax.Precision | None:
     """Precision for in-kernel dots, following ``jax_default_matmul_precision`` at trace time.
 
     In interpret mode XLA applies the config anyway; on Triton an unset precision means TF32 for float32 inputs, so

@@ -41,11 +41,11 @@ DEFAULT_COLS = 512  # hidden columns per program
 
 
 # ================================================================================================ references
-def permute_ref(x, meta: RoutingMeta, k: int):
+def permute_ref(x: jax.Array, meta: RoutingMeta, k: int) -> jax.Array:
     return x[meta.sort_idx // k]
 
 
-def unpermute_combine_ref(y_sorted, meta: RoutingMeta, weights):
+def unpermute_combine_ref(y_sorted: jax.Array, meta: RoutingMeta, weights: jax.Array) -> jax.Array:
     t, k = weights.shape
     y = y_sorted[meta.inv_idx].reshape(t, k, -1).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", y, weights.astype(jnp.float32)).astype(y_sorted.dtype)
@@ -162,7 +162,15 @@ def _permute_bwd(k, rows, cols, interpret, meta, g):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def permute(x, meta: RoutingMeta, k: int, *, rows: int = DEFAULT_ROWS, cols: int = DEFAULT_COLS, interpret=None):
+def permute(
+    x: jax.Array,
+    meta: RoutingMeta,
+    k: int,
+    *,
+    rows: int = DEFAULT_ROWS,
+    cols: int = DEFAULT_COLS,
+    interpret: bool | None = None,
+) -> jax.Array:
     """x [T, H] -> x_sorted [T*k, H] with row p = x[sort_idx[p] // k] (tokens replicated into expert order)."""
     return _permute(x, meta, int(k), int(rows), int(cols), interpret)
 
@@ -193,8 +201,14 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def unpermute_combine(
-    y_sorted, meta: RoutingMeta, weights, *, rows: int = DEFAULT_ROWS, cols: int = DEFAULT_COLS, interpret=None
-):
+    y_sorted: jax.Array,
+    meta: RoutingMeta,
+    weights: jax.Array,
+    *,
+    rows: int = DEFAULT_ROWS,
+    cols: int = DEFAULT_COLS,
+    interpret: bool | None = None,
+) -> jax.Array:
     """y_sorted [T*k, H] (expert order) -> [T, H]: out[t] = sum_j weights[t, j] * y_sorted[inv_idx[t*k + j]],
     accumulated in float32 and cast to y_sorted's dtype.  Differentiable w.r.t. y_sorted and weights."""
     return _combine(y_sorted, meta, weights, int(rows), int(cols), interpret)

@@ -35,7 +35,16 @@ _MASKED = -1e30  # the model's additive mask value (ring_jax.model.attention._MA
 DEFAULT_BLOCK = 128  # cache slots per block
 
 
-def decode_attention_ref(q, k, v, layer, q_seg, q_pos, k_seg, k_pos):
+def decode_attention_ref(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer: int | jax.Array,
+    q_seg: jax.Array,
+    q_pos: jax.Array,
+    k_seg: jax.Array,
+    k_pos: jax.Array,
+) -> jax.Array:
     """Plain-jnp reference: softmax over every slot of the layer's cache.  q [B, H, D]; k [L, B, KVH, D, S];
     v [L, B, KVH, S, D]; q_seg, q_pos [B]; k_seg, k_pos [B, S] -> [B, H, D] in q's dtype."""
     b, h, d = q.shape
@@ -80,8 +89,19 @@ def _kernel(tab_ref, q_ref, k_ref, v_ref, kseg_ref, kpos_ref, out_ref, *, block,
 
 
 def decode_attention(
-    q, k, v, layer, q_seg, q_pos, k_seg, k_pos, lengths, *, block: int = DEFAULT_BLOCK, interpret=None
-):
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer: int | jax.Array,
+    q_seg: jax.Array,
+    q_pos: jax.Array,
+    k_seg: jax.Array,
+    k_pos: jax.Array,
+    lengths: jax.Array,
+    *,
+    block: int = DEFAULT_BLOCK,
+    interpret: bool | None = None,
+) -> jax.Array:
     """:func:`decode_attention_ref` reading only slots [0, lengths[b]) of row b, in blocks of ``block`` slots
     (``lengths`` [B] int32, at most S; slots past it must be invisible to the row, as the engine's cache rows are).
     ``layer``: an int or a traced int32 scalar.  Returns [B, H, D] in q's dtype."""

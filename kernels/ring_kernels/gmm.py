@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.typing import DTypeLike
 
 from ring_kernels._common import (
     backend,
@@ -82,11 +83,26 @@ def _offsets(group_sizes, m: int):
 
 
 # ================================================================================================ references
-def gmm_ref(lhs, rhs, group_sizes, *, preferred_element_type=jnp.float32, **_):
+def gmm_ref(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type: DTypeLike = jnp.float32,
+    **_: object,
+) -> jax.Array:
     return lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=preferred_element_type)
 
 
-def tgmm_ref(lhs, dout, group_sizes, *, num_groups: int | None = None, preferred_element_type=jnp.float32, **_):
+def tgmm_ref(
+    lhs: jax.Array,
+    dout: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type: DTypeLike = jnp.float32,
+    **_: object,
+) -> jax.Array:
     e = group_sizes.shape[0] if num_groups is None else num_groups
     offs = _offsets(group_sizes, lhs.shape[0])
     rows = jnp.arange(lhs.shape[0])
@@ -95,7 +111,7 @@ def tgmm_ref(lhs, dout, group_sizes, *, num_groups: int | None = None, preferred
 
 
 # ================================================================================================ schedule
-def make_schedule(group_sizes, m: int, tm: int):
+def make_schedule(group_sizes: jax.Array, m: int, tm: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Visit tables for the gmm kernel (see the module docstring).  Returns (visit_group, tile_start, offsets)."""
     e = group_sizes.shape[0]
     nt = cdiv(m, tm)
@@ -210,7 +226,15 @@ def _tgmm_kernel(offs_ref, lhs_ref, dout_ref, out_ref, *, tm, tk, tn, prec):
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def tgmm(lhs, dout, group_sizes, *, tiling: Tile = DEFAULT_TILE, preferred_element_type=jnp.float32, interpret=None):
+def tgmm(
+    lhs: jax.Array,
+    dout: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    tiling: Tile | GmmTiling | None = DEFAULT_TILE,
+    preferred_element_type: DTypeLike = jnp.float32,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e]  -> [E, K, N]; zeros for empty groups."""
     m, k = lhs.shape
     m2, n = dout.shape
@@ -263,7 +287,15 @@ def _gmm_bwd(tiling, out_dtype, interpret, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs, rhs, group_sizes, *, tiling=DEFAULT_TILE, preferred_element_type=jnp.float32, interpret=None):
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    tiling: Tile | GmmTiling | None = DEFAULT_TILE,
+    preferred_element_type: DTypeLike = jnp.float32,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Grouped matmul: out[rows of e] = lhs[rows of e] @ rhs[e]  -> [M, N]; rows past sum(group_sizes) are zero.
 
     ``tiling``: a (tm, tk, tn) tuple (used for all three passes) or a ``GmmTiling`` (per pass).  Tiles are powers of

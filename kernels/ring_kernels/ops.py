@@ -11,11 +11,21 @@ import jax
 import jax.numpy as jnp
 
 from ring_kernels.combine import permute, unpermute_combine
-from ring_kernels.gmm import GmmTiling, gmm
+from ring_kernels.gmm import GmmTiling, Tile, gmm
 from ring_kernels.routing import expert_metadata
 
 
-def moe_ffn(x, ids, weights, w_gate, w_up, w_down, *, tiling=None, interpret=None):
+def moe_ffn(
+    x: jax.Array,
+    ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    tiling: Tile | GmmTiling | dict[str, Tile | GmmTiling | None] | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """x [T,H], ids [T,k] int32, weights [T,k] f32, w_gate/w_up [E,H,F], w_down [E,F,H] -> [T,H] in x.dtype.
 
     ``tiling``: None (defaults), one (tm, tk, tn) tuple for every gmm pass, or a GmmTiling (per pass), or a dict
@@ -40,7 +50,9 @@ def moe_ffn(x, ids, weights, w_gate, w_up, w_down, *, tiling=None, interpret=Non
     return unpermute_combine(y, meta, weights.astype(jnp.float32), interpret=interpret).astype(x.dtype)
 
 
-def moe_ffn_ref(x, ids, weights, w_gate, w_up, w_down):
+def moe_ffn_ref(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
     """Dense oracle: every expert on every token, combined with the routing weights (zero for unrouted experts)."""
     e = w_gate.shape[0]
     g = jnp.einsum("th,ehf->etf", x, w_gate, preferred_element_type=jnp.float32)

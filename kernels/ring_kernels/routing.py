@@ -23,7 +23,7 @@ from ring_kernels._common import backend, compiler_params, next_pow2, pad_to, re
 
 
 # ================================================================================================ top-k router
-def topk_route_ref(router_logits, k: int, norm_topk_prob: bool):
+def topk_route_ref(router_logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
     """float32 softmax -> lax.top_k on probabilities -> optional renormalisation (the HF BailingMoe router)."""
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights, ids = lax.top_k(probs, k)
@@ -104,7 +104,9 @@ def _topk_bwd(k, norm, block_tokens, interpret, res, cts):
 _topk_route.defvjp(_topk_fwd, _topk_bwd)
 
 
-def topk_route(router_logits, k: int, norm_topk_prob: bool, *, block_tokens: int = 64, interpret=None):
+def topk_route(
+    router_logits: jax.Array, k: int, norm_topk_prob: bool, *, block_tokens: int = 64, interpret: bool | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Router: softmax (float32) over experts, top-k, renormalise when k > 1 and ``norm_topk_prob``.
 
     router_logits [T, E] -> (weights [T, k] float32, ids [T, k] int32).  Differentiable w.r.t. the logits.
@@ -120,7 +122,7 @@ class RoutingMeta(NamedTuple):
     group_offsets: jax.Array  # [E+1] exclusive cumsum of group_sizes, total at the end
 
 
-def expert_metadata_ref(ids, num_experts: int) -> RoutingMeta:
+def expert_metadata_ref(ids: jax.Array, num_experts: int) -> RoutingMeta:
     flat = ids.reshape(-1).astype(jnp.int32)
     sort_idx = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inv_idx = jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(flat.shape[0], dtype=jnp.int32))
@@ -149,7 +151,9 @@ def _position_kernel(ids_col_ref, ids_row_ref, base_ref, pos_ref, *, e_pad: int)
     pos_ref[...] = base + jnp.sum(earlier, axis=1, keepdims=True)
 
 
-def expert_metadata(ids, num_experts: int, *, block_assignments: int = 128, interpret=None) -> RoutingMeta:
+def expert_metadata(
+    ids: jax.Array, num_experts: int, *, block_assignments: int = 128, interpret: bool | None = None
+) -> RoutingMeta:
     """Counting sort of the T*k assignments by expert (stable), in two Pallas passes over assignment tiles:
 
     1. per tile, a one-hot reduction gives the tile's count per expert  -> [tiles, E_pad];

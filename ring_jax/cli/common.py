@@ -8,11 +8,15 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from absl import flags, logging
 
 if TYPE_CHECKING:
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    from ring_jax.config import ModelConfig
     from ring_jax.data.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
@@ -94,7 +98,7 @@ def quiet_library_logs() -> None:
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
 
 
-def usage(msg: str) -> None:
+def usage(msg: str) -> NoReturn:
     """A bad flag or flag combination: one line on stderr, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -110,7 +114,7 @@ def init_distributed() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def build_mesh(spec: str):
+def build_mesh(spec: str) -> Mesh:
     from ring_jax.sharding import ShardingError, make_mesh
 
     try:
@@ -139,7 +143,7 @@ def runtime_overrides() -> dict:
     return out
 
 
-def model_config_from_flags():
+def model_config_from_flags() -> ModelConfig:
     """ModelConfig from --hf_dir's config.json or --preset, with the run-time overrides."""
     from ring_jax.config import ConfigError, get_preset
 
@@ -156,7 +160,9 @@ def model_config_from_flags():
         usage(str(e))
 
 
-def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = True):
+def init_params(
+    cfg: ModelConfig, mesh: Mesh, seed: int = 0, hf_dir: str = "", materialize: bool = True
+) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]]:
     """(graphdef, abstract parameter Variables, pure parameter tree placed by the rules table).
 
     Preset init runs inside ``jax.jit`` with sharded outputs, so no device ever holds the whole model.
@@ -194,7 +200,7 @@ def init_params(cfg, mesh, seed: int = 0, hf_dir: str = "", materialize: bool = 
     return graphdef, pvars, params
 
 
-def resolve_init_ckpt(cfg):
+def resolve_init_ckpt(cfg: ModelConfig) -> tuple[ModelConfig, str | None, str | None, int | None]:
     """--init_ckpt (``DIR`` or ``DIR:STEP``): (config, run dir, ckpt dir, step).  The checkpoint's own model config
     wins unless --hf_dir is given; an unreadable checkpoint is a one-line usage error."""
     if not FLAGS.init_ckpt:
@@ -221,7 +227,7 @@ def parse_ckpt_ref(ref: str) -> tuple[str, int | None]:
     return ref, None
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -230,7 +236,12 @@ def write_json(path: str, obj) -> None:
 
 
 def write_init_record(
-    out_dir: str, ckpt_dir: str | None, step: int | None, params, chief: bool = True, **source
+    out_dir: str,
+    ckpt_dir: str | None,
+    step: int | None,
+    params: dict[str, Any],
+    chief: bool = True,
+    **source: Any,
 ) -> None:
     """``<out_dir>/init.json``: where a run's parameters were initialised from -- the checkpoint (directory, step),
     or with ``ckpt_dir=None`` the ``source`` keywords (``hf_dir=...`` or ``preset=..., seed=...``) -- and their
@@ -254,7 +265,7 @@ def write_init_record(
         write_json(os.path.join(out_dir, "init.json"), rec)
 
 
-def die(msg: str, code: int = 1) -> None:
+def die(msg: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -15,7 +15,7 @@ flags.DEFINE_integer("seed", 0, "parameter seed")
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     del argv
     import jax
     import numpy as np

@@ -10,11 +10,17 @@ from the checkpoint's metadata; the run's ``tokenizer/`` (or --tokenizer) is wri
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags
 
 from ring_jax.cli import common
 from ring_jax.cli.common import usage
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from ring_jax.model.transformer import BailingMoeForCausalLM
 
 FLAGS = flags.FLAGS
 
@@ -36,7 +42,9 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["ckpt_dir", "out_dir"])
 
 
-def restore_model(ckpt_dir: str, step: int | None = None, mesh=None, **overrides):
+def restore_model(
+    ckpt_dir: str, step: int | None = None, mesh: Mesh | None = None, **overrides: Any
+) -> tuple[BailingMoeForCausalLM, str, int]:
     """(model, run_dir, step) from an orbax run / ckpt directory (newest readable step when None)."""
     from flax import nnx
 
@@ -60,7 +68,7 @@ def export_checkpoint(
     step: int | None = None,
     dtype: str = "bfloat16",
     tokenizer: str = "",
-    mesh=None,
+    mesh: Mesh | None = None,
     max_shard_size: str = "2GB",
     stream: bool = False,
 ) -> tuple[str, int]:
@@ -91,7 +99,7 @@ def export_checkpoint(
     return out_dir, step
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     common.init_distributed()

@@ -21,8 +21,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from absl import app, flags
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from ring_jax.config import ModelConfig
+    from ring_jax.fit import Report
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +111,7 @@ def _hbm():
     return {gen: HBM_GIB[gen]} if gen in HBM_GIB else HBM_GIB
 
 
-def programs(cfg, mesh):
+def programs(cfg: ModelConfig, mesh: Mesh) -> list[tuple[str, Callable[[], list[Report]]]]:
     """``(name, compile)`` for every program named by --programs; ``compile()`` returns a list of reports."""
     from ring_jax import fit
     from ring_jax.rl.losses import PolicyLossConfig
@@ -158,7 +166,7 @@ def programs(cfg, mesh):
     return out
 
 
-def reports_for(cfg, mesh):
+def reports_for(cfg: ModelConfig, mesh: Mesh) -> list[Report]:
     """Every report, each printed as soon as it is compiled (with --extrapolate: at 1 and 2 layers)."""
     from ring_jax import fit
 
@@ -178,7 +186,7 @@ def reports_for(cfg, mesh):
     return out
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     del argv
     from ring_jax.cli.common import quiet_library_logs
     from ring_jax.config import get_preset, human

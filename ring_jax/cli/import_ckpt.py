@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from ring_jax.cli import common
 from ring_jax.cli.common import usage
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +53,7 @@ def import_hf(
     out_dir: str,
     step: int = 0,
     param_dtype: str = "float32",
-    mesh=None,
+    mesh: Mesh | None = None,
     overwrite: bool = False,
     stream: bool = False,
 ) -> str:
@@ -137,7 +141,7 @@ def _check_out_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
         usage(f"--hf_dir {hf_dir} is inside --out_dir {out_dir}: --overwrite would delete it")
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     if not os.path.isdir(FLAGS.hf_dir):

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 from absl import app, flags
 
@@ -127,7 +128,7 @@ def _stage(name, argv, done_marker=None):
 
 def write_task_files(
     data_dir: str,
-    families,
+    families: Iterable[str],
     sft_examples: int,
     rl_prompts: int,
     eval_prompts: int,
@@ -226,7 +227,7 @@ def _chat_prompts(tok_dir, texts, out):
     return path, ",".join(map(str, r.stop_ids))
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     del argv
     out = os.path.abspath(FLAGS.out_dir)
     if FLAGS.fresh:

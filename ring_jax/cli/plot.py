@@ -156,7 +156,7 @@ def _define_flags():
     flags.DEFINE_string("title", None, "figure title")
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
     F = flags.FLAGS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 
 def _plot_eval(evals, out_png):
@@ -102,7 +103,7 @@ def sft_checkpoint_table(rec: dict) -> list[str]:
     return out + ["", f"Pick by Ring-lite's entropy rule (band [{lo}, {hi}]): {rec['picked']}: {rec['rule']}.", ""]
 
 
-def write_report(run_dir: str, elapsed_s: float | None = None, commands=()) -> str:
+def write_report(run_dir: str, elapsed_s: float | None = None, commands: Sequence[tuple[str, str, str]] = ()) -> str:
     """report.md in ``run_dir`` from what its stages wrote; ``commands``: (stage, command line, note) to list."""
     from ring_jax.cli.plot import plot_runs
     from ring_jax.train.metrics import read_jsonl

@@ -471,7 +471,7 @@ def _evaluator(run: TrainRun, eval_recs: list[dict], encode, decode, stop_ids):
     return run_eval
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     common.start_main(argv)
     _check_flags()
     import jax

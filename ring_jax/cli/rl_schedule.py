@@ -226,7 +226,7 @@ def _stage_state(out: str, name: str, steps: int) -> str:
     return "partial" if done else "new"
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     extra = list(argv[1:])
     if extra and extra[0] == "--":
         extra = extra[1:]

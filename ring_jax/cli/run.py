@@ -26,6 +26,9 @@ from absl import flags, logging
 from ring_jax.cli import common
 
 if TYPE_CHECKING:
+    import grain
+    from jax.sharding import Mesh
+
     from ring_jax.config import ModelConfig
     from ring_jax.data.tokenizer import Tokenizer
     from ring_jax.train.checkpoint import Checkpointer
@@ -49,7 +52,7 @@ class TrainRun:
     def __init__(
         self,
         cfg: ModelConfig,
-        mesh,
+        mesh: Mesh,
         out_dir: str,
         init_run: str | None = None,
         init_dir: str | None = None,
@@ -128,7 +131,9 @@ class TrainRun:
 
         return Checkpointer(self.ckpt_dir, save_every=FLAGS.ckpt_every, keep=FLAGS.keep)
 
-    def restore_or_init(self, ckpt: Checkpointer, data_iter, record_init: bool = False) -> tuple[TrainState, int]:
+    def restore_or_init(
+        self, ckpt: Checkpointer, data_iter: grain.DatasetIterator, record_init: bool = False
+    ) -> tuple[TrainState, int]:
         """(train state, step it is at).  Resuming: the newest readable checkpoint of ``ckpt`` (an unreadable run is
         one error line, exit 1), with ``data_iter``'s position restored.  Otherwise a fresh state on the parameters
         from --init_ckpt (restored here), --hf_dir or the preset; with ``record_init`` their source and checksums go

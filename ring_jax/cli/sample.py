@@ -15,8 +15,12 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 flags.DEFINE_string("hf_dir", None, "Hugging Face directory (config.json + safetensors) to sample from")
 flags.DEFINE_string("checkpoint_dir", None, "orbax run or ckpt directory (ring-jax-sft / ring-jax-rl); newest step")
@@ -52,7 +56,8 @@ def _ids(text: str, where: str) -> list[int]:
         raise UsageError(f"{where}: token ids must be integers, got {text!r}") from None
 
 
-def load_any_tokenizer(path: str):
+# Any: without ring_jax.data (never in a normal install) the result is the duck-typed _Tok below, not a Tokenizer
+def load_any_tokenizer(path: str) -> Tokenizer | Any:
     try:
         from ring_jax.data.tokenizer import load_tokenizer
     except ImportError:  # pragma: no cover - the data package predates this CLI in the normal install
@@ -79,7 +84,7 @@ def load_any_tokenizer(path: str):
     return _Tok()
 
 
-def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
+def read_prompts(tokenizer: Tokenizer | Any | None) -> list[tuple[str | None, list[int]]]:
     """(text or None, ids) for every prompt from --prompt, --prompt_ids and --prompts_jsonl."""
     out = []
 
@@ -124,7 +129,7 @@ def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     return out
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     try:

@@ -86,7 +86,7 @@ def _check_flags(dp: int, processes: int) -> None:
         usage("--ckpt_every must be >= 0")
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     common.start_main(argv)
     import jax
 

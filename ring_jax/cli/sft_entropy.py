@@ -54,7 +54,7 @@ def sft_tokens_by_step(metrics_path: str) -> dict[int, float]:
     return out
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.prompts < 1 or FLAGS.samples < 1:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from absl import app, flags
@@ -93,7 +94,7 @@ def rl_curve(path: str, reward_key: str | None = None) -> tuple[float, float | N
     return cum, final, curve
 
 
-def compute(path: str, entropy_band=(0.3, 0.5), reward_key: str | None = None) -> list[Row]:
+def compute(path: str, entropy_band: tuple[float, float] = (0.3, 0.5), reward_key: str | None = None) -> list[Row]:
     lo, hi = entropy_band
     base = os.path.dirname(os.path.abspath(path))
     rows = []
@@ -120,7 +121,9 @@ def compute(path: str, entropy_band=(0.3, 0.5), reward_key: str | None = None) -
     return rows
 
 
-def pick_checkpoint(checkpoints, entropy_band=(0.3, 0.5)) -> tuple[dict, str]:
+def pick_checkpoint(
+    checkpoints: Iterable[dict | Row], entropy_band: tuple[float, float] = (0.3, 0.5)
+) -> tuple[dict, str]:
     """Ring-lite's rule for the RL start point, as ring_jax reads it: among the checkpoints whose entropy on the RL
     prompts lies in the band, the one trained on the most SFT tokens (the most distilled that still explores); when
     none is in the band, the one nearest to it (ties: more SFT tokens).  ``checkpoints``: mappings (or Rows) with
@@ -161,7 +164,7 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def markdown_table(rows: list[Row], entropy_band=(0.3, 0.5)) -> str:
+def markdown_table(rows: list[Row], entropy_band: tuple[float, float] = (0.3, 0.5)) -> str:
     lo, hi = entropy_band
     head = [
         "checkpoint",
@@ -233,7 +236,7 @@ def _define_flags():
     flags.DEFINE_float("entropy_high", 0.5, "upper edge of the entropy band")
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
     F = flags.FLAGS

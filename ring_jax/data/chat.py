@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -133,7 +137,7 @@ def _check_message(m, template: ChatTemplate) -> tuple[str, str]:
     return role, content
 
 
-def check_messages(messages, template: ChatTemplate = CHATML) -> list[tuple[str, str]]:
+def check_messages(messages: object, template: ChatTemplate = CHATML) -> list[tuple[str, str]]:
     """``(role, content)`` of every message, or ChatFormatError: the structural checks :meth:`ChatRenderer.render`
     applies (a non-empty list of ``{role, content}`` with known roles, string contents, no empty assistant turn),
     without a tokenizer, so records can be vetted before the tokenizer exists (e.g. to train one on them)."""
@@ -149,7 +153,7 @@ class ChatRenderer:
     of an assistant turn's content or end-of-turn marker (every assistant turn is trained, not only the last).
     """
 
-    def __init__(self, tokenizer, template: ChatTemplate = CHATML):
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate = CHATML):
         self.tokenizer = tokenizer
         self.template = template
         enc = tokenizer.encode
@@ -205,11 +209,18 @@ class ChatRenderer:
         return self.template.render_text(messages, add_generation_prompt)
 
 
-def render(messages, tokenizer, template: ChatTemplate = CHATML, add_generation_prompt: bool = False):
+def render(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    template: ChatTemplate = CHATML,
+    add_generation_prompt: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Functional form of :meth:`ChatRenderer.render` (re-encodes the template pieces on every call)."""
     return ChatRenderer(tokenizer, template).render(messages, add_generation_prompt)
 
 
-def render_prompt(messages, tokenizer, template: ChatTemplate = CHATML) -> np.ndarray:
+def render_prompt(
+    messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, template: ChatTemplate = CHATML
+) -> np.ndarray:
     """Functional form of :meth:`ChatRenderer.render_prompt`."""
     return ChatRenderer(tokenizer, template).render_prompt(messages)

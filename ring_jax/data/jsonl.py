@@ -27,12 +27,15 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ring_jax.data.chat import CHATML, ChatFormatError, ChatRenderer, ChatTemplate
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def resolve_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return out
 
 
-def iter_records(source, origin: str = IN_MEMORY) -> Iterator[tuple[str, int, Any]]:
+def iter_records(source: str | os.PathLike | Iterable[Any], origin: str = IN_MEMORY) -> Iterator[tuple[str, int, Any]]:
     """Yields ``(origin, line, obj)``; obj is the parsed JSON value or a RecordError for invalid JSON.  In-memory
     records are named ``origin`` (default ``<records>``) and their 1-based index."""
     if not isinstance(source, (str, bytes, os.PathLike)):
@@ -184,8 +187,8 @@ def sft_example(rec: Any, renderer: ChatRenderer, max_tokens: int | None = None)
 
 
 def load_sft_examples(
-    source,
-    tokenizer,
+    source: str | os.PathLike | Iterable[Any],
+    tokenizer: Tokenizer,
     template: ChatTemplate = CHATML,
     max_tokens: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
@@ -242,8 +245,8 @@ def prompt_messages(rec: Mapping) -> list[dict[str, str]]:
 
 
 def load_prompt_records(
-    source,
-    tokenizer=None,
+    source: str | os.PathLike | Iterable[Any],
+    tokenizer: Tokenizer | None = None,
     template: ChatTemplate = CHATML,
     max_prompt_tokens: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,

@@ -21,7 +21,9 @@ No worker processes are used (rows are in memory; nothing to parallelise).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
@@ -35,6 +37,9 @@ from ring_jax.data.jsonl import (
     load_sft_examples,
 )
 from ring_jax.data.packing import PackStats, pack
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 
 def default_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -116,8 +121,8 @@ class SFTDataInfo:
 
 
 def make_sft_dataset(
-    source,
-    tokenizer,
+    source: str | os.PathLike | Iterable[Any],
+    tokenizer: Tokenizer,
     seq_len: int,
     batch_size: int,
     seed: int = 0,
@@ -151,15 +156,15 @@ def make_sft_dataset(
 
 
 def sft_dataset(
-    source,
-    tokenizer,
+    source: str | os.PathLike | Iterable[Any],
+    tokenizer: Tokenizer,
     seq_len: int,
     batch_size: int,
     seed: int = 0,
     num_epochs: int | None = 1,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> grain.DatasetIterator:
     """Iterator of packed SFT batches for this process.
 
@@ -192,14 +197,14 @@ def _as_list(records):
 
 
 def make_prompt_dataset(
-    source,
+    source: str | os.PathLike | Iterable[Any],
     batch_size: int,
     seed: int = 0,
     num_epochs: int | None = 1,
     shard_index: int | None = None,
     shard_count: int | None = None,
     *,
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
     template: ChatTemplate = CHATML,
     max_prompt_tokens: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
@@ -232,13 +237,13 @@ def make_prompt_dataset(
 
 
 def prompt_dataset(
-    source,
+    source: str | os.PathLike | Iterable[Any],
     batch_size: int,
     seed: int = 0,
     num_epochs: int | None = 1,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> grain.DatasetIterator:
     """Iterator of RL prompt batches for this process: each batch is a list of ``batch_size // shard_count``
     record dicts (ring_jax.data.jsonl.load_prompt_records; with ``tokenizer=`` they carry ``prompt_ids``).

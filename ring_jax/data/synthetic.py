@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +89,7 @@ def arithmetic_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write_jsonl(records, path: str) -> str:
+def write_jsonl(records: Iterable[Any], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -97,7 +99,7 @@ def write_jsonl(records, path: str) -> str:
     return path
 
 
-def corpus_texts(records) -> list[str]:
+def corpus_texts(records: Iterable[Any]) -> list[str]:
     """Strings to train a tokenizer on: the message contents of every record the SFT reader accepts (the same
     ``record_to_messages`` + chat-template checks; any value ``iter_records`` yields may be passed).  A bad record
     is left out here without a word: the reader skips, counts and reports it (file:line) when it loads the data

@@ -19,6 +19,11 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sentencepiece
+    import tokenizers
 
 # Names tried (in order) when no tokenizer_config.json says which token is bos / eos / pad.
 _BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "[CLS]")
@@ -142,7 +147,15 @@ def _first_present(tok: Tokenizer, candidates: Sequence[str]) -> int | None:
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers.Tokenizer`` (``tokenizer.json``)."""
 
-    def __init__(self, tok, *, bos_id=None, eos_id=None, pad_id=None, chat_template: str | None = None):
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        chat_template: str | None = None,
+    ):
         self._tok = tok
         # tokenizer.json files exported by HF may carry padding/truncation settings; encode() must do neither.
         tok.no_truncation()
@@ -164,7 +177,7 @@ class HFTokenizer(Tokenizer):
         return out
 
     @property
-    def backend(self):
+    def backend(self) -> tokenizers.Tokenizer:
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tok
 
@@ -230,7 +243,7 @@ class SentencePieceTokenizer(Tokenizer):
         return None if i < 0 else int(i)
 
     @property
-    def backend(self):
+    def backend(self) -> sentencepiece.SentencePieceProcessor:
         return self._sp
 
     @property

@@ -44,7 +44,7 @@ class CacheView(NamedTuple):
     kv_positions: jax.Array  # [B, S] position of each cache slot after the write
 
 
-def attention_mask(q_seg, q_pos, k_seg, k_pos):
+def attention_mask(q_seg: jax.Array, q_pos: jax.Array, k_seg: jax.Array, k_pos: jax.Array) -> jax.Array:
     """[B, T, S] boolean: same non-zero segment and key position <= query position."""
     same = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
     return same & (k_pos[:, None, :] <= q_pos[:, :, None])
@@ -251,7 +251,7 @@ def _attention_any(q, kt, vt, mask):
     return _attention(q, kt, vt, mask)
 
 
-def dot_attention(q, k, v, mask):
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B,T,H,D], k/v [B,S,KVH,D], mask [B,T,S] -> [B,T,H,D].  q is scaled by 1/sqrt(D) before q k^T and the
     softmax runs in float32 (the reference's order); the probabilities are normalised after the value matmul.
 
@@ -262,12 +262,12 @@ def dot_attention(q, k, v, mask):
     return _attention_any(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
 
-def dot_attention_heads_major(q, kt, vt, mask):
+def dot_attention_heads_major(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) -> jax.Array:
     """:func:`dot_attention` with kt / vt in the KV cache's [B, KVH, S, D] layout (no transpose of the keys)."""
     return _attention_any(q, kt, vt, mask)
 
 
-def cached_attention(q, k_t, vt, mask):
+def cached_attention(q: jax.Array, k_t: jax.Array, vt: jax.Array, mask: jax.Array) -> jax.Array:
     """Forward of :func:`dot_attention` over a KV cache: q [B, T, H, D], k_t [B, KVH, D, S] (the cache's transposed
     keys), vt [B, KVH, S, D], mask [B, T, S].  The operations of ``_attention_fwd_core`` in its order (scaled q,
     float32 scores, additive mask, max-subtracted exp, normalised after the value matmul); only the key layout
@@ -283,7 +283,18 @@ def cached_attention(q, k_t, vt, mask):
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def blocked_cached_attention(q, k_all, v_all, layer, q_seg, q_pos, k_seg, k_pos, live, block: int):
+def blocked_cached_attention(
+    q: jax.Array,
+    k_all: jax.Array,
+    v_all: jax.Array,
+    layer: int | jax.Array,
+    q_seg: jax.Array,
+    q_pos: jax.Array,
+    k_seg: jax.Array,
+    k_pos: jax.Array,
+    live: int | jax.Array,
+    block: int,
+) -> jax.Array:
     """:func:`cached_attention` over layer ``layer`` of the stacked cache (k_all [L, B, KVH, D, S], v_all
     [L, B, KVH, S, D]) that reads only the blocks of ``block`` slots holding slots [0, live) (``live``: a traced
     int32, at least the live slots of every row; slots past it must be invisible to every query).  One
@@ -324,7 +335,17 @@ def blocked_cached_attention(q, k_all, v_all, layer, q_seg, q_pos, k_seg, k_pos,
     return (acc / l).astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def chunked_attention(q, k, v, q_seg, q_pos, k_seg, k_pos, chunk: int, heads_major: bool = False):
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array,
+    q_pos: jax.Array,
+    k_seg: jax.Array,
+    k_pos: jax.Array,
+    chunk: int,
+    heads_major: bool = False,
+) -> jax.Array:
     """:func:`dot_attention` (with :func:`attention_mask`) computed ``chunk`` queries at a time under
     ``jax.checkpoint``: every query row still takes one float32 softmax over all S keys, so the numerics are those
     of the full computation, but neither pass holds more than ``[B, H, chunk, S]`` scores (the full path holds

@@ -66,7 +66,7 @@ def auto_full_tile(num_assignments: int, num_experts: int) -> int:
     return t
 
 
-def tile_levels(tile: int, num_assignments: int, min_tile: int = 8, num_experts: int = 1) -> tuple:
+def tile_levels(tile: int, num_assignments: int, min_tile: int = 8, num_experts: int = 1) -> tuple[int, ...]:
     """(T, tail sizes ascending, the last = T).  T = tile (0: ``auto_full_tile``) clipped to [1, M]; tails step by
     min_tile up to 8 * min_tile, then by twice that up to twice that, and so on (a tail wastes < one step)."""
     t = max(1, min(tile or auto_full_tile(num_assignments, num_experts), num_assignments))
@@ -101,13 +101,13 @@ def _permute_bwd(k, res, d):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def permute(x, order, inv, k: int):
+def permute(x: jax.Array, order: jax.Array, inv: jax.Array, k: int) -> jax.Array:
     """x [N,H] -> xs [M,H], xs[p] = x[order[p] // k]."""
     return _permute(x, order, inv, k)
 
 
 @jax.custom_vjp
-def combine(ys, weights, order, inv):
+def combine(ys: jax.Array, weights: jax.Array, order: jax.Array, inv: jax.Array) -> jax.Array:
     """ys [M,H] sorted -> [N,H] float32: out[n] = sum_j weights[n,j] * ys[inv[n*k+j]]."""
     n, k = weights.shape
     y = ys[inv].reshape(n, k, -1).astype(jnp.float32)
@@ -241,7 +241,15 @@ def _swiglu_bwd(xs, wg, wu, wd, gs, us, dys, starts, sizes, levels):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_swiglu(xs, wg, wu, wd, starts, sizes, levels):
+def grouped_swiglu(
+    xs: jax.Array,
+    wg: jax.Array,
+    wu: jax.Array,
+    wd: jax.Array,
+    starts: jax.Array,
+    sizes: jax.Array,
+    levels: tuple[int, ...],
+) -> jax.Array:
     """ys [M,H]: row p of the expert-sorted xs through the SwiGLU of its expert; expert e owns the rows
     [starts[e], starts[e] + sizes[e]) and ``sum(sizes) == M``.  ``levels`` from ``tile_levels`` (static).
     custom_vjp: d xs, d wg, d wu, d wd (float32 accumulation)."""
@@ -261,7 +269,9 @@ def _grouped_bwd(levels, res, dys):
 grouped_swiglu.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def moe_grouped(x, weights, ids, wg, wu, wd, tile: int = 0):
+def moe_grouped(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile: int = 0
+) -> jax.Array:
     """Routed SwiGLU experts, dropless and exact: [N,H] float32 = sum_j weights[n,j] * expert_{ids[n,j]}(x[n]).
     ``tile``: the full tile T (0 = ``auto_full_tile``)."""
     n, k = ids.shape

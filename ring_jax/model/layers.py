@@ -7,6 +7,8 @@ use, so float32 master weights with bfloat16 compute is a config switch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,11 +16,13 @@ from flax import nnx
 from ring_jax.config import ModelConfig
 
 
-def dtype_of(name: str):
+def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig, init: str = "normal"
+) -> nnx.Param:
     """A parameter of ``shape`` whose dimensions are named ``axes`` (logical axis names)."""
     assert len(shape) == len(axes), (shape, axes)
     pdt = dtype_of(cfg.param_dtype)
@@ -47,7 +51,7 @@ class RMSNorm(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(cfg: ModelConfig, seq_len=None):
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | jax.Array | None = None) -> jax.Array:
     """Inverse frequencies (float32).  ``dynamic`` scaling rescales the base once ``seq_len`` (traced or static)
     exceeds max_position_embeddings, as the reference's DynamicNTK embedding does."""
     d = cfg.head_size
@@ -62,7 +66,9 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None):
     return 1.0 / (base**exponent)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions, seq_len=None):
+def rope_cos_sin(
+    cfg: ModelConfig, positions: jax.Array, seq_len: int | jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [..., head_dim] for integer ``positions`` (rotate-half layout: the two halves repeat)."""
     t = positions.astype(jnp.float32)
     rs = cfg.rope_scaling
@@ -103,7 +109,7 @@ def _rope_bwd(res, dy):
 _rope_vjp.defvjp(_rope_fwd, _rope_bwd)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, heads, D]; cos/sin [B, T, D] (float32, cast to x's dtype as the reference does).  cos/sin get no
     gradient (they are functions of the integer positions)."""
     cos = cos[:, :, None, :].astype(x.dtype)

@@ -49,7 +49,7 @@ class RouterStats(NamedTuple):
     dropped: jax.Array  # int32 assignments the expert-parallel capacity path dropped (0 on every other path)
 
 
-def route(logits, k: int, norm_topk_prob: bool):
+def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """float32 softmax -> top-k -> optional renormalisation.  Returns (weights [N,k] f32, ids [N,k] int32, probs
     [N,E] f32: the full softmax, for the balance loss)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -59,7 +59,9 @@ def route(logits, k: int, norm_topk_prob: bool):
     return weights, ids.astype(jnp.int32), probs
 
 
-def router_stats(logits, probs, ids, token_mask, num_experts: int) -> RouterStats:
+def router_stats(
+    logits: jax.Array, probs: jax.Array, ids: jax.Array, token_mask: jax.Array, num_experts: int
+) -> RouterStats:
     m = token_mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
     k = ids.shape[-1]
@@ -83,7 +85,9 @@ def _swiglu_experts_dense(x, wg, wu, wd):
     return jnp.einsum("enf,efh->enh", jax.nn.silu(g) * u, wd)
 
 
-def moe_dense(x, weights, ids, wg, wu, wd):
+def moe_dense(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array
+) -> jax.Array:
     y = _swiglu_experts_dense(x, wg, wu, wd)  # [E,N,H]
     comb = jnp.sum(jax.nn.one_hot(ids, wg.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
     return jnp.einsum("ne,enh->nh", comb, y.astype(jnp.float32))
@@ -97,13 +101,17 @@ def combine_sorted(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) ->
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
 
 
-def moe_dispatch(x, weights, ids, wg, wu, wd, tile: int = 0):
+def moe_dispatch(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile: int = 0
+) -> jax.Array:
     """The default path: dropless grouped SwiGLU (``grouped_xla.moe_grouped``); ``tile`` = full row tile (0: automatic,
     ``grouped_xla.auto_full_tile``)."""
     return moe_grouped(x, weights, ids, wg, wu, wd, tile)
 
 
-def moe_ragged(x, weights, ids, wg, wu, wd):
+def moe_ragged(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array
+) -> jax.Array:
     e, k = wg.shape[0], ids.shape[1]
     meta = group_metadata(ids, e)
     xs = x[meta.order // k]
@@ -123,7 +131,9 @@ def capacity_rows(num_assignments: int, num_experts: int, factor: float = CAPACI
     return max(8, -(-want // 8) * 8)
 
 
-def moe_capacity(x, weights, ids, wg, wu, wd, capacity: int = 0):
+def moe_capacity(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, capacity: int = 0
+) -> jax.Array:
     """Decode-sized grouped experts: every expert's assignments gathered into one [E, C, H] block (C static rows,
     zero-padded), three canonical batched matmuls [E, C, H] x [E, H, F], gathered back by assignment.  Built for
     the few hundred (token, slot) assignments of a decode step on CPU, where the dispatch path's per-expert loop is
@@ -159,7 +169,9 @@ def moe_capacity(x, weights, ids, wg, wu, wd, capacity: int = 0):
     return jax.lax.cond(jnp.max(meta.sizes) <= c, blocks, fallback, x)
 
 
-def moe_pallas(x, weights, ids, wg, wu, wd):
+def moe_pallas(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array
+) -> jax.Array:
     from ring_kernels.ops import moe_ffn  # ring_kernels sits below model/ in the import order
 
     return moe_ffn(x, ids, weights, wg, wu, wd).astype(jnp.float32)

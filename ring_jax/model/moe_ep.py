@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from ring_jax.model.grouping import group_metadata
@@ -50,7 +51,7 @@ RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")  # where impl='auto' may pick 
 
 
 # ------------------------------------------------------------------------------------------------- mesh helpers
-def active_mesh():
+def active_mesh() -> AbstractMesh | None:
     """The mesh set with ``jax.set_mesh`` (abstract inside jit), or None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
@@ -60,7 +61,9 @@ def _size(mesh, axis) -> int:
     return int(dict(mesh.shape).get(axis, 1))
 
 
-def expert_parallel_mesh(num_experts: int | None, mesh=None):
+def expert_parallel_mesh(
+    num_experts: int | None, mesh: Mesh | AbstractMesh | None = None
+) -> Mesh | AbstractMesh | None:
     """The active mesh when expert parallelism applies to ``num_experts`` experts (``expert`` axis > 1 dividing
     it), else None."""
     mesh = mesh if mesh is not None else active_mesh()
@@ -147,7 +150,16 @@ def _capacity_local(x, weights, ids, valid, wg, wu, wd, *, num_experts, cap, ten
 
 
 # ------------------------------------------------------------------------------------------------- ragged path
-def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+def ragged_all_to_all_emulated(
+    operand: jax.Array,
+    output: jax.Array,
+    input_offsets: jax.Array,
+    send_sizes: jax.Array,
+    output_offsets: jax.Array,
+    recv_sizes: jax.Array,
+    *,
+    axis_name: str | tuple[str, ...],
+) -> jax.Array:
     """Same contract as ``jax.lax.ragged_all_to_all`` (one slice per peer), built from ``all_gather``: runs on CPU,
     so the ragged path's bookkeeping can be tested there.  Memory O(axis_size * rows); for tests only."""
     xs = jax.lax.axis_size(axis_name)
@@ -242,14 +254,14 @@ def choose_impl(impl: str, capacity_factor: float | None, platform: str | None =
 
 
 def moe_expert_parallel(
-    x,
-    weights,
-    ids,
-    wg,
-    wu,
-    wd,
+    x: jax.Array,
+    weights: jax.Array,
+    ids: jax.Array,
+    wg: jax.Array,
+    wu: jax.Array,
+    wd: jax.Array,
     *,
-    mesh=None,
+    mesh: Mesh | AbstractMesh | None = None,
     capacity_factor: float | None = None,
     impl: str = "auto",
     ragged_a2a: Callable | None = None,

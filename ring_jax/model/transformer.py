@@ -31,7 +31,7 @@ class KVCache(NamedTuple):
     positions: jax.Array  # [B, S]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
     dt = dtype_of(dtype or cfg.dtype)
     n = cfg.num_hidden_layers
     return KVCache(
@@ -51,7 +51,7 @@ REMAT_POLICIES = {
 
 
 class Output(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32 (None when skipped)
+    logits: jax.Array | None  # [B, T, V] float32 (None when skipped)
     balance_loss: jax.Array  # mean over MoE layers of E * sum_i P_i F_i
     z_loss: jax.Array  # mean over MoE layers of the router z-loss
     expert_load: jax.Array  # [num_moe_layers, E] assignments per expert
@@ -111,7 +111,7 @@ class BailingMoeForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-    def head_weight(self):
+    def head_weight(self) -> jax.Array:
         """[H, V] output projection in the compute dtype, with norm_head applied (each hidden row of the HF
         [V, H] weight's columns divided by its L2 norm over the vocab axis + 1e-7; the norm is not
         differentiated, as in the reference's training branch)."""
@@ -225,6 +225,6 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> BailingMoeForCausalLM:
     return BailingMoeForCausalLM(cfg, nnx.Rngs(params=seed))
 
 
-def abstract_model(cfg: ModelConfig):
+def abstract_model(cfg: ModelConfig) -> BailingMoeForCausalLM:
     """The model with abstract (ShapeDtypeStruct) parameters, nothing allocated (``nnx.eval_shape``)."""
     return nnx.eval_shape(lambda: build_model(cfg))

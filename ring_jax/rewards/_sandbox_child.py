@@ -102,10 +102,10 @@ def _json(obj):
 class Status:
     """JSON lines to the parent on an inherited pipe (closed on exec, so the program never holds it)."""
 
-    def __init__(self, fd):
+    def __init__(self, fd: int):
         self.fd = fd
 
-    def send(self, **msg):
+    def send(self, **msg: object) -> None:
         try:
             os.write(self.fd, (_json(msg) + "\n").encode("utf-8", "replace"))
         except OSError:
@@ -479,7 +479,7 @@ def _run_plain(cfg, status, reasons):
     os._exit(0)
 
 
-def main():
+def main() -> None:  # never returns (every path ends in os._exit); NoReturn would import typing here
     cfg = marshal.loads(bytes.fromhex(sys.argv[1]))  # written by our parent
     status = Status(cfg["status_fd"])
     try:

@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Iterable, Sequence
 
 from ring_jax.rewards.general import check_constraint
 
@@ -106,7 +107,7 @@ def _compatible(kinds: list[str]) -> bool:
     return not any(a in ks and b in ks for a, b in _CONFLICTS)
 
 
-def make_ifeval_records(n: int, seed: int = 0, max_constraints: int = 3, exclude=()) -> list[dict]:
+def make_ifeval_records(n: int, seed: int = 0, max_constraints: int = 3, exclude: Iterable[str] = ()) -> list[dict]:
     """``n`` distinct ifeval records (1..max_constraints constraints each), deterministic for ``seed``; prompts in
     ``exclude`` (e.g. a training set's, for a disjoint held-out set) are skipped."""
     if n < 0 or max_constraints < 1:
@@ -141,7 +142,7 @@ def make_ifeval_records(n: int, seed: int = 0, max_constraints: int = 3, exclude
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ring_jax.rewards.extract import last_answer_tag, last_boxed
 from ring_jax.rewards.registry import register
+
+if TYPE_CHECKING:
+    from reasoning_gym.dataset import ProceduralDataset
 
 TASK_DATASETS: dict[str, str] = {
     "countdown": "countdown",
@@ -64,7 +67,7 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def get_dataset(name: str, config: dict):
+def get_dataset(name: str, config: dict) -> ProceduralDataset:
     """The reasoning-gym dataset object for (name, config), cached (thread-safe)."""
     key = (name, json.dumps(config, sort_keys=True))
     with _DATASETS_LOCK:

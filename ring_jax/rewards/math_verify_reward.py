@@ -13,6 +13,7 @@ thread timeout instead; on the main thread (direct calls) the signal timeouts st
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from ring_jax.rewards.extract import last_boxed
 from ring_jax.rewards.registry import register
@@ -68,6 +69,6 @@ def math_reward(record: dict, response: str) -> float:
 register("math")(math_reward)
 
 
-def make_math_record(problem: str, answer: str, **extra) -> dict:
+def make_math_record(problem: str, answer: str, **extra: Any) -> dict:
     """A "math" prompt record: the problem with `MATH_PROMPT_SUFFIX` appended and the gold answer."""
     return {"task": "math", "prompt": f"{problem.rstrip()}\n{MATH_PROMPT_SUFFIX}", "answer": str(answer), **extra}

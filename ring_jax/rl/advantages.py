@@ -10,10 +10,15 @@ step also keeps them out of the token budget).  A group with fewer than two vali
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+import numpy.typing as npt
 
 
-def group_advantages(rewards, group_ids, eps: float = 1e-6, valid=None) -> np.ndarray:
+def group_advantages(
+    rewards: npt.ArrayLike, group_ids: npt.ArrayLike, eps: float = 1e-6, valid: npt.ArrayLike | None = None
+) -> np.ndarray:
     """rewards [N] and group_ids [N] (the prompt each response answers) -> advantages [N] (float32).  ``valid`` [N]
     bool (default all): which rewards enter the group statistics; the others get 0."""
     r = np.asarray(rewards, np.float64)
@@ -35,7 +40,7 @@ def group_advantages(rewards, group_ids, eps: float = 1e-6, valid=None) -> np.nd
 SCORED_TASKS = frozenset({"reward_model"})
 
 
-def binarize_rewards(rewards, tasks) -> np.ndarray:
+def binarize_rewards(rewards: npt.ArrayLike, tasks: Iterable[str]) -> np.ndarray:
     """Ring-lite's rewards are verdicts (solved or not, no format reward): 1.0 where a verifier gave 1.0, else 0.0.
     Partial credit (reasoning-gym's 0.01 for a garbled answer, an ifeval response meeting some constraints) would be
     blown up to unit advantages by the group std.  Rewards of ``SCORED_TASKS`` pass through unchanged."""

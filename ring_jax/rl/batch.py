@@ -11,25 +11,28 @@ sees a few bucketed shapes, never one per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis")
 FLOAT_FIELDS = ("weights", "old_logp", "advantages", "tis")
 
 
 def build_rows(
-    prompts,
-    responses,
-    old_logps,
-    advantages,
-    keep,
-    weights,
+    prompts: Sequence[npt.ArrayLike],
+    responses: Sequence[npt.ArrayLike],
+    old_logps: Sequence[npt.ArrayLike],
+    advantages: Sequence[float] | np.ndarray,
+    keep: Sequence[int] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
     seq_len: int,
     row_multiple: int = 1,
     min_rows: int = 0,
     pow2_rows: bool = True,
-    tis=None,
-):
+    tis: Sequence[npt.ArrayLike | None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
     """prompts/responses/old_logps (and ``tis``, optional): per selected response (lists of int / float arrays);
     advantages, keep, weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
     docs = []

@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from ring_jax.data.splits import problem_key
 from ring_jax.rewards import registry as rewards
@@ -126,13 +128,13 @@ def _score(records, comps, decode, stop, timeout_s):
 
 
 def evaluate(
-    graphdef,
-    params,
+    graphdef: nnx.GraphDef,
+    params: nnx.State | dict[str, Any],
     records: Sequence[dict],
     *,
     encode_prompt: Callable,
     decode: Callable,
-    stop_ids=(),
+    stop_ids: Sequence[int] = (),
     n: int = 4,
     temperature: float = 1.0,
     top_p: float = 0.95,

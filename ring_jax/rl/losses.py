@@ -28,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 AGGREGATIONS = ("c3po", "token_mean", "seq_mean")
 TIS_LEVELS = ("token", "sequence")
@@ -40,7 +41,7 @@ class PolicyLossConfig:
     alpha_ent: float = 5e-4
 
 
-def token_logprobs(logits, targets):
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logits [B,T,V] float32, targets [B,T] -> (log pi(target) [B,T], entropy [B,T])."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -50,7 +51,9 @@ def token_logprobs(logits, targets):
     return tgt - lse, entropy
 
 
-def chunked_token_logprobs(hidden, head_weight, targets, chunk: int):
+def chunked_token_logprobs(
+    hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
     """:func:`token_logprobs` of ``hidden @ head_weight`` (float32 logits) with the logits made ``chunk`` positions at
     a time under ``jax.checkpoint``: no pass holds more than ``[B, chunk, V]`` logits (the full path holds
     ``[B, T, V]`` float32 twice, 31 GiB per 32k-token row at V = 126k).  hidden [B, T, H], head_weight [H, V]
@@ -75,7 +78,9 @@ def chunked_token_logprobs(hidden, head_weight, targets, chunk: int):
     return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def tis_weights(old_logp, sampler_logp, cap: float, level: str = "token") -> tuple[np.ndarray, np.ndarray]:
+def tis_weights(
+    old_logp: npt.ArrayLike, sampler_logp: npt.ArrayLike, cap: float, level: str = "token"
+) -> tuple[np.ndarray, np.ndarray]:
     """Truncated importance sampling between the sampler and pi_old, for one response (host side, NumPy).
 
     ``old_logp`` [G]: log pi_old(y_t) at temperature 1 (what the loss's ratio uses); ``sampler_logp`` [G]: the
@@ -101,8 +106,15 @@ def tis_weights(old_logp, sampler_logp, cap: float, level: str = "token") -> tup
 
 
 def policy_loss_sum(
-    logp, entropy, old_logp, advantages, weights, ref_logp=None, cfg: PolicyLossConfig = PolicyLossConfig(), tis=None
-):
+    logp: jax.Array,
+    entropy: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    weights: jax.Array,
+    ref_logp: jax.Array | None = None,
+    cfg: PolicyLossConfig = PolicyLossConfig(),
+    tis: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum over tokens of l_t (see module doc) and weighted sums of diagnostics.  All inputs [B,T];
     ``tis``: the importance weights w^IS (None: 1).
 

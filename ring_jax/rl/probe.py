@@ -11,7 +11,8 @@ of the same quantity from the sampler alone; the two agreeing is a check on both
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from flax import nnx
 from ring_jax.rl.batch import build_rows
 from ring_jax.rl.step import policy_logprobs
 from ring_jax.sampling.engine import SamplingEngine
-from ring_jax.sampling.types import SamplingParams
+from ring_jax.sampling.types import Completion, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class EntropyProbe:
         return dataclasses.asdict(self)
 
 
-def make_entropy_fn(graphdef):
+def make_entropy_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Jitted ``(params, rows..., weights) -> (sum of weights * entropy, sum of weights)``."""
 
     @jax.jit
@@ -48,7 +49,13 @@ def make_entropy_fn(graphdef):
 
 
 def completion_entropy(
-    graphdef, params, comps, *, seq_len: int = 256, rows_per_call: int = 16, entropy_fn=None
+    graphdef: nnx.GraphDef,
+    params: nnx.State | dict[str, Any],
+    comps: Sequence[Completion],
+    *,
+    seq_len: int = 256,
+    rows_per_call: int = 16,
+    entropy_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
 ) -> EntropyProbe:
     """Mean per-token entropy of ``params``' next-token distribution over the responses of ``comps`` (engine
     Completions), scored teacher-forced in packed ``seq_len``-token rows, ``rows_per_call`` rows per jitted call
@@ -85,8 +92,8 @@ def completion_entropy(
 
 
 def sample_for_entropy(
-    graphdef,
-    params,
+    graphdef: nnx.GraphDef,
+    params: nnx.State | dict[str, Any],
     prompts: Sequence[Sequence[int]],
     *,
     n: int = 4,
@@ -95,7 +102,7 @@ def sample_for_entropy(
     seed: int = 0,
     num_slots: int = 64,
     moe_impl: str | None = None,
-):
+) -> list[Completion]:
     """``n`` responses per prompt from the policy itself: temperature 1, no top-p."""
     if not prompts:
         raise ValueError("sample_for_entropy: no prompts")
@@ -107,8 +114,8 @@ def sample_for_entropy(
 
 
 def rollout_entropy(
-    graphdef,
-    params,
+    graphdef: nnx.GraphDef,
+    params: nnx.State | dict[str, Any],
     prompts: Sequence[Sequence[int]],
     *,
     n: int = 4,
@@ -119,7 +126,7 @@ def rollout_entropy(
     seq_len: int = 256,
     rows_per_call: int = 16,
     moe_impl: str | None = None,
-    entropy_fn=None,
+    entropy_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
 ) -> EntropyProbe:
     """Sample ``n`` responses per prompt (``sample_for_entropy``) and measure them (``completion_entropy``)."""
     comps = sample_for_entropy(

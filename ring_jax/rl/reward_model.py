@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -41,6 +42,9 @@ from ring_jax.model.reward_head import POLICY_ONLY, ValueHead, build_reward_net
 from ring_jax.model.transformer import abstract_model
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, make_mesh, state_shardings
 from ring_jax.train.step import data_parallel_size, split_model
+
+if TYPE_CHECKING:
+    from ring_jax.data.tokenizer import Tokenizer
 
 
 class RewardModelError(ValueError):
@@ -100,10 +104,10 @@ class LearnedRewardModel:
     def __init__(
         self,
         cfg: ModelConfig,
-        tokenizer,
+        tokenizer: Tokenizer,
         *,
         mesh: Mesh | None = None,
-        params=None,
+        params: dict[str, Any] | None = None,
         seed: int = 0,
         template: ChatTemplate = CHATML,
         max_len: int | None = None,
@@ -152,7 +156,14 @@ class LearnedRewardModel:
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_policy_checkpoint(
-        cls, path: str, tokenizer=None, *, step: int | None = None, mesh: Mesh | None = None, seed: int = 0, **kw
+        cls,
+        path: str,
+        tokenizer: Tokenizer | None = None,
+        *,
+        step: int | None = None,
+        mesh: Mesh | None = None,
+        seed: int = 0,
+        **kw: Any,
     ) -> LearnedRewardModel:
         """Backbone from a policy's orbax checkpoint (a run directory holding ``ckpt/`` or the ``ckpt`` directory
         itself; the newest step unless ``step``), value head freshly initialised.  The tokenizer defaults to the
@@ -198,7 +209,9 @@ class LearnedRewardModel:
         self.tokenizer.save(os.path.join(directory, "tokenizer"))
 
     @classmethod
-    def load(cls, directory: str, *, step: int | None = None, mesh: Mesh | None = None, **kw) -> LearnedRewardModel:
+    def load(
+        cls, directory: str, *, step: int | None = None, mesh: Mesh | None = None, **kw: Any
+    ) -> LearnedRewardModel:
         """A reward model written by `save` (its tokenizer, template and max_len unless overridden)."""
         from ring_jax.data.chat import TEMPLATES
         from ring_jax.train.checkpoint import Checkpointer, CheckpointError, model_config_from_meta
@@ -240,7 +253,7 @@ class LearnedRewardModel:
         ids += list(self.renderer.stop_ids)
         return ids[-self.max_len :]
 
-    def score_ids(self, seqs: Sequence[Sequence[int]], params=None) -> np.ndarray:
+    def score_ids(self, seqs: Sequence[Sequence[int]], params: dict[str, Any] | None = None) -> np.ndarray:
         """float32 scores of token sequences (``max_batch`` per compiled call)."""
         params = self.params if params is None else params
         out = []

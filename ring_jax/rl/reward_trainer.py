@@ -8,7 +8,7 @@ the train step (one process).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from ring_jax.train.step import (
 )
 
 
-def bradley_terry_loss_fn(alpha_bal: float = 0.0, alpha_z: float = 0.0):
+def bradley_terry_loss_fn(alpha_bal: float = 0.0, alpha_z: float = 0.0) -> Callable:
     """``loss_fn(model, batch) -> (loss_sum, aux)`` for ``make_train_step``.
 
     ``batch``: ``tokens`` / ``segment_ids`` [P, 2, T] (pair p: row 0 chosen, row 1 rejected), ``last_idx`` [P, 2],

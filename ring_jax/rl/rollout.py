@@ -6,7 +6,9 @@ with that method to ``RLStep(rollout=...)``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+
+from flax import nnx
 
 from ring_jax.sampling.engine import SamplingEngine
 from ring_jax.sampling.types import Completion, SamplingParams
@@ -15,7 +17,9 @@ from ring_jax.sampling.types import Completion, SamplingParams
 class Rollout(Protocol):
     """Samples responses from the policy with parameters ``params``."""
 
-    def generate(self, params, prompts: list[list[int]], sampling: SamplingParams, key: int) -> list[Completion]:
+    def generate(
+        self, params: nnx.State | dict[str, Any], prompts: list[list[int]], sampling: SamplingParams, key: int
+    ) -> list[Completion]:
         """``sampling.n`` completions per prompt (token ids), ordered by (prompt, sample), each with the raw
         log-probabilities of its tokens under ``params`` (pi_old); ``key`` seeds the draws."""
         ...
@@ -25,9 +29,11 @@ class EngineRollout:
     """A :class:`Rollout` by :class:`SamplingEngine`: an engine over ``params`` (used as they are, no copy) per call;
     engines over one graphdef share their compilations, so only the first call compiles."""
 
-    def __init__(self, graphdef, *, num_slots: int = 16, moe_impl: str | None = None):
+    def __init__(self, graphdef: nnx.GraphDef, *, num_slots: int = 16, moe_impl: str | None = None):
         self.graphdef, self.num_slots, self.moe_impl = graphdef, num_slots, moe_impl
 
-    def generate(self, params, prompts: list[list[int]], sampling: SamplingParams, key: int) -> list[Completion]:
+    def generate(
+        self, params: nnx.State | dict[str, Any], prompts: list[list[int]], sampling: SamplingParams, key: int
+    ) -> list[Completion]:
         engine = SamplingEngine(self.graphdef, params, num_slots=self.num_slots, moe_impl=self.moe_impl)
         return engine.generate(prompts, sampling, key=key)

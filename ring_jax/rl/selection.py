@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import numpy.typing as npt
 
 ORDERS = ("random", "rollout", "shortest_first", "longest_first", "informative_first")
 
@@ -61,7 +62,13 @@ def _order(lengths, order: str, seed: int, advantages) -> np.ndarray:
 
 
 def select_budgets(
-    lengths, budget: int, num: int = 1, order: str = "random", seed: int = 0, advantages=None, eligible=None
+    lengths: npt.ArrayLike,
+    budget: int,
+    num: int = 1,
+    order: str = "random",
+    seed: int = 0,
+    advantages: npt.ArrayLike | None = None,
+    eligible: npt.ArrayLike | None = None,
 ) -> list[Selection]:
     """``num`` disjoint budgets of exactly ``budget`` response tokens from one pool, one per optimiser update.
 
@@ -104,14 +111,21 @@ def select_budgets(
 
 
 def select_budget(
-    lengths, budget: int, order: str = "random", seed: int = 0, advantages=None, eligible=None
+    lengths: npt.ArrayLike,
+    budget: int,
+    order: str = "random",
+    seed: int = 0,
+    advantages: npt.ArrayLike | None = None,
+    eligible: npt.ArrayLike | None = None,
 ) -> Selection:
     """Greedy selection of exactly ``budget`` response tokens (see the module docstring); ``advantages`` (one per
     response) is required by, and only used by, ``order="informative_first"``."""
     return select_budgets(lengths, budget, 1, order, seed, advantages, eligible)[0]
 
 
-def fixed_count(lengths, num: int, seed: int = 0, parts: int = 1, eligible=None) -> list[Selection]:
+def fixed_count(
+    lengths: npt.ArrayLike, num: int, seed: int = 0, parts: int = 1, eligible: npt.ArrayLike | None = None
+) -> list[Selection]:
     """Sample-level baseline: ``parts`` disjoint sets of ``num`` responses each, consecutive in a seeded shuffle of
     the eligible responses, untruncated (the last sets may hold fewer when the pool runs out)."""
     lengths = np.asarray(lengths, np.int64)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from ring_jax.rewards import registry as rewards
 from ring_jax.rl.advantages import binarize_rewards, group_advantages
@@ -50,6 +52,12 @@ from ring_jax.rl.selection import fixed_count, select_budgets
 from ring_jax.sampling.types import FINISH_STOP, Completion, SamplingParams
 from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
+
+if TYPE_CHECKING:
+    import optax
+
+    from ring_jax.model.transformer import BailingMoeForCausalLM, Output
+    from ring_jax.train.step import TrainState
 
 RL_SUM_KEYS = (
     "expert_load",
@@ -110,7 +118,14 @@ class RLConfig:
             raise ValueError(f"max_reward_fail_frac must be in [0, 1], got {self.max_reward_fail_frac}")
 
 
-def policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk: int = 0):
+def policy_logprobs(
+    model: BailingMoeForCausalLM,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    logit_chunk: int = 0,
+) -> tuple[jax.Array, jax.Array, Output]:
     """(log pi(targets) [B, T], entropy [B, T], model Output) -- from full float32 logits, or for rows longer than
     ``logit_chunk`` (> 0) from the final hidden states ``logit_chunk`` positions at a time (same values; no
     [B, T, V] buffer)."""
@@ -151,7 +166,15 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
 
 
 def make_rl_train_step(
-    graphdef, rl: RLConfig, optimizer, mesh, shardings, *, schedule=None, num_micro=None, **kw
+    graphdef: nnx.GraphDef,
+    rl: RLConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: TrainState,
+    *,
+    schedule: Callable | None = None,
+    num_micro: int | None = None,
+    **kw: Any,
 ) -> Callable:
     """``make_train_step`` with the RL loss and the RL statistics' reductions (sums over micro-batches for the
     ``RL_SUM_KEYS``, maxima for ``RL_MAX_KEYS``); ``num_micro`` defaults to ``rl.num_micro``."""
@@ -171,7 +194,7 @@ def make_rl_train_step(
     )
 
 
-def make_ref_logp_fn(graphdef, logit_chunk: int = 0):
+def make_ref_logp_fn(graphdef: nnx.GraphDef, logit_chunk: int = 0) -> Callable[..., jax.Array]:
     """Jitted ``(ref_params, rows) -> log pi_ref(targets)`` [R, T] for the KL term."""
 
     @jax.jit
@@ -194,14 +217,14 @@ class RLStep:
 
     def __init__(
         self,
-        graphdef,
+        graphdef: nnx.GraphDef,
         train_step: Callable,
         rl: RLConfig,
         *,
         encode_prompt: Callable[[dict], Sequence[int]],
         decode: Callable[[Sequence[int]], str],
         stop_ids: Sequence[int] = (),
-        ref_params=None,
+        ref_params: dict[str, Any] | None = None,
         row_multiple: int = 1,
         seed: int = 0,
         to_device: Callable = lambda b: b,
@@ -223,7 +246,7 @@ class RLStep:
         self.calls = 0
         self._errors_logged: set = set()
 
-    def rollout(self, params, prompts: list[list[int]], key: int) -> list[Completion]:
+    def rollout(self, params: dict[str, Any], prompts: list[list[int]], key: int) -> list[Completion]:
         """``samples_per_prompt`` responses per prompt from ``params`` at the config's temperature / top-p."""
         rl = self.rl
         sp = SamplingParams(
@@ -236,7 +259,7 @@ class RLStep:
         return self.sampler.generate(params, prompts, sp, key)
 
     # -------------------------------------------------------------------------------------------- rewards
-    def score(self, recs: list[dict], texts: list[str]):
+    def score(self, recs: list[dict], texts: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """(rewards [N] float32, valid [N] bool, reward metrics): failed rewards are counted per task, the first
         error of each (task, kind) is logged, and past ``max_reward_fail_frac`` :class:`RewardFailureError`."""
         rl = self.rl

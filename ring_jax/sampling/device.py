@@ -39,15 +39,16 @@ replicated, so every process of a multi-host mesh can read them.
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from ring_jax.config import ModelConfig
 from ring_jax.model.attention import CACHE_AXES, K_CACHE_AXES
-from ring_jax.model.transformer import KVCache, abstract_model, init_cache
+from ring_jax.model.transformer import BailingMoeForCausalLM, KVCache, abstract_model, init_cache
 from ring_jax.sampling import rules as sampling_rules
 from ring_jax.sampling.types import DecodeState, pow2_bucket
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules
@@ -108,7 +109,7 @@ def decode_moe_impl(cfg: ModelConfig, num_slots: int, backend: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ placement
-def mesh_of(state) -> jax.sharding.Mesh | None:
+def mesh_of(state: nnx.State | dict[str, Any]) -> jax.sharding.Mesh | None:
     """The mesh the arrays of ``state`` are sharded over when it has more than one device, else None."""
     for x in jax.tree.leaves(state):
         sh = getattr(x, "sharding", None)
@@ -117,7 +118,11 @@ def mesh_of(state) -> jax.sharding.Mesh | None:
     return None
 
 
-def decode_state_specs(tree, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: ShardingRules = DEFAULT_RULES):
+def decode_state_specs(
+    tree: DecodeState | KVCache | dict[str, jax.Array],
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> DecodeState | KVCache | dict[str, jax.sharding.PartitionSpec]:
     """PartitionSpecs for a DecodeState or a KVCache (see the module doc): k [layers, slots, kv_heads, head_dim, S]
     and v [layers, slots, kv_heads, S, head_dim] by the rules for their logical axes (``layers`` +
     ``attention.K_CACHE_AXES`` / ``CACHE_AXES``), the cache's segment ids and positions [slots, S] and the logits
@@ -152,7 +157,14 @@ def _replicated(x):
 
 # ------------------------------------------------------------------------------------------------ jitted bodies
 def prefill_body(
-    graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0, rules: ShardingRules = DEFAULT_RULES
+    graphdef: nnx.GraphDef,
+    state: nnx.State | dict[str, Any],
+    tokens: jax.Array,
+    lengths: jax.Array,
+    *,
+    cache_len: int,
+    chunk: int = 0,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[KVCache, jax.Array]:
     """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V]).
     ``chunk`` < P (both powers of two): the prompts go through the model ``chunk`` positions at a time (one
@@ -230,19 +242,19 @@ def empty_state_body(
 
 def insert_body(
     ds: DecodeState,
-    src_cache,
-    src_logits,
-    src_rows,
-    dst,
-    lengths,
-    base_key,
-    req_ids,
-    copy_ids,
-    max_new,
-    temperature,
-    top_p,
-    top_k,
-    stop_ids,
+    src_cache: KVCache,
+    src_logits: jax.Array,
+    src_rows: jax.Array,
+    dst: jax.Array,
+    lengths: jax.Array,
+    base_key: jax.Array,
+    req_ids: jax.Array,
+    copy_ids: jax.Array,
+    max_new: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+    stop_ids: jax.Array,
     *,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> DecodeState:
@@ -293,13 +305,13 @@ def insert_body(
     )
 
 
-def project(hidden, head) -> jax.Array:
+def project(hidden: jax.Array, head: jax.Array) -> jax.Array:
     """Logits [B, V] float32 of final hidden states [B, H] under the output projection ``head`` [H, V]."""
     return jnp.einsum("bh,hv->bv", hidden, head, preferred_element_type=jnp.float32)
 
 
 def decode_step(
-    model, ds: DecodeState, *, filtered: bool, head=None
+    model: BailingMoeForCausalLM, ds: DecodeState, *, filtered: bool, head: jax.Array | None = None
 ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
     """One step for every row: sample from ds.logits, stop check, feed the token.  Returns (new state, token,
     sampling logprob, raw logprob); rows inactive at entry return token -1.  ``head``: the model's
@@ -335,7 +347,14 @@ def decode_step(
 
 
 def decode_body(
-    graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool, rules: ShardingRules = DEFAULT_RULES
+    graphdef: nnx.GraphDef,
+    state: nnx.State | dict[str, Any],
+    ds: DecodeState,
+    min_active: jax.Array,
+    *,
+    chunk: int,
+    filtered: bool,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Up to ``chunk`` decode steps; stops early once fewer than max(min_active, 1) rows are active.
     Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run)."""
@@ -366,7 +385,14 @@ _EMPTY = jax.jit(empty_state_body, static_argnums=(0, 1, 2, 3), static_argnames=
 
 
 def prefill(
-    graphdef, state, tokens, lengths, *, cache_len: int, chunk: int = 0, rules: ShardingRules = DEFAULT_RULES
+    graphdef: nnx.GraphDef,
+    state: nnx.State | dict[str, Any],
+    tokens: ArrayLike,
+    lengths: ArrayLike,
+    *,
+    cache_len: int,
+    chunk: int = 0,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[KVCache, jax.Array]:
     """Jitted :func:`prefill_body` (one compilation per graphdef, prompt and cache bucket, chunk and rules)."""
     return _PREFILL(graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=rules)
@@ -374,19 +400,19 @@ def prefill(
 
 def insert(
     ds: DecodeState,
-    src_cache,
-    src_logits,
-    src_rows,
-    dst,
-    lengths,
-    base_key,
-    req_ids,
-    copy_ids,
-    max_new,
-    temperature,
-    top_p,
-    top_k,
-    stop_ids,
+    src_cache: KVCache,
+    src_logits: jax.Array,
+    src_rows: ArrayLike,
+    dst: ArrayLike,
+    lengths: ArrayLike,
+    base_key: ArrayLike,
+    req_ids: ArrayLike,
+    copy_ids: ArrayLike,
+    max_new: ArrayLike,
+    temperature: ArrayLike,
+    top_p: ArrayLike,
+    top_k: ArrayLike,
+    stop_ids: ArrayLike,
     *,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> DecodeState:
@@ -411,7 +437,14 @@ def insert(
 
 
 def decode(
-    graphdef, state, ds: DecodeState, min_active, *, chunk: int, filtered: bool, rules: ShardingRules = DEFAULT_RULES
+    graphdef: nnx.GraphDef,
+    state: nnx.State | dict[str, Any],
+    ds: DecodeState,
+    min_active: ArrayLike,
+    *,
+    chunk: int,
+    filtered: bool,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Jitted :func:`decode_body`; ``ds`` is donated (do not use it afterwards)."""
     return _DECODE(graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=rules)

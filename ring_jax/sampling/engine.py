@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from ring_jax.config import ModelConfig
+from ring_jax.model.transformer import BailingMoeForCausalLM
 from ring_jax.sampling import device
 from ring_jax.sampling.types import (
     FINISH_LENGTH,
@@ -34,7 +36,7 @@ from ring_jax.sampling.types import (
 from ring_jax.sharding import DEFAULT_RULES, ShardingRules, use_rules
 
 
-def to_numpy(x) -> np.ndarray | tuple | list | dict:
+def to_numpy(x: Any) -> np.ndarray | tuple | list | dict:
     """device_get of an array or a pytree of arrays, as NumPy (same structure)."""
     return jax.tree.map(np.asarray, jax.device_get(x))
 
@@ -111,8 +113,8 @@ class SamplingEngine:
 
     def __init__(
         self,
-        graphdef,
-        state,
+        graphdef: nnx.GraphDef,
+        state: nnx.State | dict[str, Any],
         *,
         num_slots: int = 16,
         chunk: int = 32,
@@ -121,7 +123,7 @@ class SamplingEngine:
         min_prompt_bucket: int = device.MIN_PROMPT_BUCKET,
         min_cache_bucket: int = device.MIN_CACHE_BUCKET,
         moe_impl: str | None = None,
-        mesh=None,
+        mesh: jax.sharding.Mesh | None = None,
         prefill_chunk: int = device.PREFILL_CHUNK,
         rules: ShardingRules = DEFAULT_RULES,
     ):
@@ -147,11 +149,11 @@ class SamplingEngine:
         self.prefill_chunk = int(prefill_chunk)
 
     @classmethod
-    def from_model(cls, model, **kw) -> SamplingEngine:
+    def from_model(cls, model: BailingMoeForCausalLM, **kw: Any) -> SamplingEngine:
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, **kw)
 
-    def update_params(self, state) -> None:
+    def update_params(self, state: nnx.State | dict[str, Any]) -> None:
         """Use ``state`` (same structure as at construction, e.g. the trainer's updated parameters) from now on."""
         self.state = state
 
@@ -165,8 +167,8 @@ class SamplingEngine:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams] = SamplingParams(),
         *,
-        key=0,
-        state=None,
+        key: int | jax.Array | np.ndarray = 0,
+        state: nnx.State | dict[str, Any] | None = None,
         mode: str = "continuous",
         on_tokens: Callable[[int, int, list[int], bool], None] | None = None,
     ) -> list[Completion]:

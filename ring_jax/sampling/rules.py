@@ -20,7 +20,7 @@ from jax import lax
 NEG_INF = float("-inf")
 
 
-def first_argmax(x):
+def first_argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` (the first index of the maximum; the first NaN if any) as two plain reductions."""
     v = x.shape[-1]
     iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -47,7 +47,7 @@ def _threshold(pred, lo, hi):
     return lax.fori_loop(0, 32, body, (lo, hi))[1]
 
 
-def top_k_mask(logits, k):
+def top_k_mask(logits: jax.Array, k: jax.Array) -> jax.Array:
     """Boolean [B, V]: the k largest logits of each row and every logit tied with the k-th (k [B] int; k <= 0 keeps
     everything)."""
     v = logits.shape[-1]
@@ -61,7 +61,7 @@ def top_k_mask(logits, k):
     return keys >= fewer - 1
 
 
-def top_p_mask(logits, p, *, base=None):
+def top_p_mask(logits: jax.Array, p: jax.Array, *, base: jax.Array | None = None) -> jax.Array:
     """Boolean [B, V]: the smallest set of most likely tokens whose probability mass is >= p (p [B]; p >= 1 keeps
     everything).  A token is kept iff the mass of the tokens strictly more likely than it is < p.  ``base``: an
     optional [B, V] mask the distribution is renormalised over first (top-k); tokens outside it are never kept."""
@@ -82,7 +82,7 @@ def top_p_mask(logits, p, *, base=None):
     return keep if base is None else keep & base
 
 
-def filter_logits(logits, top_k, top_p):
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Top-k then top-p (on the top-k renormalised distribution); masked entries -> -inf.  Each filter runs only
     when some row uses it (``lax.cond``)."""
     every = jnp.ones(logits.shape, bool)
@@ -91,7 +91,9 @@ def filter_logits(logits, top_k, top_p):
     return jnp.where(keep, logits, NEG_INF)
 
 
-def sampling_logprobs(logits, temperature, top_k, top_p, *, filtered: bool):
+def sampling_logprobs(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, filtered: bool
+) -> jax.Array:
     """log_softmax of the distribution actually sampled from (greedy rows: temperature treated as 1)."""
     t = jnp.where(temperature > 0, temperature, 1.0)
     scaled = logits / t[:, None]
@@ -100,7 +102,15 @@ def sampling_logprobs(logits, temperature, top_k, top_p, *, filtered: bool):
     return jax.nn.log_softmax(scaled, axis=-1)
 
 
-def sample_tokens(logits, keys, temperature, top_k, top_p, *, filtered: bool):
+def sample_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    *,
+    filtered: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row.  logits [B, V] float32, keys [B] typed PRNG keys, temperature/top_p [B] float32,
     top_k [B] int32; ``filtered`` (static) turns the top-k/top-p thresholds on.
 

@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ring_jax.train.step import TrainState
+
+if TYPE_CHECKING:
+    from ring_jax.config import ModelConfig
 
 ITEMS = ("params", "opt_state", "train", "data", "meta")
 
@@ -63,7 +66,7 @@ def _slice_abstract(a):
     return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sh)
 
 
-def unrolled_abstract(tree):
+def unrolled_abstract(tree: Any) -> Any:
     """``tree`` (abstract, stacked layout) as it was written before the layers were stacked: every model node's
     ``first_layers`` i and stack slice j become ``layers`` i and ``layers`` k + j."""
 
@@ -83,7 +86,7 @@ def unrolled_abstract(tree):
     return jax.tree.map(one, tree, is_leaf=_is_model_node)
 
 
-def restack(restored, target):
+def restack(restored: Any, target: Any) -> Any:
     """Inverse of :func:`unrolled_abstract` on restored arrays, placed like ``target`` (abstract, stacked)."""
 
     def one(node, want):
@@ -124,7 +127,7 @@ def _abstract(tree, shardings=None):
 
 
 @jax.jit
-def tree_checksums(tree):
+def tree_checksums(tree: Any) -> jax.Array:
     """One uint32 per leaf: a position-weighted wrapping sum of the leaf's raw bits (any flipped, zeroed or swapped
     word changes it).  Computed on device, sharded like the leaves; stored in ``meta`` and checked on restore, so
     a damaged file that still decodes (and would otherwise restore silently wrong values) is detected."""
@@ -242,7 +245,7 @@ class Checkpointer:
         data_state: dict | None = None,
         meta: dict | None = None,
         *,
-        params=None,
+        params: dict[str, Any] | None = None,
         wait: bool = False,
     ) -> None:
         """Write checkpoint ``step`` (asynchronously unless ``wait``).  ``params`` alone (no ``state``) writes a
@@ -289,7 +292,9 @@ class Checkpointer:
             self.directory,
         )
 
-    def maybe_save(self, step: int, state: TrainState, data_state=None, meta=None) -> bool:
+    def maybe_save(
+        self, step: int, state: TrainState, data_state: dict | None = None, meta: dict | None = None
+    ) -> bool:
         if self.should_save(step):
             self.save(step, state, data_state, meta)
             return True
@@ -445,7 +450,9 @@ class Checkpointer:
         )
         return self._restore(step, abstract_state, None)
 
-    def restore_params(self, abstract_params, shardings=None, step: int | None = None) -> Restored:
+    def restore_params(
+        self, abstract_params: dict[str, Any], shardings: dict[str, Any] | None = None, step: int | None = None
+    ) -> Restored:
         """Only the parameters (any checkpoint, including parameters-only ones)."""
         return self._restore(step, None, _abstract(abstract_params, shardings))
 
@@ -476,7 +483,7 @@ def latest_step_in(directory: str) -> int | None:
         return c.latest_step()
 
 
-def model_config_from_meta(meta: dict, **overrides):
+def model_config_from_meta(meta: dict, **overrides: Any) -> ModelConfig:
     """The ModelConfig a checkpoint was written with (``meta["model_config"]`` + ``meta["runtime"]``), with
     run-time overrides (dtype, param_dtype, moe_impl, remat)."""
     from ring_jax.config import ModelConfig
@@ -495,7 +502,7 @@ def resolve_ckpt_dir(path: str) -> tuple[str, str]:
     return os.path.dirname(path), path
 
 
-def data_state_json(it) -> dict | None:
+def data_state_json(it: object) -> dict | None:
     """A grain iterator's state as plain JSON types (None if the iterator has no state)."""
     if it is None or not hasattr(it, "get_state"):
         return None

@@ -19,12 +19,19 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import numpy as np
 from absl import logging
+
+if TYPE_CHECKING:
+    from ring_jax.train.checkpoint import Checkpointer
+    from ring_jax.train.metrics import MetricsWriter
+    from ring_jax.train.step import TrainState
+
+_B = TypeVar("_B")
 
 
 class NonFiniteError(RuntimeError):
@@ -59,7 +66,7 @@ class LoopResult:
 class SignalGuard:
     """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first.  A no-op off the main thread."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.received: int | None = None
         self._old = {}
@@ -96,14 +103,14 @@ def _scalars(metrics: dict) -> dict:
 
 def train_loop(
     step_fn: Callable,
-    state,
+    state: TrainState,
     batches: Iterator,
     *,
     start_step: int,
     cfg: LoopConfig,
     to_device: Callable = lambda b: b,
-    checkpointer=None,
-    writer=None,
+    checkpointer: Checkpointer | None = None,
+    writer: MetricsWriter | None = None,
     meta: Callable[[int], dict] | dict | None = None,
     tokens_per_step: int | None = None,
     on_metrics: Callable[[int, dict], None] | None = None,
@@ -221,7 +228,7 @@ def _preemption_sync_point(step: int) -> bool:
         return False
 
 
-def batches_with_state(it) -> Iterator:
+def batches_with_state(it: Iterable[_B]) -> Iterator[tuple[_B, dict | None]]:
     """(batch, iterator state after it) pairs from a grain iterator."""
     from ring_jax.train.checkpoint import data_state_json
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:
+    from ring_jax.model.transformer import Output
 
-def token_cross_entropy(logits, targets, loss_mask):
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum over positions of loss_mask * CE, number of loss tokens), both float32 scalars.
     logits [..., V] (any float dtype, upcast), targets/loss_mask [...] integers."""
     logits = logits.astype(jnp.float32)
@@ -27,7 +31,9 @@ def token_cross_entropy(logits, targets, loss_mask):
     return jnp.sum(ce), jnp.sum(mask.astype(jnp.float32))
 
 
-def chunked_cross_entropy(hidden, head_weight, targets, loss_mask, chunk: int):
+def chunked_cross_entropy(
+    hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, loss_mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
     """Same result as ``token_cross_entropy(hidden @ head_weight, ...)`` with logits made ``chunk`` positions at a
     time (rematerialised in the backward pass).  hidden [B, T, H], head_weight [H, V]; T is padded to a multiple
     of ``chunk`` with masked positions."""
@@ -63,7 +69,7 @@ class LossConfig:
     ce_chunk: int = 0  # 0: full logits; > 0: chunked cross-entropy over this many positions at a time
 
 
-def moe_aux_loss(out, alpha_bal: float, alpha_z: float):
+def moe_aux_loss(out: Output, alpha_bal: float, alpha_z: float) -> jax.Array:
     """``alpha_bal * balance_loss + alpha_z * z_loss`` from a model Output."""
     return alpha_bal * out.balance_loss + alpha_z * out.z_loss
 

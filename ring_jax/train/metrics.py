@@ -30,9 +30,12 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ring_jax.config import ModelConfig
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -76,7 +79,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def is_number(v) -> bool:
+def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -204,7 +207,7 @@ class MetricsWriter:
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs and peak
-def flops_per_token(cfg, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token of a BailingMoe ``cfg`` at sequence length ``seq_len``:
 
         6 * (N_active - N_lookup) + 12 * L * n_heads * head_dim * seq_len

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import optax
@@ -66,7 +67,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), optax.constant_schedule(cfg.lr)], [w])
 
 
-def decay_mask(param_state) -> dict:
+def decay_mask(param_state: nnx.State) -> dict:
     """Pure tree of bools: True where weight decay applies.  Off for parameters whose logical axes include 'norm'
     and for every 1-D parameter (norm weights, biases), counted per layer: the leading ``layers`` axis of the
     stacked decoder layers does not count.  ``param_state``: an nnx State of Variables (concrete or abstract)
@@ -80,7 +81,7 @@ def decay_mask(param_state) -> dict:
 
 
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int, mask=None
+    cfg: OptimConfig, total_steps: int, mask: dict | Callable[[dict], dict] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, schedule).  ``mask``: a tree of bools like :func:`decay_mask`, or a callable
     params -> such a tree; None decays every parameter with more than one dimension."""

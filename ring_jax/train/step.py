@@ -22,7 +22,7 @@ update runs under ``jax.lax.cond``; parameters and optimizer state pass through 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -47,11 +47,11 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # int32: steps skipped by the non-finite guard, in total
     rng: jax.Array  # uint32 raw PRNG key data (jax.random.key_data); losses that sample derive keys from it
 
-    def key(self):
+    def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)
 
 
-def split_model(model) -> tuple[nnx.GraphDef, Any, Any]:
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]]:
     """(graphdef, Variable state of the parameters, pure parameter tree).  The model must hold only nnx.Param."""
     _, _, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -60,7 +60,7 @@ def split_model(model) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, params, nnx.to_pure_dict(params)
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_train_state(params: dict[str, Any], optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """A fresh TrainState for a pure parameter tree (step 0, no skips, PRNG key from ``seed``)."""
     return TrainState(
         params=params,
@@ -72,14 +72,14 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int 
 
 
 def create_train_state(
-    params, optimizer: optax.GradientTransformation, shardings: TrainState, seed: int = 0
+    params: dict[str, Any], optimizer: optax.GradientTransformation, shardings: TrainState, seed: int = 0
 ) -> TrainState:
     """:func:`init_train_state` compiled with ``shardings`` as its output placement (optimizer moments are created
     directly in their shards).  ``params`` is not donated."""
     return jax.jit(lambda p: init_train_state(p, optimizer, seed), out_shardings=shardings)(params)
 
 
-def abstract_train_state(params, optimizer, seed: int = 0) -> TrainState:
+def abstract_train_state(params: dict[str, Any], optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """ShapeDtypeStructs of :func:`init_train_state` (nothing allocated)."""
     return jax.eval_shape(lambda p: init_train_state(p, optimizer, seed), params)
 
@@ -95,7 +95,7 @@ def _path_key(path) -> tuple:
 
 
 def train_state_shardings(
-    param_vars, abstract_state: TrainState, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+    param_vars: nnx.State, abstract_state: TrainState, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
 ) -> TrainState:
     """NamedSharding for every leaf of a TrainState: parameters by the logical-axis rules table (from the
     ``logical_axes`` metadata of ``param_vars``, an nnx State of Variables, concrete or abstract); every optimizer
@@ -120,12 +120,12 @@ def train_state_shardings(
     return TrainState(params=p_sh, opt_state=opt_sh, step=repl, skipped=repl, rng=repl)
 
 
-def loss_token_count(batch) -> jax.Array:
+def loss_token_count(batch: Mapping[str, jax.Array]) -> jax.Array:
     """Default normaliser: loss tokens in the global batch (at least 1, so an all-masked batch gives loss 0)."""
     return jnp.maximum(jnp.sum((batch["loss_mask"] != 0).astype(jnp.float32)), 1.0)
 
 
-def split_micro(x, num_micro: int):
+def split_micro(x: jax.Array, num_micro: int) -> jax.Array:
     """[B, ...] -> [num_micro, B // num_micro, ...]; row r goes to micro-batch r % num_micro."""
     b = x.shape[0]
     if b % num_micro:
@@ -134,7 +134,7 @@ def split_micro(x, num_micro: int):
 
 
 def make_train_step(
-    graphdef,
+    graphdef: nnx.GraphDef,
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
@@ -143,8 +143,8 @@ def make_train_step(
     *,
     schedule: Callable | None = None,
     normalizer_fn: Callable = loss_token_count,
-    sum_aux_keys=SUM_AUX_KEYS,
-    max_aux_keys=MAX_AUX_KEYS,
+    sum_aux_keys: Collection[str] = SUM_AUX_KEYS,
+    max_aux_keys: Collection[str] = MAX_AUX_KEYS,
     rules: ShardingRules = DEFAULT_RULES,
     donate: bool = True,
 ) -> Callable:
@@ -302,7 +302,9 @@ def data_parallel_size(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def global_batch(local_batch, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+def global_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> dict[str, jax.Array]:
     """This process's rows ``[B / process_count, ...]`` -> global jax.Arrays ``[B, ...]`` sharded by
     ``batch_sharding`` (rows over the data-like mesh axes)."""
 
