@@ -478,6 +478,7 @@ def main(argv: list[str]) -> None:
 
     from ring_jax.data import train_bpe
     from ring_jax.data.pipeline import prompt_dataset
+    from ring_jax.rl.rollout import EngineRollout
     from ring_jax.rl.step import RLStep, make_rl_train_step
     from ring_jax.train.loop import LoopConfig
     from ring_jax.train.optim import OptimConfig
@@ -538,6 +539,7 @@ def main(argv: list[str]) -> None:
             row_multiple=dp,
             seed=FLAGS.seed,
             to_device=lambda b: global_batch(b, run.mesh),
+            rollout=EngineRollout(run.graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl),
         )
         if FLAGS.eval_only:
             run_eval(state.params, "init")
