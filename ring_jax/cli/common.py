@@ -75,6 +75,18 @@ def define_model_flags(default_preset: str = "small") -> None:
     flags.DEFINE_integer("seed", 0, "parameter-initialisation and PRNG seed")
 
 
+def define_run_flags(out_dir: str, ckpt_every: int, keep: int, max_nonfinite: int) -> None:
+    """The run flags the training CLIs share (``cli.run.TrainRun`` and ``train_loop`` read them), with each CLI's
+    defaults."""
+    flags.DEFINE_string("out_dir", out_dir, "run directory")
+    flags.DEFINE_bool("resume", False, "continue from the newest readable checkpoint in --out_dir/ckpt")
+    flags.DEFINE_integer("ckpt_every", ckpt_every, "checkpoint every N steps (0: only at the end)")
+    flags.DEFINE_integer("keep", keep, "checkpoints to keep (0: all)")
+    flags.DEFINE_integer("max_nonfinite", max_nonfinite, "stop after this many consecutive non-finite steps (0: never)")
+    flags.DEFINE_bool("progress_bar", True, "show the progress bar")
+    flags.DEFINE_float("step_delay_s", 0.0, "testing aid: sleep after every step")
+
+
 def define_runtime_flags() -> None:
     flags.DEFINE_string("mesh", "", "device mesh, e.g. data:2,fsdp:2,expert:2 (default: every device on data)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")

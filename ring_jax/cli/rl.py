@@ -154,13 +154,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_float("weight_decay", 0.1, "decoupled weight decay")
     flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clipping (<= 0: off)")
-    flags.DEFINE_integer("ckpt_every", 10, "checkpoint every N steps (0: only at the end)")
-    flags.DEFINE_integer("keep", 2, "checkpoints to keep")
-    flags.DEFINE_bool("resume", False, "continue from the newest checkpoint in --out_dir/ckpt")
-    flags.DEFINE_string("out_dir", "runs/rl", "run directory")
-    flags.DEFINE_integer("max_nonfinite", 5, "stop after this many consecutive non-finite steps")
-    flags.DEFINE_bool("progress_bar", True, "show the progress bar")
-    flags.DEFINE_float("step_delay_s", 0.0, "testing aid: sleep after every step")
+    common.define_run_flags(out_dir="runs/rl", ckpt_every=10, keep=2, max_nonfinite=5)
 
 
 def _check_flags() -> None:

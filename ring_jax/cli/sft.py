@@ -53,15 +53,9 @@ def define_flags() -> None:
     flags.DEFINE_float("alpha_bal", 1e-5, "MoE load-balance loss weight")
     flags.DEFINE_float("alpha_z", 1e-7, "router z-loss weight")
     flags.DEFINE_integer("ce_chunk", 0, "cross-entropy over this many positions at a time (0: full logits)")
-    flags.DEFINE_integer("ckpt_every", 100, "checkpoint every N steps (0: only at the end)")
-    flags.DEFINE_integer("keep", 3, "checkpoints to keep (0: all)")
-    flags.DEFINE_bool("resume", False, "continue from the newest readable checkpoint in --out_dir/ckpt")
-    flags.DEFINE_string("out_dir", "runs/sft", "run directory")
-    flags.DEFINE_integer("max_nonfinite", 10, "stop after this many consecutive non-finite steps (0: never)")
+    common.define_run_flags(out_dir="runs/sft", ckpt_every=100, keep=3, max_nonfinite=10)
     flags.DEFINE_integer("log_every", 1, "write metrics every N steps")
     flags.DEFINE_float("peak_flops", -1.0, "device peak FLOP/s for MFU (-1: measure a matmul at start; 0: no MFU)")
-    flags.DEFINE_bool("progress_bar", True, "show the tqdm progress bar")
-    flags.DEFINE_float("step_delay_s", 0.0, "testing aid: sleep after every step")
 
 
 def _check_flags(dp: int, processes: int) -> None:
