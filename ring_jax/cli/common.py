@@ -136,20 +136,12 @@ def build_mesh(spec: str) -> Mesh:
 
 
 def runtime_overrides() -> dict:
+    """The ModelConfig run-time fields (``config.RUNTIME_FIELDS``) that this CLI has a flag for and the user set."""
+    from ring_jax.config import RUNTIME_FIELDS
+
     out = {}
-    for name in (
-        "dtype",
-        "param_dtype",
-        "moe_impl",
-        "remat",
-        "remat_policy",
-        "scan_layers",
-        "moe_tile",
-        "moe_capacity_factor",
-        "attn_chunk",
-        "moe_chunk",
-    ):
-        v = getattr(FLAGS, name)
+    for name in RUNTIME_FIELDS:
+        v = getattr(FLAGS, name, None)  # None: no such flag in this CLI, or left unset
         if v is not None:
             out[name] = v
     return out
