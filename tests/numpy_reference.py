@@ -46,9 +46,12 @@ def _rot(x):
     return np.concatenate([-x[..., h:], x[..., :h]], -1)
 
 
-def forward(c, sd, input_ids, attention_mask=None):
+def forward(c, sd, input_ids, attention_mask=None, forced_ids=None):
     """Logits [B, T, V] (float64) of the upstream model for ``input_ids`` [B, T]; ``attention_mask`` [B, T] of 0/1
-    (left padding), positions = cumsum(mask) - 1 as the upstream generate does."""
+    (left padding), positions = cumsum(mask) - 1 as the upstream generate does.  ``forced_ids`` [B, T, L, k]
+    (routing replay, not an upstream feature): MoE layer l sends token (b, t) to experts forced_ids[b, t, l] instead
+    of its top-k, weighted by its router probabilities there (renormalised as the top-k are); rows of -1 route by
+    their own top-k."""
     b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = np.ones((b, t), np.int64)
@@ -92,6 +95,10 @@ def forward(c, sd, input_ids, attention_mask=None):
             pr = pr / pr.sum(-1, keepdims=True)
             kk = c["num_experts_per_tok"]
             idx = np.argsort(-pr, axis=-1, kind="stable")[:, :kk]
+            if forced_ids is not None:
+                li = i - c.get("first_k_dense_replace", 0)
+                f = np.asarray(forced_ids)[:, :, li].reshape(b * t, kk).astype(np.int64)
+                idx = np.where(f[:, :1] >= 0, f, idx)
             w = np.take_along_axis(pr, idx, -1)
             if kk > 1 and c.get("norm_topk_prob", True):
                 w = w / w.sum(-1, keepdims=True)

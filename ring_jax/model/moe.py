@@ -47,16 +47,43 @@ class RouterStats(NamedTuple):
     z_loss: jax.Array  # mean_t logsumexp(logits_t)^2
     expert_load: jax.Array  # [E] number of (token, slot) assignments per expert
     dropped: jax.Array  # int32 assignments the expert-parallel capacity path dropped (0 on every other path)
+    # [N, k] int32: the router's own top-k choice of every token (before any replay), for routing records
+    own_ids: jax.Array | None = None
+
+
+def routing_dtype(num_experts: int) -> jnp.dtype:
+    """Storage type of recorded expert ids (``-1`` = no record): int8 up to 127 experts, else int16."""
+    return jnp.dtype(jnp.int8) if num_experts <= 127 else jnp.dtype(jnp.int16)
 
 
 def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """float32 softmax -> top-k -> optional renormalisation.  Returns (weights [N,k] f32, ids [N,k] int32, probs
     [N,E] f32: the full softmax, for the balance loss)."""
+    return route_replay(logits, k, norm_topk_prob)[:3]
+
+
+def route_replay(
+    logits: jax.Array, k: int, norm_topk_prob: bool, replay: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`route` with an optional replay.  Returns (weights, ids, probs, own ids [N,k] int32: the router's own
+    top-k, which equal ``ids`` without a replay).
+
+    ``replay`` [N, k] (rollout routing replay): expert ids recorded by the sampler; a token whose first entry is
+    >= 0 is sent to those experts instead of its own top-k, with gate weights read from this router's
+    probabilities at those ids (renormalised as above), so the router is still trained.  ``-1`` rows (no record:
+    padding, a response's last token) route by their own top-k."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, k)
+    top, own = jax.lax.top_k(probs, k)
+    own = own.astype(jnp.int32)
+    if replay is None:
+        ids, weights = own, top
+    else:
+        use = replay[:, :1] >= 0
+        ids = jnp.where(use, replay.astype(jnp.int32), own)
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
     if k > 1 and norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, ids.astype(jnp.int32), probs
+    return weights, ids, probs, own
 
 
 def router_stats(
@@ -243,13 +270,16 @@ class MoEBlock(nnx.Module):
             fn = functools.partial(fn, tile=self.tile)
         return fn(flat, weights, ids, wg, wu, wd), jnp.zeros((), jnp.int32)
 
-    def __call__(self, x, token_mask):
+    def __call__(self, x, token_mask, replay=None):
+        """x [B, T, H], token_mask [B, T]; ``replay`` [B, T, k] recorded expert ids (see :func:`route`) or None.
+        Every compute path takes the (weights, ids) :func:`route` returns, so each honours a replay."""
         b, t, h = x.shape
         dt = self.dtype
         flat = x.reshape(b * t, h)
         logits = flat @ self.gate[...].astype(dt)
-        weights, ids, probs = route(logits, self.k, self.norm_topk)
-        stats = router_stats(logits, probs, ids, token_mask.reshape(-1), self.num_experts)
+        rep = None if replay is None else replay.reshape(b * t, self.k)
+        weights, ids, probs, own = route_replay(logits, self.k, self.norm_topk, rep)
+        stats = router_stats(logits, probs, ids, token_mask.reshape(-1), self.num_experts)._replace(own_ids=own)
         experts = (self.experts_gate, self.experts_up, self.experts_down)
         c = self.moe_chunk
         if c and t > c and t % c == 0:

@@ -58,6 +58,9 @@ class Output(NamedTuple):
     moe_dropped: jax.Array  # [num_moe_layers] int32 assignments dropped by the expert-parallel capacity path
     cache: KVCache | None
     hidden: jax.Array | None  # final normed hidden states [B, T, H] when asked for
+    # [B, T, num_moe_layers, k] int32 when asked for (return_routing): each token's top-k experts as its router
+    # chose them (with a routing replay, the choice the replay overrode)
+    routing: jax.Array | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -68,14 +71,15 @@ class DecoderLayer(nnx.Module):
         self.is_moe = cfg.is_moe_layer(idx)
         self.mlp = MoEBlock(cfg, rngs) if self.is_moe else SwiGLU(cfg, cfg.intermediate_size, rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, positions, cache=None, view=None, layer=None):
+    def __call__(self, x, cos, sin, segment_ids, positions, cache=None, view=None, layer=None, replay=None):
         """``cache``: the whole stacked (k, v) of :class:`KVCache` as a LayerCache, ``layer`` this layer's index in
-        it (static or traced); returned with this call's positions written."""
+        it (static or traced); returned with this call's positions written.  ``replay`` [B, T, k]: recorded expert
+        ids for this (MoE) layer (``moe.route_replay``)."""
         a, new_cache = self.attention(self.input_layernorm(x), cos, sin, segment_ids, positions, cache, view, layer)
         x = x + a
         hn = self.post_attention_layernorm(x)
         if self.is_moe:
-            m, stats = self.mlp(hn, segment_ids != 0)
+            m, stats = self.mlp(hn, segment_ids != 0, replay)
         else:
             m, stats = self.mlp(hn), None
         return x + m, stats, new_cache
@@ -133,7 +137,12 @@ class BailingMoeForCausalLM(nnx.Module):
         *,
         return_hidden=False,
         compute_logits=True,
+        routing: jax.Array | None = None,
+        return_routing: bool = False,
     ) -> Output:
+        """``routing`` [B, T, num_moe_layers, k] (int; ``-1`` = no record): rollout routing replay, each MoE layer
+        sends each token to the recorded experts (``moe.route_replay``); ``return_routing``: the router's own
+        top-k per token and MoE layer in ``Output.routing``."""
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         b, t = tokens.shape
@@ -159,8 +168,8 @@ class BailingMoeForCausalLM(nnx.Module):
         remat = cfg.remat and cache is None
         policy = REMAT_POLICIES[cfg.remat_policy]
 
-        def run(graphdef, p, x, kv, i):  # one decoder layer from its parameters p (an nnx State)
-            return nnx.merge(graphdef, p)(x, cos, sin, segment_ids, positions, kv, view, i)
+        def run(graphdef, p, x, kv, i, rep=None):  # one decoder layer from its parameters p (an nnx State)
+            return nnx.merge(graphdef, p)(x, cos, sin, segment_ids, positions, kv, view, i, rep)
 
         if remat:  # the unit of rematerialisation is one layer, under cfg.remat_policy
             run = jax.checkpoint(run, policy=policy, prevent_cse=False, static_argnums=(0,))
@@ -169,43 +178,60 @@ class BailingMoeForCausalLM(nnx.Module):
             x, st, kv = run(*nnx.split(layer), x, kv, i)
             if st is not None:
                 stats.append(st)
-        x, stack_stats, kv = self._run_stack(run, x, kv)
+        if routing is not None:
+            n_moe = cfg.num_hidden_layers - cfg.num_first_layers
+            if cfg.num_experts is None or stats or routing.shape != (b, t, n_moe, cfg.num_experts_per_tok):
+                raise ValueError(
+                    f"routing {routing.shape}: a MoE model's replay is [batch, length, moe layers, top-k] = "
+                    f"{(b, t, n_moe, cfg.num_experts_per_tok)}"
+                )
+            routing = jnp.moveaxis(routing, 2, 0)  # [L, B, T, k]: one slice per scanned layer
+        x, stack_stats, kv = self._run_stack(run, x, kv, routing)
         h = self.norm(x)
 
         logits = None
         if compute_logits:
             logits = jnp.einsum("bth,hv->btv", h, self.head_weight(), preferred_element_type=jnp.float32)
         parts = [jax.tree.map(lambda a: a[None], s) for s in stats] + ([stack_stats] if stack_stats else [])
+        own = None
         if parts:  # per MoE layer, in layer order
-            bal, z, load, dropped = (jnp.concatenate(a) for a in zip(*parts))
+            bal, z, load, dropped, own = (jnp.concatenate(a) for a in zip(*parts))
             bal, z = jnp.mean(bal), jnp.mean(z)
         else:
             bal = z = jnp.zeros((), jnp.float32)
             load = jnp.zeros((0, cfg.num_experts or 0), jnp.float32)
             dropped = jnp.zeros((0,), jnp.int32)
         new_cache = KVCache(kv.k, kv.v, view.kv_segment_ids, view.kv_positions) if cache is not None else None
-        return Output(logits, bal, z, load, dropped, new_cache, h if return_hidden else None)
+        if return_routing:
+            if own is None:
+                raise ValueError("return_routing: the model has no MoE layer")
+            own = jnp.moveaxis(own.reshape(own.shape[0], b, t, -1), 0, 2)  # [L, B*T, k] -> [B, T, L, k]
+        return Output(
+            logits, bal, z, load, dropped, new_cache, h if return_hidden else None, own if return_routing else None
+        )
 
-    def _run_stack(self, run, x, kv):
+    def _run_stack(self, run, x, kv, routing=None):
         """The stacked layers on ``x``: one ``lax.scan`` over their parameters (``cfg.scan_layers``), else a Python
-        loop over the same parameters.  Returns (x, RouterStats with a leading layer axis or None, kv)."""
+        loop over the same parameters; ``routing`` [L, B, T, k] (or None): each layer's replayed expert ids.
+        Returns (x, RouterStats with a leading layer axis or None, kv)."""
         cfg = self.config
         k = cfg.num_first_layers
         graphdef, params = nnx.split(self.layers)
         if not cfg.scan_layers:
             stats = []
             for j in range(cfg.num_hidden_layers - k):
-                x, st, kv = run(graphdef, jax.tree.map(lambda a: a[j], params), x, kv, k + j)  # noqa: B023 (called in this iteration)
+                rep = None if routing is None else routing[j]
+                x, st, kv = run(graphdef, jax.tree.map(lambda a: a[j], params), x, kv, k + j, rep)  # noqa: B023 (called in this iteration)
                 stats.append(st)
             return x, (jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None), kv
 
         def body(carry, xs):
             x, kv = carry
-            p, i = xs
-            x, st, kv = run(graphdef, p, x, kv, i)
+            p, i, rep = xs
+            x, st, kv = run(graphdef, p, x, kv, i, rep)
             return (x, kv), st
 
-        (x, kv), stats = jax.lax.scan(body, (x, kv), (params, jnp.arange(k, cfg.num_hidden_layers)))
+        (x, kv), stats = jax.lax.scan(body, (x, kv), (params, jnp.arange(k, cfg.num_hidden_layers), routing))
         return x, stats, kv
 
     def layer(self, i: int) -> DecoderLayer:
