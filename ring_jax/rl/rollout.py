@@ -27,13 +27,31 @@ class Rollout(Protocol):
 
 class EngineRollout:
     """A :class:`Rollout` by :class:`SamplingEngine`: an engine over ``params`` (used as they are, no copy) per call;
-    engines over one graphdef share their compilations, so only the first call compiles."""
+    engines over one graphdef share their compilations, so only the first call compiles.  ``dtype``: the sampler's
+    compute dtype (None: the model's); ``record_routing`` (None: for a MoE model): completions carry the experts
+    each token was routed to (routing replay, mismatch metrics)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, *, num_slots: int = 16, moe_impl: str | None = None):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        *,
+        num_slots: int = 16,
+        moe_impl: str | None = None,
+        dtype: str | None = None,
+        record_routing: bool | None = None,
+    ):
         self.graphdef, self.num_slots, self.moe_impl = graphdef, num_slots, moe_impl
+        self.dtype, self.record_routing = dtype, record_routing
 
     def generate(
         self, params: nnx.State | dict[str, Any], prompts: list[list[int]], sampling: SamplingParams, key: int
     ) -> list[Completion]:
-        engine = SamplingEngine(self.graphdef, params, num_slots=self.num_slots, moe_impl=self.moe_impl)
+        engine = SamplingEngine(
+            self.graphdef,
+            params,
+            num_slots=self.num_slots,
+            moe_impl=self.moe_impl,
+            dtype=self.dtype,
+            record_routing=self.record_routing,
+        )
         return engine.generate(prompts, sampling, key=key)

@@ -48,6 +48,7 @@ from jax.typing import ArrayLike
 
 from ring_jax.config import ModelConfig
 from ring_jax.model.attention import CACHE_AXES, K_CACHE_AXES
+from ring_jax.model.moe import routing_dtype
 from ring_jax.model.transformer import BailingMoeForCausalLM, KVCache, abstract_model, init_cache
 from ring_jax.sampling import rules as sampling_rules
 from ring_jax.sampling.types import DecodeState, pow2_bucket
@@ -165,11 +166,13 @@ def prefill_body(
     cache_len: int,
     chunk: int = 0,
     rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[KVCache, jax.Array]:
+    record_routing: bool = False,
+) -> tuple[KVCache, jax.Array] | tuple[KVCache, jax.Array, jax.Array]:
     """tokens [K, P] right-padded, lengths [K] (0 = dummy row) -> (cache [K, cache_len, ...], last logits [K, V]).
     ``chunk`` < P (both powers of two): the prompts go through the model ``chunk`` positions at a time (one
     ``lax.scan`` over the chunks, the cache carried), so attention over the cache reads only the blocks written so
-    far and no [K, P, P]-sized scores exist at once."""
+    far and no [K, P, P]-sized scores exist at once.  ``record_routing``: a third output, every prompt position's
+    top-k experts per MoE layer [K, P, L, k] (``moe.routing_dtype``), for rollout routing replay."""
     model = nnx.merge(graphdef, state)
     k, p = tokens.shape
     ar = jnp.arange(p, dtype=jnp.int32)
@@ -189,14 +192,17 @@ def prefill_body(
                 write_idx=jnp.full((k,), start, jnp.int32),
                 compute_logits=False,
                 return_hidden=True,
+                return_routing=record_routing,
             )
-            return place(out.cache, rules), out.hidden
+            return place(out.cache, rules), (out.hidden, routing_record(out.routing, model.config))
 
         split = lambda a: a.reshape(k, n, chunk).swapaxes(0, 1)  # noqa: E731
-        cache, hidden = jax.lax.scan(
+        cache, (hidden, routing) = jax.lax.scan(
             one, cache, (split(tokens), split(positions), split(segment_ids), jnp.arange(n, dtype=jnp.int32) * chunk)
         )
         hidden = hidden.swapaxes(0, 1).reshape(k, p, -1)
+        if routing is not None:
+            routing = routing.swapaxes(0, 1).reshape(k, p, *routing.shape[3:])
         out_cache = cache
     else:
         out = model(
@@ -207,11 +213,18 @@ def prefill_body(
             write_idx=jnp.zeros((k,), jnp.int32),
             compute_logits=False,
             return_hidden=True,
+            return_routing=record_routing,
         )
-        hidden, out_cache = out.hidden, out.cache
+        hidden, out_cache, routing = out.hidden, out.cache, routing_record(out.routing, model.config)
     h_last = hidden[jnp.arange(k), jnp.maximum(lengths - 1, 0)]
     logits = project(h_last, model.head_weight())
-    return place(out_cache, rules), place({"logits": logits}, rules)["logits"]
+    result = (place(out_cache, rules), place({"logits": logits}, rules)["logits"])
+    return result + (_replicated(routing),) if record_routing else result
+
+
+def routing_record(routing: jax.Array | None, cfg: ModelConfig) -> jax.Array | None:
+    """``Output.routing`` (int32) in its storage type ``moe.routing_dtype(num_experts)``; None stays None."""
+    return None if routing is None else routing.astype(routing_dtype(cfg.num_experts))
 
 
 def empty_state_body(
@@ -311,11 +324,17 @@ def project(hidden: jax.Array, head: jax.Array) -> jax.Array:
 
 
 def decode_step(
-    model: BailingMoeForCausalLM, ds: DecodeState, *, filtered: bool, head: jax.Array | None = None
-) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+    model: BailingMoeForCausalLM,
+    ds: DecodeState,
+    *,
+    filtered: bool,
+    head: jax.Array | None = None,
+    record_routing: bool = False,
+) -> tuple[DecodeState, jax.Array, ...]:
     """One step for every row: sample from ds.logits, stop check, feed the token.  Returns (new state, token,
     sampling logprob, raw logprob); rows inactive at entry return token -1.  ``head``: the model's
-    ``head_weight()``, computed once by the caller for many steps (with norm_head it is a pass over [H, V])."""
+    ``head_weight()``, computed once by the caller for many steps (with norm_head it is a pass over [H, V]).
+    ``record_routing``: a fifth output, the fed token's top-k experts per MoE layer [B, L, k]."""
     step_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(ds.keys), ds.ngen)
     tok, lp, raw = sampling_rules.sample_tokens(
         ds.logits, step_keys, ds.temperature, ds.top_k, ds.top_p, filtered=filtered
@@ -333,6 +352,7 @@ def decode_step(
         write_idx=ds.pos,
         compute_logits=False,
         return_hidden=True,
+        return_routing=record_routing,
     )
     logits = project(out.hidden[:, 0], model.head_weight() if head is None else head)
     ds = ds._replace(
@@ -343,6 +363,8 @@ def decode_step(
         active=still,
         stop_hit=ds.stop_hit | hit,
     )
+    if record_routing:
+        return ds, tok, lp, raw, routing_record(out.routing[:, 0], model.config)
     return ds, tok, lp, raw
 
 
@@ -355,13 +377,20 @@ def decode_body(
     chunk: int,
     filtered: bool,
     rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+    record_routing: bool = False,
+) -> tuple[jax.Array, ...]:
     """Up to ``chunk`` decode steps; stops early once fewer than max(min_active, 1) rows are active.
-    Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run)."""
+    Returns (state, tokens [B, chunk], logprobs [B, chunk], raw logprobs [B, chunk], steps run), and with
+    ``record_routing`` the fed tokens' experts [B, chunk, L, k] (``moe.routing_dtype``) after them."""
     model = nnx.merge(graphdef, state)
     head = model.head_weight()  # once per call, outside the loop
     b = ds.pos.shape[0]
     bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32), jnp.zeros((b, chunk), jnp.float32))
+    if record_routing:
+        cfg = model.config
+        n_moe = cfg.num_hidden_layers - cfg.num_first_layers
+        rdt = routing_dtype(cfg.num_experts)
+        bufs = bufs + (jnp.full((b, chunk, n_moe, cfg.num_experts_per_tok), -1, rdt),)
     floor = jnp.maximum(min_active, 1)
 
     def cond(c):
@@ -369,18 +398,24 @@ def decode_body(
         return (i < chunk) & (jnp.sum(d.active.astype(jnp.int32)) >= floor)
 
     def body(c):
-        i, d, (bt, bl, br) = c
-        d, tok, lp, raw = decode_step(model, d, filtered=filtered, head=head)
-        return i + 1, d, (bt.at[:, i].set(tok), bl.at[:, i].set(lp), br.at[:, i].set(raw))
+        i, d, bufs = c
+        d, tok, lp, raw, *rt = decode_step(model, d, filtered=filtered, head=head, record_routing=record_routing)
+        new = tuple(buf.at[:, i].set(v) for buf, v in zip(bufs, (tok, lp, raw, *rt)))
+        return i + 1, d, new
 
-    steps, ds, (bt, bl, br) = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, bufs))
-    return place(ds, rules), _replicated(bt), _replicated(bl), _replicated(br), _replicated(steps)
+    steps, ds, bufs = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, bufs))
+    return (place(ds, rules), *(_replicated(x) for x in bufs[:3]), _replicated(steps), *map(_replicated, bufs[3:]))
 
 
 # ------------------------------------------------------------------------------------------------ jitted
-_PREFILL = jax.jit(prefill_body, static_argnums=(0,), static_argnames=("cache_len", "chunk", "rules"))
+_PREFILL = jax.jit(prefill_body, static_argnums=(0,), static_argnames=("cache_len", "chunk", "rules", "record_routing"))
 _INSERT = jax.jit(insert_body, static_argnames=("rules",), donate_argnums=(0,))
-_DECODE = jax.jit(decode_body, static_argnums=(0,), static_argnames=("chunk", "filtered", "rules"), donate_argnums=(2,))
+_DECODE = jax.jit(
+    decode_body,
+    static_argnums=(0,),
+    static_argnames=("chunk", "filtered", "rules", "record_routing"),
+    donate_argnums=(2,),
+)
 _EMPTY = jax.jit(empty_state_body, static_argnums=(0, 1, 2, 3), static_argnames=("rules",))
 
 
@@ -393,9 +428,12 @@ def prefill(
     cache_len: int,
     chunk: int = 0,
     rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[KVCache, jax.Array]:
+    record_routing: bool = False,
+) -> tuple[KVCache, jax.Array] | tuple[KVCache, jax.Array, jax.Array]:
     """Jitted :func:`prefill_body` (one compilation per graphdef, prompt and cache bucket, chunk and rules)."""
-    return _PREFILL(graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=rules)
+    return _PREFILL(
+        graphdef, state, tokens, lengths, cache_len=cache_len, chunk=chunk, rules=rules, record_routing=record_routing
+    )
 
 
 def insert(
@@ -445,9 +483,12 @@ def decode(
     chunk: int,
     filtered: bool,
     rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array, jax.Array]:
+    record_routing: bool = False,
+) -> tuple[jax.Array, ...]:
     """Jitted :func:`decode_body`; ``ds`` is donated (do not use it afterwards)."""
-    return _DECODE(graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=rules)
+    return _DECODE(
+        graphdef, state, ds, min_active, chunk=chunk, filtered=filtered, rules=rules, record_routing=record_routing
+    )
 
 
 def empty_state(

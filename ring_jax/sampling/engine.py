@@ -56,6 +56,7 @@ class _Seq:
     ids: list
     lps: list
     raws: list
+    routes: list = dataclasses.field(default_factory=list)  # [L, k] per fed response token (record_routing)
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class _Group:
     logits: object
     rows: dict  # prompt index -> row in this prefill batch
     remaining: int  # samples of these prompts not yet placed in a slot
+    routing: np.ndarray | None = None  # [rows, P, L, k] prompt positions' experts (record_routing)
 
 
 @dataclasses.dataclass
@@ -105,6 +107,13 @@ class SamplingEngine:
         ``num_slots`` rows (on CPU the "capacity" path up to a mean expert group of 32 rows).
       mesh: the mesh to run under (default: the one ``state`` is sharded over, if any).
       rules: the sharding-rules table that places the decode state on that mesh (:func:`device.decode_state_specs`).
+      dtype: compute dtype of prefill and decode (None: the model's ``ModelConfig.dtype``), from the same parameters
+        (another graphdef, as ``moe_impl``): a bfloat16 sampler beside a float32 trainer.
+      record_routing: (None: on for a MoE model) each completion carries ``routing`` [prompt + response tokens,
+        MoE layers, top-k]: the experts every token was routed to when it went through the model (prompt tokens in
+        prefill, response tokens when fed back in decode; the last response token is never fed: -1), for rollout
+        routing replay and the trainer/sampler mismatch metrics.  Storage ``moe.routing_dtype``: 1 byte per
+        (token, layer, slot) up to 127 experts.
 
     After each :meth:`generate`, ``last_stats`` holds that call's counters: ``prefill_calls``, ``prefill_tokens``,
     ``inserts``, ``decode_calls``, ``decode_steps``, ``row_steps`` (decode steps x slots), ``generated_tokens``,
@@ -126,10 +135,15 @@ class SamplingEngine:
         mesh: jax.sharding.Mesh | None = None,
         prefill_chunk: int = device.PREFILL_CHUNK,
         rules: ShardingRules = DEFAULT_RULES,
+        record_routing: bool | None = False,
+        dtype: str | None = None,
     ):
         cfg: ModelConfig = nnx.merge(graphdef, state).config
         self.mesh = mesh if mesh is not None else device.mesh_of(state)
         self.rules = rules
+        if dtype is not None and dtype != cfg.dtype:  # the same parameters, computed in another dtype
+            cfg = cfg.replace(dtype=dtype)
+            graphdef = device.graphdef_of(cfg)
         if moe_impl is not None and moe_impl != cfg.moe_impl:
             cfg = cfg.replace(moe_impl=moe_impl)
             graphdef = device.graphdef_of(cfg)
@@ -147,6 +161,11 @@ class SamplingEngine:
         if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk={prefill_chunk}: 0 or a power of two")
         self.prefill_chunk = int(prefill_chunk)
+        if record_routing is None:  # auto: record where there is routing to record
+            record_routing = bool(cfg.num_experts)
+        if record_routing and not cfg.num_experts:
+            raise ValueError("record_routing: the model has no MoE layer")
+        self.record_routing = bool(record_routing)
 
     @classmethod
     def from_model(cls, model: BailingMoeForCausalLM, **kw: Any) -> SamplingEngine:
@@ -287,12 +306,23 @@ class SamplingEngine:
             toks[row, : len(prompts[r])] = prompts[r]
             lens[row] = len(prompts[r])
         # a [kb, pb] cache: insert copies these P positions
-        cache, logits = device.prefill(
-            self.graphdef, call.state, toks, lens, cache_len=pb, chunk=self.prefill_chunk, rules=self.rules
+        cache, logits, *routing = device.prefill(
+            self.graphdef,
+            call.state,
+            toks,
+            lens,
+            cache_len=pb,
+            chunk=self.prefill_chunk,
+            rules=self.rules,
+            record_routing=self.record_routing,
         )
         gid = stats["prefill_calls"]
         call.groups[gid] = _Group(
-            cache, logits, {r: row for row, r in enumerate(reqs)}, sum(call.params[r].n for r in reqs)
+            cache,
+            logits,
+            {r: row for row, r in enumerate(reqs)},
+            sum(call.params[r].n for r in reqs),
+            to_numpy(routing[0]) if routing else None,
         )
         for r in reqs:
             call.where[r] = gid
@@ -316,7 +346,11 @@ class SamplingEngine:
         by_group = collections.defaultdict(list)
         for (r, c), slot in zip(take, free):
             by_group[where[r]].append((r, c, slot))
-            call.slots[slot] = _Seq(r, c, [], [], [])
+            seq = _Seq(r, c, [], [], [])
+            g = call.groups[where[r]]
+            if g.routing is not None:  # the prompt's own positions of its prefill row
+                seq.routes = list(g.routing[g.rows[r], : len(call.prompts[r])])
+            call.slots[slot] = seq
         for gid, items in by_group.items():
             g = call.groups[gid]
             rb = pow2_bucket(len(items))
@@ -366,6 +400,13 @@ class SamplingEngine:
                     where.pop(r, None)
         call.stats["inserts"] += 1
 
+    @staticmethod
+    def _routing(seq: _Seq) -> np.ndarray:
+        """[prompt + response tokens, L, k]: the recorded experts, the last response token's (never fed) -1."""
+        r = np.stack(seq.routes)
+        r[-1] = -1
+        return r
+
     def _decode_chunk(
         self,
         call: _Call,
@@ -377,7 +418,7 @@ class SamplingEngine:
         tokens and moves the finished sequences to ``call.done``, freeing their slots."""
         stats = call.stats
         td = time.perf_counter()
-        call.ds, bt, bl, br, steps = device.decode(
+        call.ds, bt, bl, br, steps, *rt = device.decode(
             self.decode_graphdef,
             call.state,
             call.ds,
@@ -385,9 +426,10 @@ class SamplingEngine:
             chunk=self.chunk,
             filtered=filtered,
             rules=self.rules,
+            record_routing=self.record_routing,
         )
         ds = call.ds
-        active, ngen, hit, bt, bl, br, steps = to_numpy((ds.active, ds.ngen, ds.stop_hit, bt, bl, br, steps))
+        active, ngen, hit, bt, bl, br, steps, rt = to_numpy((ds.active, ds.ngen, ds.stop_hit, bt, bl, br, steps, rt))
         stats["decode_seconds"] += time.perf_counter() - td
         stats["decode_calls"] += 1
         stats["decode_steps"] += int(steps)
@@ -399,6 +441,8 @@ class SamplingEngine:
             seq.ids.extend(bt[slot, :cnt].tolist())
             seq.lps.extend(bl[slot, :cnt].tolist())
             seq.raws.extend(br[slot, :cnt].tolist())
+            if rt:
+                seq.routes.extend(rt[0][slot, :cnt])
             finished = not bool(active[slot])
             if on_tokens is not None and (cnt or finished):
                 on_tokens(seq.req, seq.copy, bt[slot, :cnt].tolist(), finished)
@@ -412,6 +456,7 @@ class SamplingEngine:
                         np.asarray(seq.lps, np.float32),
                         np.asarray(seq.raws, np.float32),
                         FINISH_STOP if bool(hit[slot]) else FINISH_LENGTH,
+                        self._routing(seq) if rt else None,
                     )
                 )
                 stats["generated_tokens"] += len(seq.ids)

@@ -64,6 +64,9 @@ class Completion:
     logprobs: np.ndarray  # [G] float32
     raw_logprobs: np.ndarray  # [G] float32
     finish_reason: str
+    # [prompt + G, MoE layers, k] experts each token was routed to (SamplingEngine(record_routing=True)); -1 where
+    # none was recorded (the last response token, never fed back)
+    routing: np.ndarray | None = None
 
 
 class DecodeState(NamedTuple):
