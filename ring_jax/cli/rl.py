@@ -118,6 +118,34 @@ def define_flags() -> None:
         ["token", "sequence"],
         "importance weight per token, or one per response (the product of its tokens' ratios, truncated)",
     )
+    flags.DEFINE_enum(
+        "rollout_dtype",
+        None,
+        ["float32", "bfloat16"],
+        "compute dtype of the rollouts, from the same parameters on the same mesh (default: --dtype, the "
+        "trainer's); bfloat16 beside a float32 trainer is the common TPU deployment and reproduces the "
+        "trainer/sampler mismatch (mismatch/* metrics)",
+    )
+    flags.DEFINE_enum(
+        "old_logp",
+        "sampler",
+        ["sampler", "trainer"],
+        "pi_old of the PPO ratio: the sampler's temperature-1 log-probs, or the trainer's at the rollout "
+        "parameters (one extra forward per step is taken anyway for the mismatch metrics; TIS then corrects "
+        "pi_old against the sampler)",
+    )
+    flags.DEFINE_list(
+        "icepop",
+        [],
+        "LOW,HIGH: IcePop (Ring-1T): a token whose pi_train / pi_infer ratio is outside [LOW, HIGH] gets no "
+        "policy-gradient term (beside the PPO clip and TIS); empty: off",
+    )
+    flags.DEFINE_bool(
+        "routing_replay",
+        False,
+        "rollout routing replay (R3): the training forward sends each token to the experts the sampler routed it "
+        "to (gate weights still from the trainer's router at those ids)",
+    )
     flags.DEFINE_bool(
         "skip_no_signal",
         True,
@@ -533,7 +561,9 @@ def main(argv: list[str]) -> None:
             row_multiple=dp,
             seed=FLAGS.seed,
             to_device=lambda b: global_batch(b, run.mesh),
-            rollout=EngineRollout(run.graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl),
+            rollout=EngineRollout(
+                run.graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl, dtype=rl.rollout_dtype
+            ),
         )
         if FLAGS.eval_only:
             run_eval(state.params, "init")

@@ -6,6 +6,10 @@ prompt; a group whose rewards are all equal gets zero advantages (it carries no 
 Responses whose reward could not be computed (the reward function raised, timed out or returned NaN) are not
 failures of the policy: ``valid`` masks them out of their group's mean and std, and they get advantage 0 (the RL
 step also keeps them out of the token budget).  A group with fewer than two valid responses has no signal.
+
+A group whose rewards differ only by rounding (a learned reward model's float scores of equal responses: std of
+~1e-17, so (R - mean) / (std + eps) ~ 1e-11) has no signal either: a std at or below ``std_tol`` times the rewards'
+scale (max(1, max |R|)) gives the group zero advantages, so it never counts as informative.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ import numpy.typing as npt
 
 
 def group_advantages(
-    rewards: npt.ArrayLike, group_ids: npt.ArrayLike, eps: float = 1e-6, valid: npt.ArrayLike | None = None
+    rewards: npt.ArrayLike,
+    group_ids: npt.ArrayLike,
+    eps: float = 1e-6,
+    valid: npt.ArrayLike | None = None,
+    std_tol: float = 1e-6,
 ) -> np.ndarray:
     """rewards [N] and group_ids [N] (the prompt each response answers) -> advantages [N] (float32).  ``valid`` [N]
-    bool (default all): which rewards enter the group statistics; the others get 0."""
+    bool (default all): which rewards enter the group statistics; the others get 0.  ``std_tol``: see the module
+    doc."""
     r = np.asarray(rewards, np.float64)
     g = np.asarray(group_ids)
     if r.shape != g.shape or r.ndim != 1:
@@ -32,7 +41,9 @@ def group_advantages(
     for gid in np.unique(g):
         m = (g == gid) & ok
         if m.sum() >= 2:
-            adv[m] = (r[m] - r[m].mean()) / (r[m].std() + eps)
+            std = r[m].std()
+            if std > std_tol * max(1.0, float(np.max(np.abs(r[m])))):
+                adv[m] = (r[m] - r[m].mean()) / (std + eps)
     return adv.astype(np.float32)
 
 

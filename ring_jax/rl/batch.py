@@ -4,9 +4,12 @@ Each selected response becomes one document ``prompt ids + kept response ids`` p
 (first fit, in selection order) with segment ids and positions restarting per document, as the SFT packer does.
 Per-token arrays follow the SFT convention: position t predicts ``targets[t] = tokens[t + 1]``; the response token j
 (at index P + j) is therefore trained at t = P + j - 1, where its sampler log-probability ``old_logp``, advantage and
-loss weight are placed, with its truncated importance weight ``tis`` (1 where none is given).  Rows are padded to a
-power of two and then to a multiple of ``row_multiple`` (micro-batches x data-parallel size), so the jitted step
-sees a few bucketed shapes, never one per step.
+loss weight are placed, with its truncated importance weight ``tis`` and its policy-gradient mask ``pg_mask`` (both
+1 here; the RL step writes them once the trainer's log-probabilities are known).  With ``routing`` (rollout routing
+replay), each document's recorded experts [prompt + kept response tokens, MoE layers, k] go to the positions of its
+tokens (``-1`` elsewhere: padding routes by the trainer's own choice).  Rows are padded to a power of two and then to
+a multiple of ``row_multiple`` (micro-batches x data-parallel size), so the jitted step sees a few bucketed shapes,
+never one per step.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis")
-FLOAT_FIELDS = ("weights", "old_logp", "advantages", "tis")
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis", "pg_mask")
+FLOAT_FIELDS = ("weights", "old_logp", "advantages", "tis", "pg_mask")
 
 
 def build_rows(
@@ -32,9 +35,13 @@ def build_rows(
     min_rows: int = 0,
     pow2_rows: bool = True,
     tis: Sequence[npt.ArrayLike | None] | None = None,
-) -> tuple[dict[str, np.ndarray], int]:
+    routing: Sequence[np.ndarray] | None = None,
+    return_index: bool = False,
+) -> tuple[dict[str, np.ndarray], int] | tuple[dict[str, np.ndarray], int, list[tuple[int, np.ndarray]]]:
     """prompts/responses/old_logps (and ``tis``, optional): per selected response (lists of int / float arrays);
-    advantages, keep, weights: per response.  Returns (dict of [R, seq_len] arrays, number of rows that hold data)."""
+    advantages, keep, weights: per response; ``routing``: per response [prompt + response tokens, L, k] int.
+    Returns (dict of [R, seq_len] arrays (and ``routing`` [R, seq_len, L, k]), number of rows that hold data), and
+    with ``return_index`` the place of each response's kept tokens: (row, the positions t that predict them)."""
     docs = []
     tis = tis if tis is not None else [None] * len(prompts)
     for p, r, lp, a, k, w, iw in zip(prompts, responses, old_logps, advantages, keep, weights, tis):
@@ -62,9 +69,16 @@ def build_rows(
     total = -(-total // row_multiple) * row_multiple if row_multiple > 1 else total
     out = {f: np.zeros((total, seq_len), np.float32 if f in FLOAT_FIELDS else np.int32) for f in FIELDS}
     out["tis"][:] = 1.0
+    out["pg_mask"][:] = 1.0
+    doc_of = {id(d): j for j, d in enumerate(docs)}
+    index: list = [None] * len(docs)
+    if routing is not None:
+        r0 = np.asarray(routing[0])
+        out["routing"] = np.full((total, seq_len) + r0.shape[1:], -1, r0.dtype)
     for i, row in enumerate(rows):
         at = 0
-        for seg, (p, r, lp, a, w, iw) in enumerate(row, start=1):
+        for seg, d in enumerate(row, start=1):
+            p, r, lp, a, w, iw = d
             ids = np.concatenate([p, r])
             n = len(ids)
             sl = slice(at, at + n)
@@ -77,5 +91,9 @@ def build_rows(
             out["old_logp"][i, t] = lp
             out["advantages"][i, t] = a
             out["tis"][i, t] = iw
+            j = doc_of[id(d)]
+            index[j] = (i, t)
+            if routing is not None:
+                out["routing"][i, sl] = np.asarray(routing[j])[:n]
             at += n
-    return out, used_rows
+    return (out, used_rows, index) if return_index else (out, used_rows)

@@ -114,9 +114,12 @@ def policy_loss_sum(
     ref_logp: jax.Array | None = None,
     cfg: PolicyLossConfig = PolicyLossConfig(),
     tis: jax.Array | None = None,
+    pg_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum over tokens of l_t (see module doc) and weighted sums of diagnostics.  All inputs [B,T];
-    ``tis``: the importance weights w^IS (None: 1).
+    ``tis``: the importance weights w^IS (None: 1); ``pg_mask``: 0 where a token gets no policy-gradient term
+    (IcePop: its trainer / sampler probability ratio left the band), 1 elsewhere (None: 1).  A masked token keeps
+    its KL and entropy terms.
 
     Diagnostics over trained tokens (weight > 0): ``clip_count`` (tokens where the clip acts: the clipped term is the
     smaller one, so the token passes no policy gradient; verl's ``pg_clipfrac``),
@@ -127,6 +130,8 @@ def policy_loss_sum(
     pg = jnp.minimum(ratio * advantages, clipped * advantages)
     if tis is not None:
         pg = jax.lax.stop_gradient(tis.astype(jnp.float32)) * pg
+    if pg_mask is not None:
+        pg = jnp.where(pg_mask > 0, pg, 0.0)
     if ref_logp is not None and cfg.beta:
         d = ref_logp - logp
         kl = jnp.exp(d) - d - 1.0

@@ -10,8 +10,17 @@ clip acts (Ring-lite trains several mini-batches per rollout batch).
 
 Off-policy correction: at temperature != 1 or with top-p / top-k the rollout samples another distribution q than
 pi_old; each trained token then carries the truncated importance weight min(pi_old / q, C) (``losses.tis_weights``,
-``tis_cap``; its statistics are logged under ``tis/``).  ``logprob_drift`` is mean |logp_trainer - logp_pi_old| over
-the first update's tokens, where both see the same parameters: numerical sampler/trainer mismatch.
+``tis_cap``, over the trained tokens only; its statistics are logged under ``tis/``).
+
+The trainer / sampler mismatch (``ring_jax.rl.mismatch``): the rollout may compute in another dtype
+(``rollout_dtype``: bfloat16 rollouts beside a float32 trainer) and, in a MoE, route tokens to other experts.  Before
+the first update, one no-gradient forward of the trainer at the rollout parameters gives pi_train of every selected
+token: the ``mismatch/*`` metrics compare it with the sampler's pi_infer every step; ``old_logp="trainer"`` makes it
+pi_old (TIS then corrects it to q, so the numerical mismatch is corrected too); ``icepop=(low, high)`` drops the
+policy-gradient term of tokens whose pi_train / pi_infer leaves the band.  ``routing_replay``: the engine records
+each token's experts (``Completion.routing``) and every training forward of the step (the pi_train pass and the
+updates) routes by them, so the trainer's MoE sees what the sampler's did.  ``logprob_drift`` is mean
+|logp_trainer - logp_pi_old| over the first update's tokens, where both see the same parameters.
 
 Failing rewards (the reward function raised, timed out or returned NaN) are not policy failures: such responses are
 left out of their group's statistics and out of every budget, counted per task (``reward_failed/<task>``) and the
@@ -24,6 +33,7 @@ counted, and the state's step counter still advances, so the next rollout draws 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -47,9 +57,16 @@ from ring_jax.rl.losses import (
     token_logprobs,
     token_weights,
 )
+from ring_jax.rl.mismatch import (
+    OLD_LOGP,
+    icepop_mask,
+    old_logprobs,
+    parse_icepop,
+)
 from ring_jax.rl.rollout import EngineRollout, Rollout
 from ring_jax.rl.selection import fixed_count, select_budgets
-from ring_jax.sampling.types import FINISH_STOP, Completion, SamplingParams
+from ring_jax.rl.step_metrics import RL_MAX_KEYS, RL_SUM_KEYS, step_metrics
+from ring_jax.sampling.types import Completion, SamplingParams
 from ring_jax.train.loop import StepAborted
 from ring_jax.train.losses import moe_aux_loss
 
@@ -59,17 +76,7 @@ if TYPE_CHECKING:
     from ring_jax.model.transformer import BailingMoeForCausalLM, Output
     from ring_jax.train.step import TrainState
 
-RL_SUM_KEYS = (
-    "expert_load",
-    "kl_sum",
-    "entropy_sum",
-    "clip_count",
-    "ratio_sum",
-    "token_count",
-    "drift_sum",
-    "approx_kl_sum",
-)
-RL_MAX_KEYS = ("ratio_max",)
+ROLLOUT_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 class RewardFailureError(StepAborted):
@@ -106,6 +113,11 @@ class RLConfig:
     tis_level: str = "token"  # token | sequence (see losses.tis_weights)
     skip_no_signal: bool = True  # skip an update whose selected responses all have advantage 0
     max_reward_fail_frac: float = 0.1  # abort when a larger fraction of a rollout's rewards fail
+    # the sampler's compute dtype, from the same parameters (None: the trainer's ModelConfig.dtype)
+    rollout_dtype: str | None = None
+    old_logp: str = "sampler"  # pi_old: the sampler's T=1 log-probs, or the trainer's at the rollout parameters
+    icepop: tuple[float, float] | None = None  # (low, high): no policy gradient where pi_train / pi_infer is outside
+    routing_replay: bool = False  # the training forward routes each token to the experts the sampler used
 
     def __post_init__(self):
         if self.updates_per_rollout < 1:
@@ -116,6 +128,11 @@ class RLConfig:
             raise ValueError(f"tis_level {self.tis_level!r}: one of {TIS_LEVELS}")
         if not 0.0 <= self.max_reward_fail_frac <= 1.0:
             raise ValueError(f"max_reward_fail_frac must be in [0, 1], got {self.max_reward_fail_frac}")
+        if self.old_logp not in OLD_LOGP:
+            raise ValueError(f"old_logp {self.old_logp!r}: one of {OLD_LOGP}")
+        if self.rollout_dtype not in ROLLOUT_DTYPES:
+            raise ValueError(f"rollout_dtype {self.rollout_dtype!r}: one of {ROLLOUT_DTYPES[1:]} (or None)")
+        object.__setattr__(self, "icepop", parse_icepop(self.icepop))
 
 
 def policy_logprobs(
@@ -125,15 +142,19 @@ def policy_logprobs(
     segment_ids: jax.Array,
     targets: jax.Array,
     logit_chunk: int = 0,
+    routing: jax.Array | None = None,
+    return_routing: bool = False,
 ) -> tuple[jax.Array, jax.Array, Output]:
     """(log pi(targets) [B, T], entropy [B, T], model Output) -- from full float32 logits, or for rows longer than
     ``logit_chunk`` (> 0) from the final hidden states ``logit_chunk`` positions at a time (same values; no
-    [B, T, V] buffer)."""
+    [B, T, V] buffer).  ``routing`` [B, T, L, k]: replay those experts; ``return_routing``: the router's own choice
+    in ``Output.routing``."""
+    kw = {"routing": routing, "return_routing": return_routing}
     if 0 < logit_chunk < tokens.shape[1]:
-        out = model(tokens, positions, segment_ids, return_hidden=True, compute_logits=False)
+        out = model(tokens, positions, segment_ids, return_hidden=True, compute_logits=False, **kw)
         logp, ent = chunked_token_logprobs(out.hidden, model.head_weight(), targets, logit_chunk)
     else:
-        out = model(tokens, positions, segment_ids)
+        out = model(tokens, positions, segment_ids, **kw)
         logp, ent = token_logprobs(out.logits, targets)
     return logp, ent, out
 
@@ -142,12 +163,21 @@ def rl_loss_fn(rl: RLConfig) -> Callable:
     """``loss_fn(model, mb) -> (sum_t w_t l_t, aux)`` for make_train_step; the step divides by the normaliser."""
 
     def loss_fn(model, mb):
+        replay = mb.get("routing") if rl.routing_replay else None
         logp, ent, out = policy_logprobs(
-            model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"], rl.logit_chunk
+            model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"], rl.logit_chunk, replay
         )
         ref = mb.get("ref_logp")
         total, stats = policy_loss_sum(
-            logp, ent, mb["old_logp"], mb["advantages"], mb["weights"], ref, rl.policy, tis=mb.get("tis")
+            logp,
+            ent,
+            mb["old_logp"],
+            mb["advantages"],
+            mb["weights"],
+            ref,
+            rl.policy,
+            tis=mb.get("tis"),
+            pg_mask=mb.get("pg_mask"),
         )
         trained = (mb["weights"] > 0).astype(jnp.float32)
         load = out.expert_load
@@ -195,7 +225,8 @@ def make_rl_train_step(
 
 
 def make_ref_logp_fn(graphdef: nnx.GraphDef, logit_chunk: int = 0) -> Callable[..., jax.Array]:
-    """Jitted ``(ref_params, rows) -> log pi_ref(targets)`` [R, T] for the KL term."""
+    """Jitted ``(ref_params, rows) -> log pi_ref(targets)`` [R, T] for the KL term (the reference routes by its own
+    router: it is pi_ref, not the replayed policy)."""
 
     @jax.jit
     def fn(params, tokens, positions, segment_ids, targets):
@@ -203,6 +234,34 @@ def make_ref_logp_fn(graphdef: nnx.GraphDef, logit_chunk: int = 0) -> Callable[.
         return policy_logprobs(model, tokens, positions, segment_ids, targets, logit_chunk)[0]
 
     return fn
+
+
+def make_trainer_logp_fn(graphdef: nnx.GraphDef, logit_chunk: int = 0) -> Callable[..., tuple]:
+    """Jitted ``(params, tokens, positions, segment_ids, targets, routing=None, *, with_routing) -> (log pi_train
+    (targets) [R, T], the router's own experts [R, T, L, k] or None)``: the trainer's forward, no gradient, at the
+    parameters the rollout used; ``routing`` replays recorded experts (None: the trainer routes itself)."""
+
+    @functools.partial(jax.jit, static_argnames=("with_routing",))
+    def fn(params, tokens, positions, segment_ids, targets, routing=None, *, with_routing):
+        model = nnx.merge(graphdef, params)
+        logp, _, out = policy_logprobs(
+            model, tokens, positions, segment_ids, targets, logit_chunk, routing, return_routing=with_routing
+        )
+        return logp, out.routing
+
+    return fn
+
+
+def host_array(x: jax.Array | None) -> np.ndarray | None:
+    """A global array on every process's host (``process_allgather`` across processes: a sharded array of a
+    multi-process mesh cannot be read with ``np.asarray``)."""
+    if x is None:
+        return None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 class RLStep:
@@ -213,7 +272,13 @@ class RLStep:
     Metrics: per update u (1-based) ``update/<u>/{loss, grad_norm, clip_frac, ratio_mean, ratio_max, approx_kl, kl,
     tokens, skipped_no_signal}``; the unprefixed ``loss``, ``grad_norm`` are means over the updates that ran, the
     token statistics (``clip_frac``, ``ratio_mean``, ``approx_kl``, ``kl``, ``entropy``) are over all their tokens,
-    ``ratio_max`` the largest; ``tokens`` / ``kept_tokens`` / ``budget_shortfall`` add up over the updates."""
+    ``ratio_max`` the largest; ``tokens`` / ``kept_tokens`` / ``budget_shortfall`` add up over the updates; the
+    trainer / sampler mismatch over every selected response token, also of a budget then skipped for lack of signal
+    (``ring_jax.rl.mismatch``: ``mismatch/*``, ``icepop/masked_frac``).
+
+    Before the first update, one forward of the trainer at the rollout parameters (no gradient) gives pi_train of
+    every selected token (``time/trainer_logp_s``): the mismatch metrics, pi_old when
+    ``rl.old_logp == "trainer"``, and the IcePop mask come from it."""
 
     def __init__(
         self,
@@ -232,16 +297,23 @@ class RLStep:
     ):
         if rl.aggregation == "c3po" and rl.budget <= 0:
             raise ValueError("c3po needs a positive token budget")
+        if rl.policy.beta and ref_params is None:
+            raise ValueError(
+                f"beta={rl.policy.beta} needs the KL reference's parameters (ref_params); pass them, or beta=0 for no "
+                "KL term"
+            )
         self.graphdef, self.train_step, self.rl = graphdef, train_step, rl
-        # the sampler (default: the sampling engine, ``rl.num_slots`` rows, ``rl.sampling_moe_impl``)
+        # the sampler (default: the sampling engine, ``rl.num_slots`` rows, ``rl.sampling_moe_impl``,
+        # ``rl.rollout_dtype``, recording the routing of a MoE model)
         self.sampler: Rollout = (
             rollout
             if rollout is not None
-            else EngineRollout(graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl)
+            else EngineRollout(graphdef, num_slots=rl.num_slots, moe_impl=rl.sampling_moe_impl, dtype=rl.rollout_dtype)
         )
         self.encode_prompt, self.decode, self.stop_ids = encode_prompt, decode, tuple(stop_ids)
         self.ref_params = ref_params if rl.policy.beta else None  # beta = 0: no reference model in memory
         self.ref_fn = make_ref_logp_fn(graphdef, rl.logit_chunk) if self.ref_params is not None else None
+        self.trainer_fn = make_trainer_logp_fn(graphdef, rl.logit_chunk)
         self.row_multiple, self.seed, self.to_device = row_multiple, seed, to_device
         self.calls = 0
         self._errors_logged: set = set()
@@ -299,32 +371,79 @@ class RLStep:
         return reward, valid, metrics
 
     # -------------------------------------------------------------------------------------------- one update
-    def _batch(self, comps, sel, adv, tis):
+    def _plan(self, comps: list[Completion], sel, adv: np.ndarray, params) -> dict:
+        """Rows of one update (sampler fields only) and the trainer's forward over them at ``params`` (the rollout's),
+        started on device (not fetched)."""
         rl = self.rl
-        w, normaliser = token_weights(rl.aggregation, sel.keep, rl.budget)
-        rows, used_rows = build_rows(
+        have_routing = all(comps[i].routing is not None for i in sel.index)
+        if rl.routing_replay and not have_routing:
+            raise ValueError("routing_replay: the rollout recorded no routing (SamplingEngine(record_routing=True))")
+        rows, used_rows, index = build_rows(
             [comps[i].prompt_ids for i in sel.index],
             [comps[i].token_ids for i in sel.index],
             [comps[i].raw_logprobs for i in sel.index],
             adv[sel.index],
             sel.keep,
-            w,
+            np.ones(len(sel.index)),
             rl.seq_len,
             row_multiple=self.row_multiple * rl.num_micro,
-            tis=[tis[i][0] for i in sel.index],
+            routing=[comps[i].routing for i in sel.index] if have_routing else None,
+            return_index=True,
         )
-        batch = self.to_device(
-            {
-                k: rows[k]
-                for k in ("tokens", "targets", "positions", "segment_ids", "weights", "old_logp", "advantages", "tis")
-            }
+        keys = ("tokens", "targets", "positions", "segment_ids") + (("routing",) if rl.routing_replay else ())
+        dev = self.to_device({k: rows[k] for k in keys})
+        trainer = self.trainer_fn(
+            params,
+            dev["tokens"],
+            dev["positions"],
+            dev["segment_ids"],
+            dev["targets"],
+            dev.get("routing"),
+            with_routing=have_routing,
         )
+        return {"sel": sel, "rows": rows, "index": index, "used_rows": used_rows, "dev": dev, "trainer": trainer}
+
+    def _finish(self, plan: dict, comps: list[Completion], tok: dict) -> None:
+        """With pi_train fetched (``plan["trainer"]`` on the host): pi_old, TIS weights over the trained tokens,
+        the IcePop mask and the loss weights written into the plan's rows, its normaliser set; per-token arrays of
+        the step appended to ``tok`` for the metrics."""
+        rl, rows, sel = self.rl, plan["rows"], plan["sel"]
+        train_rows, own_rows = plan["trainer"]
+        masks, per = [], []
+        for j, (i, k) in enumerate(zip(sel.index, sel.keep)):
+            r, t = plan["index"][j]
+            train = train_rows[r, t]
+            raw, q = comps[i].raw_logprobs[:k], comps[i].logprobs[:k]
+            old = old_logprobs(rl.old_logp, raw, train)
+            # TIS over the trained tokens only (a sequence-level weight is the product over the kept prefix)
+            w_is, cut = tis_weights(old, q, rl.tis_cap, rl.tis_level)
+            mask = icepop_mask(train, raw, rl.icepop)
+            rows["old_logp"][r, t], rows["tis"][r, t], rows["pg_mask"][r, t] = old, w_is, mask
+            masks.append(mask)
+            per.append((r, t))
+            for key, v in (("train", train), ("infer", raw), ("tis", w_is), ("cut", cut), ("mask", mask)):
+                tok[key].append(np.asarray(v))
+        # masked tokens leave the normaliser of a token-count aggregation (token_mean; seq_mean's per-response
+        # lengths); c3po's normaliser is the budget Phi whatever is masked
+        counts = np.array([m.sum() for m in masks]) if rl.icepop else np.asarray(sel.keep)
+        w, normaliser = token_weights(rl.aggregation, counts, rl.budget)
+        for (r, t), wj in zip(per, w):
+            rows["weights"][r, t] = wj
+        plan["normaliser"] = normaliser
+        if own_rows is not None:
+            tok["routing"].append((own_rows, rows["routing"]))
+
+    def _batch(self, plan: dict) -> tuple[dict, float, int, int]:
+        """The update's device batch (the plan's rows, the reference log-probs when beta > 0)."""
+        rows = plan["rows"]
+        batch = dict(plan["dev"])
+        batch.update(self.to_device({k: rows[k] for k in ("weights", "old_logp", "advantages", "tis", "pg_mask")}))
         if self.ref_fn is not None:
             batch["ref_logp"] = self.ref_fn(
                 self.ref_params, batch["tokens"], batch["positions"], batch["segment_ids"], batch["targets"]
             )
             jax.block_until_ready(batch["ref_logp"])
-        return batch, normaliser, len(rows["tokens"]), used_rows
+        return batch, plan["normaliser"], len(rows["tokens"]), plan["used_rows"]
 
     @staticmethod
     def _skip(state):
@@ -356,24 +475,36 @@ class RLStep:
         else:
             per = rl.responses_per_step or max(int(valid.sum()) // n_upd, 1)
             sels = fixed_count(lengths, per, seed=step_key, parts=n_upd, eligible=valid)
-        tis = [tis_weights(c.raw_logprobs, c.logprobs, rl.tis_cap, rl.tis_level) for c in comps]
         times["reward"] = time.perf_counter() - t0
 
+        # every budget's rows and the trainer's log-probabilities over them at the rollout parameters, before the
+        # first update changes (and donates) them; a budget without signal is measured too (the mismatch is the
+        # rollout's), then skipped
+        t0 = time.perf_counter()
+        plans = [None if len(sel.index) == 0 else self._plan(comps, sel, adv, state.params) for sel in sels]
+        skip = [p is None or (rl.skip_no_signal and not np.any(adv[p["sel"].index] != 0)) for p in plans]
+        tok: dict = {k: [] for k in ("train", "infer", "tis", "cut", "mask", "routing")}
+        for plan in plans:
+            if plan is not None:
+                plan["trainer"] = tuple(host_array(x) for x in plan["trainer"])
+                self._finish(plan, comps, tok)
+        times["trainer_logp"] = time.perf_counter() - t0
+
         ups = []
-        for sel in sels:
-            if len(sel.index) == 0 or (rl.skip_no_signal and not np.any(adv[sel.index] != 0)):
+        for sel, plan, skipped in zip(sels, plans, skip):
+            if skipped:
                 state = self._skip(state)
                 ups.append({"sel": sel, "m": None})
                 continue
             t0 = time.perf_counter()
-            batch, normaliser, n_rows, used_rows = self._batch(comps, sel, adv, tis)
+            batch, normaliser, n_rows, used_rows = self._batch(plan)
             times["reference"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             state, m = self.train_step(state, batch, normaliser)
             m = jax.device_get(m)
             times["train"] += time.perf_counter() - t0
             ups.append({"sel": sel, "m": m, "normaliser": normaliser, "rows": n_rows, "rows_used": used_rows})
-        metrics = self._metrics(ups, comps, lengths, reward, adv, valid, tis)
+        metrics = step_metrics(rl, ups, comps, lengths, reward, adv, valid, tok)
         metrics.update(reward_metrics)
         for k, v in times.items():
             metrics[f"time/{k}_s"] = v
@@ -381,90 +512,3 @@ class RLStep:
         self.last_texts = texts
         self.last_selections = sels
         return state, metrics
-
-    # -------------------------------------------------------------------------------------------- metrics
-    def _metrics(self, ups, comps, lengths, reward, adv, valid, tis) -> dict:
-        ran = [u for u in ups if u["m"] is not None]
-        out: dict = {}
-        sums = {k: 0.0 for k in RL_SUM_KEYS if k != "expert_load"}
-        for i, u in enumerate(ups, start=1):
-            sel, m = u["sel"], u["m"]
-            pre = f"update/{i}/"
-            out[pre + "tokens"] = float(sel.selected_tokens)
-            out[pre + "skipped_no_signal"] = float(m is None)
-            if m is None:
-                continue
-            n_tok = max(float(m["token_count"]), 1.0)
-            out.update(
-                {
-                    pre + "loss": float(m["loss"]),
-                    pre + "grad_norm": float(m["grad_norm"]),
-                    pre + "clip_frac": float(m["clip_count"]) / n_tok,
-                    pre + "ratio_mean": float(m["ratio_sum"]) / n_tok,
-                    pre + "ratio_max": float(m["ratio_max"]),
-                    pre + "approx_kl": float(m["approx_kl_sum"]) / n_tok,
-                    pre + "kl": float(m["kl_sum"]) / n_tok,
-                }
-            )
-            for k in sums:
-                sums[k] += float(m[k])
-        n_tok = max(sums["token_count"], 1.0)
-        if ran:
-            last = ran[-1]["m"]
-            out.update({k: v for k, v in last.items() if k not in RL_SUM_KEYS + RL_MAX_KEYS + ("loss", "grad_norm")})
-            out.update(
-                {
-                    "loss": float(np.mean([u["m"]["loss"] for u in ran])),
-                    "grad_norm": float(np.mean([u["m"]["grad_norm"] for u in ran])),
-                    "skipped": float(sum(float(u["m"]["skipped"]) for u in ran)),
-                    "kl": sums["kl_sum"] / n_tok,
-                    "entropy": sums["entropy_sum"] / n_tok,
-                    "clip_frac": sums["clip_count"] / n_tok,
-                    "ratio_mean": sums["ratio_sum"] / n_tok,
-                    "ratio_max": max(float(u["m"]["ratio_max"]) for u in ran),
-                    "approx_kl": sums["approx_kl_sum"] / n_tok,
-                    "logprob_drift": float(ups[0]["m"]["drift_sum"]) / max(float(ups[0]["m"]["token_count"]), 1.0)
-                    if ups[0]["m"] is not None
-                    else float("nan"),
-                    "rows": float(sum(u["rows"] for u in ran)),
-                    "rows_used": float(sum(u["rows_used"] for u in ran)),
-                    "normalizer": float(ran[0]["normaliser"]),
-                }
-            )
-        else:  # every update skipped: the keys a plot or a caller reads are still there
-            out.update(
-                {
-                    "loss": float("nan"),
-                    "grad_norm": float("nan"),
-                    "skipped": 0.0,
-                    "normalizer": token_weights(self.rl.aggregation, ups[0]["sel"].keep, self.rl.budget)[1],
-                }
-            )
-        selected = [u["sel"] for u in ups]
-        kept = float(sum(s.selected_tokens for s in selected))
-        sel_idx = np.concatenate([s.index for s in selected]) if selected else np.zeros((0,), int)
-        w_sel = np.concatenate([tis[i][0][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
-        t_sel = np.concatenate([tis[i][1][:k] for s in selected for i, k in zip(s.index, s.keep)] or [np.ones(0)])
-        out.update(
-            {
-                "updates": float(len(ran)),
-                "skipped_no_signal": float(len(ups) - len(ran)),
-                "tokens": kept,
-                "kept_tokens": kept,
-                "discarded_tokens": float(selected[0].discarded_tokens),
-                "budget_shortfall": float(sum(s.shortfall for s in selected)),
-                "responses_selected": float(len(sel_idx)),
-                "responses": float(len(comps)),
-                "response_len_mean": float(lengths.mean()),
-                "response_len_max": float(lengths.max()),
-                "stop_frac": float(np.mean([c.finish_reason == FINISH_STOP for c in comps])),
-                "reward_mean": float(reward[valid].mean()) if valid.any() else float("nan"),
-                "informative_responses": float(np.count_nonzero(adv)),
-                "informative_selected": float(np.count_nonzero(adv[sel_idx])),
-                "tis/weight_mean": float(w_sel.mean()) if w_sel.size else float("nan"),
-                "tis/weight_min": float(w_sel.min()) if w_sel.size else float("nan"),
-                "tis/weight_max": float(w_sel.max()) if w_sel.size else float("nan"),
-                "tis/truncated_frac": float(t_sel.mean()) if t_sel.size else 0.0,
-            }
-        )
-        return out

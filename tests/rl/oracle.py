@@ -3,9 +3,11 @@ its gradient with respect to the logits, derived by hand (not by autodiff), in f
 
 Per trained token t (weight w_t), with p = softmax(z_t), logp = log p[y_t], r = exp(logp - old_t):
 
-    l_t = -( tis_t * min(r A, clip(r, 1 - eps, 1 + eps) A) - beta * k3(ref_t - logp) ) - alpha_ent * H(p)
-    dl_t/dz = [ -tis_t * A * r * [clip inactive] + beta * (1 - exp(ref_t - logp)) ] * (onehot(y_t) - p)
+    l_t = -( m_t * tis_t * min(r A, clip(r, 1 - eps, 1 + eps) A) - beta * k3(ref_t - logp) ) - alpha_ent * H(p)
+    dl_t/dz = [ -m_t * tis_t * A * r * [clip inactive] + beta * (1 - exp(ref_t - logp)) ] * (onehot(y_t) - p)
               + alpha_ent * p * (log p + H)
+
+m_t is the IcePop mask (batch["pg_mask"], 1 when absent): a masked token keeps only its KL and entropy terms.
 
 The clip is inactive unless (A > 0 and r > 1 + eps) or (A < 0 and r < 1 - eps): there the clipped term is the
 minimum and is constant in theta.  Loss = sum_t w_t l_t / Phi."""
@@ -20,6 +22,7 @@ def policy_loss_and_dlogits(logits, batch, phi, clip_eps, beta, alpha_ent):
     old = np.asarray(batch["old_logp"], np.float64)
     adv = np.asarray(batch["advantages"], np.float64)
     tis = np.asarray(batch.get("tis", np.ones_like(w)), np.float64)
+    tis = tis * np.asarray(batch.get("pg_mask", np.ones_like(w)), np.float64)  # the mask scales the same term
     ref = np.asarray(batch["ref_logp"], np.float64) if beta else None
     zmax = z.max(-1, keepdims=True)
     lse = np.log(np.exp(z - zmax).sum(-1, keepdims=True)) + zmax

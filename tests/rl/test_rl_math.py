@@ -36,6 +36,24 @@ def test_group_advantages_leave_out_failed_rewards():
     np.testing.assert_array_equal(adv, [0, 0, 0])
 
 
+def test_group_advantages_zero_a_group_that_differs_only_by_rounding():
+    """A learned reward model's float scores of equal responses: the group's std is ~1e-17, and (R - mean) /
+    (std + eps) would give ~1e-11 advantages that count as signal (they would defeat --skip_no_signal).  Such a group
+    gets exactly 0; a group with a real spread keeps the GRPO advantages."""
+    base = np.float32(0.7)
+    noisy = np.array([base, base, np.nextafter(base, np.float32(1)), base], np.float64) * (1 + 1e-16)
+    rewards = np.concatenate([noisy, [0.2, 0.9, 0.4, 0.7]])
+    groups = [0] * 4 + [1] * 4
+    naive = (noisy - noisy.mean()) / (noisy.std() + 1e-6)
+    assert 0 < np.abs(naive).max() < 1e-1  # the bug's size: tiny but non-zero
+    adv = group_advantages(rewards, groups)
+    assert np.count_nonzero(adv[:4]) == 0
+    r = rewards[4:]
+    np.testing.assert_allclose(adv[4:], (r - r.mean()) / (r.std() + 1e-6), rtol=1e-6)
+    # the tolerance scales with the rewards: the same relative spread on rewards of size 1000 is still no signal
+    assert np.count_nonzero(group_advantages(1000 * noisy, [0] * 4)) == 0
+
+
 def test_binarize_rewards_keeps_reward_model_scores():
     r = binarize_rewards(
         [1.0, 0.99, 0.05, 0.0, 0.37, -2.5, 1.0],

@@ -276,7 +276,9 @@ def test_update_without_signal_is_skipped():
     """Every reward equal (a task nobody solves): every advantage is 0, so the update is skipped -- parameters and
     optimizer state unchanged, the step counted -- and taken when the user asks for it (skip_no_signal=False)."""
     mesh = make_mesh("data:1", devices=jax.devices()[:1])
-    rl = RLConfig(samples_per_prompt=4, budget=24, max_new_tokens=8, seq_len=32, num_slots=16)
+    rl = RLConfig(
+        samples_per_prompt=4, budget=24, max_new_tokens=8, seq_len=32, num_slots=16, policy=PolicyLossConfig(beta=0.0)
+    )
     graphdef, state, step = _setup(mesh, rl=rl)
 
     @register("never", overwrite=True)
