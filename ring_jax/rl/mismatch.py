@@ -89,14 +89,17 @@ def routing_disagreement(trainer_ids: np.ndarray, sampler_ids: np.ndarray) -> tu
 
 
 def mismatch_metrics(train_logp: np.ndarray, infer_logp: np.ndarray) -> dict[str, float]:
-    """The log-probability metrics of the module doc over 1-D arrays of trained tokens."""
+    """The log-probability metrics of the module doc over 1-D arrays of selected tokens."""
     d = np.asarray(train_logp, np.float64) - np.asarray(infer_logp, np.float64)
     if d.size == 0:
-        return {k: float("nan") for k in ("logp_abs_mean", "logp_abs_max", "kl", "ratio_out_2x_frac")} | {"tokens": 0.0}
+        keys = ("logp_abs_mean", "logp_abs_max", "logp_abs_p50", "logp_abs_p99", "kl", "ratio_out_2x_frac")
+        return {k: float("nan") for k in keys} | {"tokens": 0.0}
     a = np.abs(d)
     return {
         "logp_abs_mean": float(a.mean()),
         "logp_abs_max": float(a.max()),
+        "logp_abs_p50": float(np.quantile(a, 0.5)),
+        "logp_abs_p99": float(np.quantile(a, 0.99)),
         "kl": float(np.mean(np.expm1(d) - d)),
         "ratio_out_2x_frac": float(np.mean(a > LOG2)),
         "tokens": float(d.size),

@@ -56,7 +56,7 @@ class _Seq:
     ids: list
     lps: list
     raws: list
-    routes: list = dataclasses.field(default_factory=list)  # [L, k] per fed response token (record_routing)
+    routes: list = dataclasses.field(default_factory=list)  # [tokens, L, k] blocks: prompt, then each chunk's
 
 
 @dataclasses.dataclass
@@ -349,7 +349,7 @@ class SamplingEngine:
             seq = _Seq(r, c, [], [], [])
             g = call.groups[where[r]]
             if g.routing is not None:  # the prompt's own positions of its prefill row
-                seq.routes = list(g.routing[g.rows[r], : len(call.prompts[r])])
+                seq.routes = [g.routing[g.rows[r], : len(call.prompts[r])]]
             call.slots[slot] = seq
         for gid, items in by_group.items():
             g = call.groups[gid]
@@ -403,7 +403,7 @@ class SamplingEngine:
     @staticmethod
     def _routing(seq: _Seq) -> np.ndarray:
         """[prompt + response tokens, L, k]: the recorded experts, the last response token's (never fed) -1."""
-        r = np.stack(seq.routes)
+        r = np.concatenate(seq.routes)
         r[-1] = -1
         return r
 
@@ -442,7 +442,7 @@ class SamplingEngine:
             seq.lps.extend(bl[slot, :cnt].tolist())
             seq.raws.extend(br[slot, :cnt].tolist())
             if rt:
-                seq.routes.extend(rt[0][slot, :cnt])
+                seq.routes.append(rt[0][slot, :cnt])
             finished = not bool(active[slot])
             if on_tokens is not None and (cnt or finished):
                 on_tokens(seq.req, seq.copy, bt[slot, :cnt].tolist(), finished)

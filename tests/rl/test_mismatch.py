@@ -27,6 +27,8 @@ def test_mismatch_metrics_by_hand():
     d = np.log([1.0, 0.4, 3.0, 1.0])
     assert m["logp_abs_mean"] == pytest.approx(np.mean(np.abs(d)))
     assert m["logp_abs_max"] == pytest.approx(np.log(3.0))
+    assert m["logp_abs_p50"] == pytest.approx(np.median(np.abs(d)))
+    assert m["logp_abs_p99"] == pytest.approx(np.quantile(np.abs(d), 0.99))
     assert m["kl"] == pytest.approx(np.mean([0.0, 0.4 - 1 - np.log(0.4), 3 - 1 - np.log(3.0), 0.0]))
     assert m["ratio_out_2x_frac"] == pytest.approx(0.5)  # 0.4 and 3 are past 2x, 1 and 1 are not
     assert m["tokens"] == 4
