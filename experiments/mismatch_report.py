@@ -130,12 +130,9 @@ def table(data: str) -> str:
             continue
         st = [s for r in rs for s in r["steps"]]
         mx = max((s.get("mismatch/logp_abs_max") or 0.0) for s in st)
-        mean = {
-            k: _mean_over(st, f"mismatch/{k}") for k in ("logp_abs_mean", "logp_abs_p99", "kl", "ratio_out_2x_frac")
-        }
+        mean = {k: _mean_over(st, f"mismatch/{k}") for k in ("logp_abs_mean", "kl", "ratio_out_2x_frac")}
         lines.append(
-            f"| {name} | {mean['logp_abs_mean']:.2e} | {mean['logp_abs_p99']:.2e} "
-            f"| {mx:.2e} | {mean['kl']:.2e} | {mean['ratio_out_2x_frac']:.2e} "
+            f"| {name} | {mean['logp_abs_mean']:.2e} | {mx:.2e} | {mean['kl']:.2e} | {mean['ratio_out_2x_frac']:.2e} "
             f"| {_mean_over(st, 'mismatch/routing_disagree_frac'):.4f} "
             f"| {_mean_over(st, 'mismatch/routing_disagree_token_frac'):.4f} "
             f"| {_mean_over(st, 'icepop/masked_frac'):.2e} |"
