@@ -269,9 +269,18 @@ def write_init_record(
         write_json(os.path.join(out_dir, "init.json"), rec)
 
 
-def die(msg: str, code: int = 1) -> NoReturn:
-    """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors)."""
+def die(msg: str, code: int = 1, *, now: bool = False) -> NoReturn:
+    """Print one line to stderr and exit (for failures after start-up, e.g. data or checkpoint errors).
+
+    ``now``: exit without the interpreter's teardown (``os._exit``), for a failed checkpoint restore: orbax leaves
+    tensorstore reads of the other arrays in flight, and their errors are printed (as unraisable exceptions, asyncio
+    records, warnings) at any moment up to and during teardown, a traceback per array after the one error line.
+    Nothing of ours is in flight when a restore fails (it happens before any step or save), so skipping teardown
+    loses nothing."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -349,7 +349,8 @@ def _reference_params(run: TrainRun):
                 params = c.restore_params(run.params, run.shardings.params, rec.get("step")).params
         except CheckpointError as e:
             common.die(
-                f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is unreadable ({e})"
+                f"--resume: the KL reference's checkpoint {rec['init_ckpt']}:{rec.get('step')} is unreadable ({e})",
+                now=True,
             )
     else:
         hf_dir = rec.get("hf_dir") or ""

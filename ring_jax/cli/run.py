@@ -145,7 +145,7 @@ class TrainRun:
             try:
                 restored = ckpt.restore(self.abstract_state, self.shardings)
             except CheckpointError as e:
-                common.die(str(e))
+                common.die(str(e), now=True)
             state, start_step = restored.state, restored.step
             if restored.data_state:
                 data_iter.set_state(restored.data_state)
@@ -176,7 +176,7 @@ class TrainRun:
             with Checkpointer(self.init_dir, read_only=True) as c:
                 restored = c.restore_params(self.params, self.shardings.params, self.init_step)
         except CheckpointError as e:
-            common.die(f"--init_ckpt: {e}")
+            common.die(f"--init_ckpt: {e}", now=True)
         logging.info("parameters initialised from %s", FLAGS.init_ckpt)
         if record_init:
             common.write_init_record(self.out_dir, self.init_dir, restored.step, restored.params, self.chief)
